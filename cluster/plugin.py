@@ -1,0 +1,77 @@
+"""Worker side: a plugin that loads each model bundle once per worker process, and the task functions.
+
+Tasks carry only ``(slide path, area box, bundle id)``; workers read the pixels themselves and look
+the bundle up in this plugin, which loads it on first use (keyed by the bundle id, which hashes its
+weights) and keeps it for the life of the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from distributed import WorkerPlugin, get_worker
+
+PLUGIN_NAME = "wsi-apl-bundles"
+
+
+class BundlePlugin(WorkerPlugin):
+    """Knows where each bundle id lives; loads it once per worker process."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, bundles: dict[str, str], torch_threads: int = 1, device: str = "auto"):
+        self.bundles = dict(bundles)
+        self.torch_threads = int(torch_threads)
+        self.device = device
+        self._cache: dict = {}
+        self._lock: threading.Lock | None = None  # made on the worker (locks do not pickle)
+
+    def setup(self, worker) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, self.torch_threads))
+        self._cache = {}
+        self._lock = threading.Lock()
+
+    def models(self, bundle_id: str):
+        from workers.area import load_models
+        from workers.bundle import load_bundle
+
+        if self._lock is None:
+            self._lock = threading.Lock()
+        with self._lock:
+            m = self._cache.get(bundle_id)
+            if m is None:
+                path = self.bundles.get(bundle_id)
+                if path is None:
+                    raise KeyError(f"bundle {bundle_id} is not registered on this worker")
+                bundle = load_bundle(path)
+                if bundle.id != bundle_id:
+                    raise RuntimeError(f"{path}: the bundle changed during the scan (id {bundle.id}, expected "
+                                       f"{bundle_id}); restart the scan")
+                m = load_models(bundle, self.device)
+                self._cache[bundle_id] = m
+            return m
+
+
+def _plugin() -> BundlePlugin:
+    return get_worker().plugins[PLUGIN_NAME]
+
+
+def select_task(path: str, area_size: tuple[int, int], area_mpp: float, selector: dict, reader: str,
+                slide_mpp: float | None):
+    """Choose a slide's areas (runs on a worker, which reads the slide itself)."""
+    from tile_selector.select import SelectorConfig, select_file
+
+    return select_file(path, tuple(area_size), area_mpp, SelectorConfig(**selector), reader, slide_mpp)
+
+
+def area_task(path: str, box: tuple[float, float, float, float], index: int, bundle_id: str, reader: str,
+              slide_mpp: float | None):
+    """Detect, classify and measure the cells of one area (runs on a worker)."""
+    from workers.area import process_area
+
+    table = process_area(path, box, _plugin().models(bundle_id), index, reader, slide_mpp)
+    table.timings["worker"] = os.getpid()
+    return table

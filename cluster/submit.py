@@ -1,0 +1,104 @@
+"""Bounded, keyed, resource-aware submission of tasks to a Dask cluster.
+
+Tasks annotated with ``resources=`` bypass the scheduler's own queueing, so the client keeps its own
+window of at most ``max_in_flight`` tasks (backpressure). Every task has an explicit key, so a
+resubmission after a failure is a new task rather than the cached failure. A task lost with a dead
+worker is retried by the scheduler (``distributed.scheduler.allowed-failures``); an exception raised
+by the task itself is retried ``retries`` times, then reported to the caller.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed import Client, Future, as_completed
+
+
+@dataclass
+class Done:
+    tag: Any
+    ok: bool
+    value: Any = None
+    error: str = ""
+
+
+@dataclass
+class TaskWindow:
+    client: Client
+    max_in_flight: int = 8
+    gpu: bool = False
+    _queue: collections.deque = field(default_factory=collections.deque)
+    _tags: dict = field(default_factory=dict)
+    _ac: as_completed | None = None
+    bytes_submitted: int = 0
+
+    def add(self, tag: Any, key: str, fn: Callable, *args, gpu_task: bool = False, retries: int = 0) -> None:
+        """Queue a task; it is submitted when the window has room."""
+        self._queue.append((tag, key, fn, args, gpu_task, retries))
+        self._fill()
+
+    def cancel(self, predicate: Callable[[Any], bool]) -> int:
+        """Drop queued tasks and cancel running ones whose tag matches."""
+        kept = collections.deque(t for t in self._queue if not predicate(t[0]))
+        n = len(self._queue) - len(kept)
+        self._queue = kept
+        for fut, tag in list(self._tags.items()):
+            if predicate(tag):
+                fut.cancel()
+                n += 1
+        return n
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tags)
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + len(self._tags)
+
+    def _fill(self) -> None:
+        while self._queue and len(self._tags) < self.max_in_flight:
+            tag, key, fn, args, gpu_task, retries = self._queue.popleft()
+            resources = {"GPU": 1} if (gpu_task and self.gpu) else None
+            fut = self.client.submit(fn, *args, key=key, pure=False, retries=retries, resources=resources)
+            self.bytes_submitted += sum(len(repr(a)) for a in args)
+            self._tags[fut] = tag
+            if self._ac is None:
+                self._ac = as_completed([fut])
+            else:
+                self._ac.add(fut)
+
+    def results(self) -> Iterator[Done]:
+        """Yield finished tasks (success or error) until nothing is queued or running."""
+        while self._tags or self._queue:
+            self._fill()
+            if self._ac is None:
+                return
+            fut: Future = next(self._ac)
+            tag = self._tags.pop(fut, None)
+            if tag is None:  # cancelled earlier
+                continue
+            if fut.status == "finished":
+                value = fut.result()
+                fut.release()
+                yield Done(tag, True, value)
+            elif fut.status == "cancelled":
+                continue
+            else:
+                exc = fut.exception()
+                fut.release()
+                yield Done(tag, False, error=_describe(exc))
+            self._fill()
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "KilledWorker":
+        return f"a worker died repeatedly while processing this slide ({text})"
+    return text if text else name

@@ -1,0 +1,400 @@
+"""Choose representative, in-focus monolayer areas of a bone-marrow smear, as a cytologist would.
+
+1. *Smear map* from a low-resolution overview (about 4 µm/px): glass vs smear from optical density,
+   a monolayer level (the median smoothed OD over the smear), thick zone (well above it), thin
+   feathered edge (well below), marrow particles (dense, nucleus-rich blobs).
+2. *Candidates*: a half-overlapping grid of areas of the bundle's size at the bundle's mpp over the
+   smear. The low-resolution screen rejects candidates at the smear border, too thick or too thin, and
+   ranks the rest (monolayer level, nucleated-cell signal).
+3. *Full-resolution screen* of the best-ranked candidates only (so the time grows with the number of
+   candidates scored, not with the slide's area): focus, cellularity, coverage, overlap
+   (:mod:`tile_selector.quality`). Focus is judged against the slide's own sharpest areas and an
+   absolute floor, so it is comparable across stains.
+4. *Selection*: best combined score first, no overlap, spread over the smear, until the target
+   nucleated-cell count or the maximum number of areas is reached. Every rejected candidate is
+   counted by reason. No usable area: ``inconclusive`` with the reason in words.
+
+Plain pictures (camera frames) are one area: no smear map, only the quality scores.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .quality import area_measures, background_od, field_equivalent_cells, optical_density
+from .slide import Slide
+
+OVERVIEW_MPP = 4.0
+#: Reasons, in the words the user reads.
+R_BORDER = "at the smear border or on glass"
+R_THICK = "too thick (cells pile up)"
+R_THIN = "too thin (feathered edge, sparse cells)"
+R_BLUR = "blurred"
+R_FEW = "too few nucleated cells"
+R_OUTSIDE = "partly outside the scanned image"
+R_CLUMP = "red cells clumped"
+R_NOT_SCREENED = "not needed (enough better areas)"
+R_OVERLAP = "overlaps or crowds a chosen area"
+
+NOT_A_SMEAR = "not a bone-marrow smear"
+
+
+@dataclass
+class Area:
+    """One selected area. ``box`` is in level-0 pixels; ``size`` is its pixel size at ``mpp``."""
+
+    index: int
+    box: tuple[int, int, int, int]
+    mpp: float
+    size: tuple[int, int]
+    scores: dict[str, float]
+    why: str = ""
+
+    def to_json(self) -> dict:
+        return {"rank": self.index + 1, "box": list(self.box), "mpp": self.mpp, "size": list(self.size),
+                "scores": self.scores, "why": self.why}
+
+
+@dataclass
+class Selection:
+    status: str                       # ok | inconclusive
+    reason: str
+    areas: list[Area]
+    rejected: dict[str, int]
+    candidates: int
+    qc: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    overview: np.ndarray | None = None     # RGB uint8
+    overview_mpp: float = 0.0
+    zone_map: np.ndarray | None = None     # uint8 codes on the overview grid (see ZONE_CODES)
+
+    @property
+    def estimated_cells(self) -> int:
+        return int(sum(a.scores.get("cells", 0) for a in self.areas))
+
+    @property
+    def mean_focus(self) -> float:
+        return float(np.mean([a.scores["focus"] for a in self.areas])) if self.areas else 0.0
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "reason": self.reason, "areas": [a.to_json() for a in self.areas],
+                "rejected": dict(self.rejected), "candidates": self.candidates, "qc": self.qc,
+                "warnings": list(self.warnings), "estimated_cells": self.estimated_cells,
+                "mean_focus": round(self.mean_focus, 4), "timings_s": self.timings}
+
+
+ZONE_CODES = {"glass": 0, "thick": 1, "monolayer": 2, "thin": 3, "particle": 4}
+
+
+@dataclass
+class SelectorConfig:
+    max_areas: int = 12
+    target_cells: int = 500            # 0: no early stop
+    screen_factor: int = 4             # full-res screen budget: screen_factor * max_areas (at least 32)
+    screen_mpp: float = 0.5            # focus / cellularity measured at least this coarse (µm/px)
+    min_cells_per_area: int = 3
+    max_coverage: float = 0.72         # above: cells pile up
+    min_coverage: float = 0.2          # below: feathered edge
+    focus_floor: float = 0.42          # absolute edge sharpness (µm⁻¹) of the worst block (~0.9 µm blur)
+    focus_relative: float = 0.65       # of the slide's sharpest areas
+
+
+def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:
+    return size[0] * mpp / slide.mpp_x, size[1] * mpp / slide.mpp_y
+
+
+def _smear_map(ov: np.ndarray, ov_mpp: float) -> dict:
+    """Smear mask, smoothed OD, monolayer level, zones and particles of an overview image."""
+    od = optical_density(ov)
+    od_sum = od.sum(axis=2)
+    smooth = ndimage.gaussian_filter(od_sum, max(1.0, 10.0 / ov_mpp))
+    smear = smooth > 0.05
+    smear = ndimage.binary_opening(smear, iterations=2)
+    smear = ndimage.binary_fill_holes(smear)
+    info: dict = {"od": od, "od_sum": od_sum, "smooth": smooth, "smear": smear}
+    if smear.sum() < 10:
+        info.update(level=0.0, zones=np.zeros(od_sum.shape, np.uint8), particles=np.zeros(od_sum.shape, bool))
+        return info
+    level = float(np.median(smooth[smear]))
+    zones = np.zeros(od_sum.shape, np.uint8)
+    zones[smear] = ZONE_CODES["monolayer"]
+    zones[smear & (smooth > 2.0 * level)] = ZONE_CODES["thick"]
+    zones[smear & (smooth < 0.5 * level)] = ZONE_CODES["thin"]
+    # particles: compact, very dense, nucleus-rich (red channel) blobs larger than ~40 µm
+    nuc = ndimage.gaussian_filter(od[..., 0], max(1.0, 6.0 / ov_mpp))
+    nuc_level = float(np.median(nuc[smear]))
+    particles = smear & (nuc > 3.5 * max(nuc_level, 1e-3)) & (smooth > 2.0 * level)
+    particles = ndimage.binary_opening(particles, iterations=1)
+    lab, n = ndimage.label(particles)
+    if n:
+        sizes = np.bincount(lab.ravel())[1:] * ov_mpp * ov_mpp
+        big = np.flatnonzero(sizes >= math.pi * 20.0 ** 2) + 1
+        particles = np.isin(lab, big)
+    zones[particles] = ZONE_CODES["particle"]
+    info.update(level=level, zones=zones, particles=particles)
+    return info
+
+
+def _not_brightfield(ov: np.ndarray) -> bool:
+    grey = ov.astype(np.float32).mean(axis=2)
+    return float(np.percentile(grey, 50)) < 90 and float(np.percentile(grey, 99)) < 200
+
+
+def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_mpp: float | None = None,
+                 config: SelectorConfig | None = None) -> Selection:
+    """Select areas of ``area_size`` pixels at ``area_mpp`` µm/px (default: the slide's own mpp)."""
+    cfg = config or SelectorConfig()
+    t0 = time.perf_counter()
+    area_mpp = float(area_mpp or slide.mpp)
+    if slide.is_plain:
+        return _select_plain(slide, area_mpp, cfg, t0)
+
+    aw0, ah0 = _area_px0(slide, area_size, area_mpp)
+    ov, ov_mpp = slide.read_overview(OVERVIEW_MPP)
+    t_overview = time.perf_counter() - t0
+    timings = {"overview": round(t_overview, 3)}
+    sel_base = dict(overview=ov, overview_mpp=ov_mpp, timings=timings)
+    if _not_brightfield(ov):
+        return Selection("inconclusive", f"{NOT_A_SMEAR}: dark background (a fluorescence scan?), "
+                         "not a bright-field Romanowsky stain", [], {}, 0, **sel_base)
+    sm = _smear_map(ov, ov_mpp)
+    sel_base["zone_map"] = sm["zones"]
+    smear = sm["smear"]
+    if smear.mean() < 0.005:
+        return Selection("inconclusive", f"{NOT_A_SMEAR}: no smear found on the glass (empty or label-only scan)",
+                         [], {}, 0, **sel_base)
+
+    # -- candidates on a half-overlapping grid, screened on the overview -----------------------
+    W0, H0 = slide.dimensions
+    sx, sy = ov.shape[1] / W0, ov.shape[0] / H0  # overview px per level-0 px
+    step_x, step_y = aw0 / 2.0, ah0 / 2.0
+    smear_int = np.pad(smear.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    smooth_int = np.pad(sm["smooth"].astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    nuc_int = np.pad(sm["od"][..., 0].astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    part_int = np.pad(sm["particles"].astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+
+    def box_mean(integral, x0, y0, x1, y1):
+        a, b = int(round(x0 * sx)), int(round(y0 * sy))
+        c, d = max(a + 1, int(round(x1 * sx))), max(b + 1, int(round(y1 * sy)))
+        a, b = max(0, a), max(0, b)
+        c, d = min(integral.shape[1] - 1, c), min(integral.shape[0] - 1, d)
+        if c <= a or d <= b:
+            return 0.0
+        s = integral[d, c] - integral[b, c] - integral[d, a] + integral[b, a]
+        return float(s / ((c - a) * (d - b)))
+
+    rejected: dict[str, int] = {}
+    survivors = []
+    n_candidates = 0
+    level = sm["level"]
+    nx = max(1, int(math.floor((W0 - aw0) / step_x)) + 1) if W0 >= aw0 else 0
+    ny = max(1, int(math.floor((H0 - ah0) / step_y)) + 1) if H0 >= ah0 else 0
+    for j in range(ny):
+        for i in range(nx):
+            x0, y0 = i * step_x, j * step_y
+            x1, y1 = x0 + aw0, y0 + ah0
+            frac = box_mean(smear_int, x0, y0, x1, y1)
+            if frac <= 0.0:
+                continue  # plain glass: not a candidate at all
+            n_candidates += 1
+            if frac < 0.97:
+                rejected[R_BORDER] = rejected.get(R_BORDER, 0) + 1
+                continue
+            m = box_mean(smooth_int, x0, y0, x1, y1)
+            r = m / max(level, 1e-6)
+            if r > 2.2:
+                rejected[R_THICK] = rejected.get(R_THICK, 0) + 1
+                continue
+            if r < 0.35:
+                rejected[R_THIN] = rejected.get(R_THIN, 0) + 1
+                continue
+            nuc = box_mean(nuc_int, x0, y0, x1, y1)
+            part = box_mean(part_int, x0, y0, x1, y1)
+            closeness = math.exp(-(math.log(max(r, 1e-3)) ** 2) / (2 * 0.45 ** 2))
+            survivors.append(((nuc / max(m, 1e-6) + 0.1) * closeness * (1.0 - part), (x0, y0, x1, y1)))
+    if n_candidates == 0:
+        return Selection("inconclusive", f"{NOT_A_SMEAR}: the smear is smaller than one area "
+                         f"({area_size[0]}x{area_size[1]} px at {area_mpp} µm/px)", [], {}, 0, **sel_base)
+    survivors.sort(key=lambda s: -s[0])
+    timings["candidates"] = round(time.perf_counter() - t0 - t_overview, 3)
+
+    # -- full-resolution screen of the best-ranked survivors -----------------------------------
+    screen_mpp = max(area_mpp, cfg.screen_mpp)
+    sw, sh = int(round(area_size[0] * area_mpp / screen_mpp)), int(round(area_size[1] * area_mpp / screen_mpp))
+    budget = max(32, cfg.screen_factor * cfg.max_areas)
+    screened = []
+    t_screen = time.perf_counter()
+    white = np.percentile(ov.reshape(-1, 3), 99.5, axis=0)
+    reads = [(score, box, slide.read_area(box, (sw, sh))) for score, box in survivors[:budget]]
+    # the plasma between cells: its level over the candidates that show some (thin and monolayer)
+    plasma = float(np.median([background_od(r.image, white) for _, _, r in reads])) if reads else 0.0
+    for score, box, read in reads:
+        meas = area_measures(read.image, screen_mpp, white, background=plasma)
+        meas["outside"] = round(read.outside_fraction, 4)
+        meas["lowres_score"] = round(score, 4)
+        screened.append((box, meas))
+    del reads
+    for _ in survivors[budget:]:
+        rejected[R_NOT_SCREENED] = rejected.get(R_NOT_SCREENED, 0) + 1
+    timings["screen"] = round(time.perf_counter() - t_screen, 3)
+    timings["screened"] = len(screened)
+
+    focus_ref = float(np.percentile([m["focus_worst_block"] for _, m in screened], 90)) if screened else 0.0
+    focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
+    accepted = []
+    tissue_like = 0
+    for box, m in screened:
+        if m["coverage"] > 0.85:
+            tissue_like += 1
+        reason = None
+        if m["outside"] > 0.0:
+            reason = R_OUTSIDE
+        elif m["coverage"] > cfg.max_coverage:
+            reason = R_THICK
+        elif m["coverage"] < cfg.min_coverage:
+            reason = R_THIN
+        elif m["focus_worst_block"] < focus_min:
+            reason = R_BLUR
+        elif m["overlap"] > 0.3:
+            reason = R_CLUMP
+        elif m["cells"] < cfg.min_cells_per_area:
+            reason = R_FEW
+        if reason:
+            rejected[reason] = rejected.get(reason, 0) + 1
+            continue
+        mid = 1.0 - min(1.0, abs(m["coverage"] - 0.45) / 0.3)
+        rel_focus = min(1.0, m["focus_worst_block"] / max(focus_ref, 1e-6))
+        m["score"] = round(m["cells"] * (0.5 + 0.5 * rel_focus) * (0.6 + 0.4 * mid) * (1.0 - m["overlap"]), 3)
+        accepted.append((box, m))
+
+    # -- greedy choice: best first, no overlap, spread over the smear ----------------------------
+    accepted.sort(key=lambda a: -a[1]["score"])
+    chosen: list[tuple[tuple, dict]] = []
+    total_cells = 0
+    pool = list(accepted)
+    while pool and len(chosen) < cfg.max_areas and not (cfg.target_cells and total_cells >= cfg.target_cells):
+        best_k, best_s = None, -1.0
+        for k, (box, m) in enumerate(pool):
+            if any(_overlaps(box, c[0]) for c in chosen):
+                continue
+            crowd = sum(1 for c in chosen if _near(box, c[0], 1.5))
+            s = m["score"] * (0.75 ** crowd)
+            if s > best_s:
+                best_k, best_s = k, s
+        if best_k is None:
+            break
+        box, m = pool.pop(best_k)
+        chosen.append((box, m))
+        total_cells += m["cells"]
+    for box, m in pool:
+        if any(_overlaps(box, c[0]) for c in chosen):
+            rejected[R_OVERLAP] = rejected.get(R_OVERLAP, 0) + 1
+        else:
+            rejected[R_NOT_SCREENED] = rejected.get(R_NOT_SCREENED, 0) + 1
+
+    areas = []
+    for k, (box, m) in enumerate(chosen):
+        ibox = tuple(int(round(v)) for v in box)
+        why = (f"in focus (edge sharpness {m['focus_worst_block']:.2f} vs slide best {focus_ref:.2f}), "
+               f"~{m['cells']} nucleated cells, coverage {m['coverage']:.0%}")
+        areas.append(Area(k, ibox, area_mpp, tuple(area_size), {kk: v for kk, v in m.items()}, why))
+
+    qc = _qc(sm, ov_mpp, areas, area_size, area_mpp)
+    warnings = list(qc.pop("warnings"))
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    sel = Selection("ok", "", areas, rejected, n_candidates, qc, warnings, timings, **{
+        k: v for k, v in sel_base.items() if k != "timings"})
+    if not areas:
+        sel.status = "inconclusive"
+        if screened and tissue_like >= 0.8 * len(screened):
+            sel.reason = f"{NOT_A_SMEAR}: continuous tissue without separate cells (a tissue section?)"
+        else:
+            sel.reason = "no in-focus monolayer area: " + _reason_text(n_candidates, rejected)
+    return sel
+
+
+def _reason_text(n: int, rejected: dict[str, int]) -> str:
+    parts = [f"{n} candidates"] + [f"{v} {k}" for k, v in sorted(rejected.items(), key=lambda kv: -kv[1])]
+    return ", ".join(parts)
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _near(a, b, factor: float) -> bool:
+    w, h = a[2] - a[0], a[3] - a[1]
+    return abs((a[0] + a[2]) - (b[0] + b[2])) / 2 < factor * w and abs((a[1] + a[3]) - (b[1] + b[3])) / 2 < factor * h
+
+
+def _qc(sm: dict, ov_mpp: float, areas: list[Area], area_size, area_mpp) -> dict:
+    smear = sm["smear"]
+    smear_px = max(1, int(smear.sum()))
+    particle_share = float(sm["particles"].sum() / smear_px)
+    lab, n_particles = ndimage.label(sm["particles"])
+    area_um2 = area_size[0] * area_size[1] * area_mpp * area_mpp
+    per_field = [field_equivalent_cells(a.scores["cells"], area_um2) for a in areas]
+    qc = {
+        "smear_area_mm2": round(smear_px * ov_mpp * ov_mpp * 1e-6, 3),
+        "particles": int(n_particles),
+        "particle_share": round(particle_share, 4),
+        "cells_per_100x_field": round(float(np.mean(per_field)), 1) if per_field else 0.0,
+        "warnings": [],
+    }
+    if per_field and qc["cells_per_100x_field"] < 10:
+        qc["warnings"].append(f"the smear looks hemodiluted: about {qc['cells_per_100x_field']:.0f} nucleated cells "
+                              "per 100x field in the chosen areas (ICSH: at least 10)")
+    if n_particles == 0:
+        qc["warnings"].append("no marrow particles seen on the smear (aspirate may be diluted with blood)")
+    return qc
+
+
+def _select_plain(slide: Slide, area_mpp: float, cfg: SelectorConfig, t0: float) -> Selection:
+    """A camera frame is one area: the whole picture, resampled to ``area_mpp``."""
+    W0, H0 = slide.dimensions
+    size = (max(1, int(round(W0 * slide.mpp_x / area_mpp))), max(1, int(round(H0 * slide.mpp_y / area_mpp))))
+    read = slide.read_area((0, 0, W0, H0), size)
+    screen_mpp = max(area_mpp, cfg.screen_mpp)
+    img = read.image
+    if screen_mpp > area_mpp:
+        img = np.asarray(_resize(img, (max(1, int(round(size[0] * area_mpp / screen_mpp))),
+                                       max(1, int(round(size[1] * area_mpp / screen_mpp))))))
+    m = area_measures(img, screen_mpp)
+    rejected: dict[str, int] = {}
+    reason = ""
+    if _not_brightfield(read.image):
+        reason = f"{NOT_A_SMEAR}: dark background (a fluorescence picture?)"
+    elif m["focus_worst_block"] < cfg.focus_floor:
+        rejected[R_BLUR] = 1
+    elif m["coverage"] > 0.85:
+        reason = f"{NOT_A_SMEAR}: continuous tissue without separate cells (a tissue section?)"
+    elif m["cells"] < cfg.min_cells_per_area:
+        rejected[R_FEW] = 1
+    timings = {"total": round(time.perf_counter() - t0, 3)}
+    area = Area(0, (0, 0, W0, H0), area_mpp, size, m, "the whole picture (a camera frame)")
+    if reason or rejected:
+        return Selection("inconclusive", reason or ("picture not usable: " + _reason_text(1, rejected)), [],
+                         rejected, 1, {}, [], timings)
+    qc = {"cells_per_100x_field": round(field_equivalent_cells(m["cells"], size[0] * size[1] * area_mpp ** 2), 1)}
+    return Selection("ok", "", [area], rejected, 1, qc, [], timings)
+
+
+def _resize(img: np.ndarray, size: tuple[int, int]):
+    from PIL import Image
+
+    return Image.fromarray(img).resize(size, Image.Resampling.LANCZOS)
+
+
+
+def select_file(path, area_size: tuple[int, int], area_mpp: float, config: SelectorConfig | None = None,
+                reader: str = "auto", slide_mpp: float | None = None) -> Selection:
+    """Open ``path`` (one cached handle per process) and select its areas."""
+    from .slide import open_slide_cached
+
+    return select_areas(open_slide_cached(path, reader=reader, mpp=slide_mpp), area_size, area_mpp, config)

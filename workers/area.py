@@ -1,0 +1,147 @@
+"""What a worker does with one area: read it, detect the cells, classify them, measure them.
+
+``process_area(slide_path, box, models)`` is the unit of work the cluster distributes; it reads the
+pixels itself from the slide path (the client never ships images) and returns a :class:`CellTable`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tile_selector.slide import open_slide_cached
+
+from .bundle import ModelBundle, load_bundle
+from .classifier import CellClassifier, CellConfig, classify
+from .crops import MORPHOMETRICS, extract_crops, morphometrics
+from .detector import DetectorConfig, build_detector, detect
+
+GALLERY_PX = 48
+
+
+@dataclass
+class CellTable:
+    """One row per detected cell of an area; positions in level-0 pixels, sizes in µm."""
+
+    area: int
+    box_l0: np.ndarray          # (n, 4) float32 level-0 px
+    box_px: np.ndarray          # (n, 4) float32 area px at the bundle mpp
+    score: np.ndarray           # (n,) detector score
+    cut: np.ndarray             # (n,) bool, touches the area border
+    probs: dict[str, np.ndarray]  # head -> (n,) probability
+    morph: dict[str, np.ndarray]  # MORPHOMETRICS -> (n,)
+    crops: np.ndarray           # (n, GALLERY_PX, GALLERY_PX, 3) uint8, for galleries
+    timings: dict[str, float] = field(default_factory=dict)
+    outside_fraction: float = 0.0
+
+    def __len__(self) -> int:
+        return int(len(self.score))
+
+    @staticmethod
+    def concat(tables: list["CellTable"], heads: list[str]) -> dict[str, np.ndarray]:
+        """Column arrays of several areas' tables, with an ``area`` column."""
+        cols: dict[str, list] = {k: [] for k in ("area", "box_l0", "box_px", "score", "cut", "crops")}
+        for h in heads:
+            cols[f"p_{h}"] = []
+        for m in MORPHOMETRICS:
+            cols[m] = []
+        for t in tables:
+            cols["area"].append(np.full(len(t), t.area, np.int32))
+            for k in ("box_l0", "box_px", "score", "cut", "crops"):
+                cols[k].append(getattr(t, k))
+            for h in heads:
+                cols[f"p_{h}"].append(t.probs[h])
+            for m in MORPHOMETRICS:
+                cols[m].append(t.morph[m])
+        empty = {"area": np.zeros(0, np.int32), "box_l0": np.zeros((0, 4), np.float32),
+                 "box_px": np.zeros((0, 4), np.float32), "score": np.zeros(0, np.float32),
+                 "cut": np.zeros(0, bool), "crops": np.zeros((0, GALLERY_PX, GALLERY_PX, 3), np.uint8)}
+        out = {}
+        for k, v in cols.items():
+            out[k] = np.concatenate(v) if v else empty.get(k, np.zeros(0, np.float32))
+        return out
+
+
+@dataclass
+class LoadedModels:
+    """A bundle's models, ready on a device."""
+
+    bundle: ModelBundle
+    detector: torch.nn.Module
+    det_cfg: DetectorConfig
+    cells: CellClassifier
+    cell_cfg: CellConfig
+    device: torch.device
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_models(bundle: ModelBundle | str | Path, device: str = "auto") -> LoadedModels:
+    """Build the detector and cell classifier of a bundle and load their verified weights."""
+    if not isinstance(bundle, ModelBundle):
+        bundle = load_bundle(bundle)
+    bundle.require("detector", "cells")
+    dev = pick_device(device)
+    det_cfg = DetectorConfig.from_json(bundle.part("detector")["config"])
+    det = build_detector(det_cfg)
+    det.load_state_dict(bundle.load_tensors("detector"))
+    det.to(dev).eval()
+    cell_cfg = CellConfig.from_json(bundle.part("cells")["config"])
+    cls = CellClassifier(cell_cfg)
+    cls.load_state_dict(bundle.load_tensors("cells"))
+    cls.to(dev).eval()
+    return LoadedModels(bundle, det, det_cfg, cls, cell_cfg, dev)
+
+
+def analyse_image(image: np.ndarray, models: LoadedModels) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                   dict[str, np.ndarray], dict, np.ndarray, dict]:
+    """Detect, crop, classify and measure the cells of one area image at the bundle mpp.
+
+    Returns ``(boxes_px, scores, cut, probs, morph, gallery_crops, timings)``.
+    """
+    t0 = time.perf_counter()
+    boxes, scores, cut = detect(models.detector, image, models.det_cfg, models.device)
+    t1 = time.perf_counter()
+    cfg = models.cell_cfg
+    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1) \
+        if len(boxes) else np.zeros((0, 2), np.float32)
+    context_px = cfg.crop_um / models.bundle.mpp
+    crops = extract_crops(image, centres, context_px, cfg.crop_px)
+    p = classify(models.cells, crops, models.device) if len(crops) else np.zeros((0, len(cfg.heads)), np.float32)
+    probs = {h: p[:, i] for i, h in enumerate(cfg.heads)}
+    t2 = time.perf_counter()
+    morph = morphometrics(crops, cfg.crop_mpp)
+    gallery = extract_crops(image, centres, context_px, GALLERY_PX)
+    t3 = time.perf_counter()
+    timings = {"detect": t1 - t0, "classify": t2 - t1, "measure": t3 - t2}
+    return boxes, scores, cut, probs, morph, gallery, timings
+
+
+def process_area(slide_path: str, box: tuple[float, float, float, float], models: LoadedModels, area_index: int,
+                 reader: str = "auto", mpp: float | None = None) -> CellTable:
+    """Read one area of a slide at the bundle's mpp and return its cell table."""
+    t0 = time.perf_counter()
+    slide = open_slide_cached(slide_path, reader=reader, mpp=mpp)
+    size = models.bundle.area_size
+    read = slide.read_area(box, size)
+    t_read = time.perf_counter() - t0
+    with models.lock:  # one forward pass at a time per worker process
+        boxes, scores, cut, probs, morph, gallery, timings = analyse_image(read.image, models)
+    sx = (box[2] - box[0]) / size[0]
+    sy = (box[3] - box[1]) / size[1]
+    box_l0 = np.stack([box[0] + boxes[:, 0] * sx, box[1] + boxes[:, 1] * sy,
+                       box[0] + boxes[:, 2] * sx, box[1] + boxes[:, 3] * sy], axis=1).astype(np.float32) \
+        if len(boxes) else np.zeros((0, 4), np.float32)
+    timings["read"] = t_read
+    return CellTable(area=area_index, box_l0=box_l0, box_px=boxes, score=scores, cut=cut, probs=probs,
+                     morph=morph, crops=gallery, timings=timings, outside_fraction=read.outside_fraction)

@@ -1,0 +1,475 @@
+"""The ``wsi-apl`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .pipeline import DECISION_SUPPORT
+
+
+def _echo_err(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+
+
+def _area(value: str) -> tuple[int, int]:
+    try:
+        w, h = value.lower().split("x")
+        return int(w), int(h)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: expected WIDTHxHEIGHT, e.g. 2560x1920") from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsi-apl")
+def main() -> None:
+    """Whole-slide batch scanner flagging suspected acute promyelocytic leukemia (APL) in bone-marrow smears.
+
+    Decision support only: an expert must review every slide; not_flagged does not exclude APL.
+    """
+
+
+# -- synth ---------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--slides", "n_slides", type=int, default=None, help="Number of slides (diagnoses cycle apl, aml, healthy, reactive).")
+@click.option("--diagnoses", default=None, help="Counts per diagnosis, e.g. apl:5,aml:5,healthy:5,reactive:5.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mpp", type=float, default=0.125, show_default=True, help="µm per pixel of level 0 (0.125: 100x oil).")
+@click.option("--size", default="20000x15000", show_default=True, help="Slide size WIDTHxHEIGHT in level-0 pixels.")
+@click.option("--stain", default=None, help="Stain preset for every slide (mgg, wright, giemsa, leishman, pale, dark); default: drawn per slide, leishman held out.")
+@click.option("--plain", is_flag=True, help="Write single 2560x1920 camera-frame pictures (PNG) instead of pyramidal slides.")
+@click.option("--slides-per-patient", type=int, default=1, show_default=True)
+@click.option("--defect", type=click.Choice(["none", "blurred", "no_monolayer", "empty"]), default="none", show_default=True,
+              help="Make slides that cannot be analysed (for QC tests).")
+def synth(out_dir: Path, n_slides, diagnoses, seed, mpp, size, stain, plain, slides_per_patient, defect) -> None:
+    """Write a synthetic bone-marrow-smear cohort with ground truth and labels.csv."""
+    from .synth.cohort import DIAGNOSES, parse_diagnoses, synth_cohort
+
+    if diagnoses:
+        dx = parse_diagnoses(diagnoses)
+    else:
+        n = 4 if n_slides is None else n_slides
+        dx = [DIAGNOSES[i % len(DIAGNOSES)] for i in range(n)]
+    w, h = _area(size)
+    t0 = time.time()
+    recs = synth_cohort(out_dir, dx, seed=seed, mpp=mpp, size=(w, h), stain=stain, plain=plain,
+                        slides_per_patient=slides_per_patient, defect=defect, log=click.echo)
+    click.echo(f"{len(recs)} slides in {out_dir} ({time.time() - t0:.1f} s); labels: {out_dir / 'labels.csv'}")
+
+
+# -- info / select -----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("--mpp", type=float, default=None, help="µm per pixel for a file without a resolution.")
+@click.option("--reader", type=click.Choice(["auto", "openslide", "tiffslide", "pil"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (reader, vendor, mpp, levels, ...).")
+def info(slide: Path, mpp, reader, as_json) -> None:
+    """Format, vendor, levels, dimensions and resolution of a slide."""
+    from tile_selector.errors import SlideError
+    from tile_selector.slide import open_slide
+
+    try:
+        s = open_slide(slide, reader=reader, mpp=mpp)
+    except SlideError as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
+    d = s.info()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"{slide}")
+    click.echo(f"  reader  {d['reader']}   vendor {d['vendor']}")
+    click.echo(f"  mpp     {d['mpp'][0]:.4f} x {d['mpp'][1]:.4f} µm/px ({d['mpp_source']})")
+    if d["objective_power"]:
+        click.echo(f"  objective {d['objective_power']:g}x")
+    for i, lv in enumerate(d["levels"]):
+        click.echo(f"  level {i}: {lv['width']} x {lv['height']} px, downsample {lv['downsample']:.3f}")
+    if d["associated_images"]:
+        click.echo(f"  associated images (never exported): {', '.join(d['associated_images'])}")
+
+
+@main.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("--mpp", type=float, default=None, help="µm per pixel for a file without a resolution.")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None, help="Take area size and mpp from a bundle.")
+@click.option("--area", default="2560x1920", show_default=True, help="Area size in pixels at --area-mpp.")
+@click.option("--area-mpp", type=float, default=None, help="Working resolution of the areas (default: the slide's).")
+@click.option("--max-areas", type=int, default=12, show_default=True)
+@click.option("--target-cells", type=int, default=500, show_default=True, help="Stop when this many nucleated cells are expected (0: no early stop).")
+@click.option("--reader", type=click.Choice(["auto", "openslide", "tiffslide", "pil"]), default="auto")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write overview.png, the area images and selection.json here.")
+@click.option("--json", "as_json", is_flag=True)
+def select(slide, mpp, bundle_dir, area, area_mpp, max_areas, target_cells, reader, out_dir, as_json) -> None:
+    """Choose representative, in-focus monolayer areas of a slide."""
+    from tile_selector.errors import SlideError
+    from tile_selector.select import SelectorConfig, select_areas
+    from tile_selector.slide import open_slide
+
+    size = _area(area)
+    if bundle_dir is not None:
+        from workers.bundle import load_bundle
+
+        b = load_bundle(bundle_dir, verify=False)
+        size, area_mpp = b.area_size, b.mpp
+    try:
+        s = open_slide(slide, reader=reader, mpp=mpp)
+        sel = select_areas(s, size, area_mpp, SelectorConfig(max_areas=max_areas, target_cells=target_cells))
+    except SlideError as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
+    d = sel.to_json()
+    d["slide"] = str(slide)
+    if out_dir is not None:
+        from tile_selector.overview import overview_image
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if sel.overview is not None:
+            overview_image(sel, s.dimensions).save(out_dir / "overview.png")
+        from PIL import Image
+
+        for a in sel.areas:
+            Image.fromarray(s.read_area(a.box, a.size).image).save(out_dir / f"area_{a.index + 1:02d}.png")
+        (out_dir / "selection.json").write_text(json.dumps(d, indent=2))
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"{slide}: {sel.status}" + (f" — {sel.reason}" if sel.reason else ""))
+    for a in sel.areas:
+        click.echo(f"  area {a.index + 1}: box {a.box}, ~{a.scores['cells']} cells, focus {a.scores['focus']:.2f}")
+    if sel.rejected:
+        click.echo("  rejected candidates: " + ", ".join(f"{v} {k}" for k, v in sel.rejected.items()))
+    for w in sel.warnings:
+        click.echo(f"  QC: {w}")
+
+
+# -- train ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def train() -> None:
+    """Train the models of a bundle (each step adds or replaces its part)."""
+
+
+def _geometry(mpp: float, area: str):
+    from .train.steps import Geometry
+
+    return Geometry(mpp=mpp, area=_area(area))
+
+
+@train.command("detector")
+@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="A cohort folder with labels.csv and truth/ (e.g. from 'wsi-apl synth').")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
+@click.option("--mpp", type=float, default=0.5, show_default=True, help="Working resolution of the bundle.")
+@click.option("--area", default="640x480", show_default=True, help="Area size in pixels at --mpp.")
+@click.option("--backbone", type=click.Choice(["mobilenet_v3", "resnet50_fpn_v2"]), default="mobilenet_v3", show_default=True)
+@click.option("--epochs", type=int, default=60, show_default=True)
+@click.option("--budget", type=float, default=None, help="Training time budget in seconds.")
+@click.option("--init", "init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Continue from the detector of this bundle.")
+@click.option("--seed", type=int, default=0)
+def train_detector_cmd(cohort, out, mpp, area, backbone, epochs, budget, init, seed) -> None:
+    """Train the Faster R-CNN cell detector from ground-truth boxes."""
+    from workers.bundle import load_bundle
+
+    from .train.data import read_cohort, split_by_patient
+    from .train.steps import _synthetic, collect_samples, open_or_create, step_detector
+
+    geo = _geometry(mpp, area)
+    entries = read_cohort(cohort)
+    tr, va = split_by_patient(entries, (0.8, 0.2), seed=seed)
+    bundle = open_or_create(out, geo, _synthetic(entries))
+    train_s = sum(collect_samples(tr, geo, click.echo, seed=seed), [])
+    val_s = sum(collect_samples(va, geo, click.echo, n_random=0, seed=seed), [])
+    step_detector(bundle, train_s, val_s, backbone=backbone, epochs=epochs, budget_s=budget, seed=seed,
+                  init=load_bundle(init) if init else None, log=click.echo)
+
+
+@train.command("cells")
+@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
+@click.option("--mpp", type=float, default=0.5, show_default=True)
+@click.option("--area", default="640x480", show_default=True)
+@click.option("--epochs", type=int, default=40, show_default=True)
+@click.option("--budget", type=float, default=None, help="Training time budget in seconds.")
+@click.option("--seed", type=int, default=0)
+def train_cells_cmd(cohort, out, mpp, area, epochs, budget, seed) -> None:
+    """Train the cell classifier heads (myeloblast, promyelocyte, auer_rod) from labelled cells."""
+    from .train.data import read_cohort, split_by_patient
+    from .train.steps import _synthetic, collect_samples, open_or_create, step_cells
+
+    geo = _geometry(mpp, area)
+    entries = read_cohort(cohort)
+    tr, va = split_by_patient(entries, (0.8, 0.2), seed=seed)
+    bundle = open_or_create(out, geo, _synthetic(entries))
+    train_s = sum(collect_samples(tr, geo, click.echo, seed=seed), [])
+    val_s = sum(collect_samples(va, geo, click.echo, n_random=0, seed=seed), [])
+    step_cells(bundle, train_s, val_s, epochs=epochs, budget_s=budget, seed=seed, log=click.echo)
+
+
+@train.command("enn")
+@click.option("--slides", "slides_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="LABELS.csv: slide, patient, diagnosis (apl/aml/healthy/reactive)[, path].")
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--target-sensitivity", type=float, default=0.95, show_default=True)
+@click.option("--min-cells", type=int, default=200, show_default=True, help="Fewer counted cells: inconclusive.")
+@click.option("--max-areas", type=int, default=12, show_default=True)
+@click.option("--target-cells", type=int, default=500, show_default=True)
+@click.option("--seed", type=int, default=0)
+def train_enn_cmd(slides_csv, bundle_dir, target_sensitivity, min_cells, max_areas, target_cells, seed) -> None:
+    """Train the slide-level nets on features the bundle computes from labelled slides."""
+    from workers.bundle import load_bundle
+
+    from .train.data import read_labels
+    from .train.steps import step_enn
+
+    step_enn(load_bundle(bundle_dir), read_labels(slides_csv), target_sensitivity=target_sensitivity,
+             min_cells=min_cells, max_areas=max_areas, target_cells=target_cells, seed=seed, log=click.echo)
+
+
+@train.command("all")
+@click.argument("cohort", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
+@click.option("--mpp", type=float, default=0.5, show_default=True)
+@click.option("--area", default="640x480", show_default=True)
+@click.option("--detector-budget", type=float, default=600, show_default=True, help="Seconds.")
+@click.option("--cells-budget", type=float, default=300, show_default=True, help="Seconds.")
+@click.option("--min-cells", type=int, default=200, show_default=True)
+@click.option("--seed", type=int, default=0)
+def train_all_cmd(cohort, out, mpp, area, detector_budget, cells_budget, min_cells, seed) -> None:
+    """Detector, cell heads and slide-level nets from one labelled cohort."""
+    from .train.steps import train_all
+
+    train_all(cohort, out, geometry=_geometry(mpp, area), detector_budget_s=detector_budget,
+              cells_budget_s=cells_budget, min_cells=min_cells, seed=seed, log=click.echo)
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+
+
+@main.group()
+def evaluate() -> None:
+    """Measure a bundle on labelled slides it never saw."""
+
+
+def _dump(d: dict, as_json: bool, out: Path | None) -> None:
+    text = json.dumps(d, indent=2, default=float)
+    if out is not None:
+        out.write_text(text)
+    if as_json:
+        click.echo(text)
+
+
+@evaluate.command("detector")
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def evaluate_detector_cmd(bundle_dir, cohort, as_json, out) -> None:
+    """COCO AP / AR at IoU 0.5 and 0.5:0.95 on the selector's areas of a labelled cohort."""
+    from .evaluate import evaluate_detector
+    from .train.data import read_cohort
+
+    m = evaluate_detector(bundle_dir, read_cohort(cohort), log=(lambda s: None) if as_json else click.echo)
+    if not as_json:
+        click.echo(f"AP@0.5 {m['AP50']:.3f}  AP@0.5:0.95 {m['AP']:.3f}  AR@0.5 {m['AR50']:.3f}  AR {m['AR']:.3f}  "
+                   f"({m['images']} areas)")
+    _dump(m, as_json, out)
+
+
+@evaluate.command("cells")
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def evaluate_cells_cmd(bundle_dir, cohort, as_json, out) -> None:
+    """Per-head AUROC / AUPRC with bootstrap 95 % CI on ground-truth cells."""
+    from .evaluate import evaluate_cells
+    from .train.data import read_cohort
+
+    m = evaluate_cells(bundle_dir, read_cohort(cohort), log=(lambda s: None) if as_json else click.echo)
+    _dump(m, as_json, out)
+
+
+@evaluate.command("enn")
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--slides", "slides_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def evaluate_enn_cmd(bundle_dir, slides_csv, as_json, out) -> None:
+    """Scan labelled slides and report AUROC / AUPRC of both tasks and the triage decision."""
+    from .evaluate import evaluate_enn
+    from .train.data import read_labels
+
+    m = evaluate_enn(bundle_dir, read_labels(slides_csv), log=(lambda s: None) if as_json else click.echo)
+    if not as_json:
+        for task in ("apl_vs_aml", "apl_vs_healthy"):
+            if task in m:
+                t = m[task]
+                click.echo(f"{task}: AUROC {t['auroc']:.3f} [{t['auroc_ci'][0]:.3f}, {t['auroc_ci'][1]:.3f}], "
+                           f"AUPRC {t['auprc']:.3f}")
+        click.echo(f"triage: {json.dumps(m['triage'])}")
+        click.echo("Synthetic slides, not real patients: not comparable with the paper's figures.")
+    _dump(m, as_json, out)
+
+
+# -- scan / status / triage -----------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("slides_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), envvar="WSI_APL_BUNDLE",
+              default=Path("demo_out/bundle"), show_default=True,
+              help="Model bundle (default: $WSI_APL_BUNDLE, else the demo's bundle).")
+@click.option("--reader", type=click.Choice(["auto", "openslide", "tiffslide", "pil"]), default="auto")
+@click.option("--mpp", type=float, default=None, help="µm per pixel for files without a resolution.")
+@click.option("--max-areas", type=int, default=12, show_default=True)
+@click.option("--target-cells", type=int, default=500, show_default=True)
+@click.option("--force", is_flag=True, help="Redo slides already analysed with this bundle.")
+@click.option("--scheduler", default=None, help="Use an existing Dask scheduler (tcp://HOST:PORT).")
+@click.option("--workers", type=int, default=None, help="Workers of the embedded LocalCluster.")
+@click.option("--cases", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV mapping slide file names to case ids (columns slide, case).")
+def scan(slides_dir, out, bundle_dir, reader, mpp, max_areas, target_cells, force, scheduler, workers, cases) -> None:
+    """Scan every slide of a folder and write the triage list."""
+    from workers.bundle import BundleError
+
+    from .ledger import LedgerLocked
+    from .scan import ScanOptions
+    from .scan import scan as run_scan
+
+    opts = ScanOptions(slides=slides_dir, out=out, bundle=bundle_dir, reader=reader, mpp=mpp, max_areas=max_areas,
+                       target_cells=target_cells, force=force, scheduler=scheduler, workers=workers, cases=cases)
+    try:
+        summary = run_scan(opts, log=click.echo)
+    except (BundleError, LedgerLocked, FileNotFoundError, ValueError) as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
+    bad = sum(v for k, v in summary["counts"].items() if k in ("failed", "not_analysed", "pending"))
+    sys.exit(1 if bad else 0)
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def status(results: Path, as_json: bool) -> None:
+    """Counts per status, throughput, and what failed and why."""
+    from .ledger import Ledger
+
+    led = Ledger(results)
+    try:
+        rows = led.rows()
+    finally:
+        led.close()
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    times = [(r["started"], r["finished"]) for r in rows if r["started"] and r["finished"]]
+    per_hour = None
+    if times:
+        span = max(f for _, f in times) - min(s for s, _ in times)
+        per_hour = round(3600 * len(times) / span, 1) if span > 0 else None
+    slides = [{"path": r["path"], "status": r["status"], "error": r["error"], "attempts": r["attempts"],
+               "case": r["case"], "suspicion": (r["result"] or {}).get("suspicion")} for r in rows]
+    d = {"counts": counts, "slides_per_hour": per_hour, "slides": slides}
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no slides yet")
+    if per_hour:
+        click.echo(f"{per_hour} slides per hour")
+    for s in slides:
+        if s["status"] in ("failed", "not_analysed"):
+            click.echo(f"  {s['status']}: {s['path']}: {s['error'] or ''}")
+    click.echo(DECISION_SUPPORT)
+
+
+@main.command()
+@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def triage(results: Path) -> None:
+    """Regenerate RESULTS/triage.csv from the ledger."""
+    from .triage import write_triage
+
+    click.echo(str(write_triage(results)))
+    click.echo(DECISION_SUPPORT)
+
+
+# -- bundle ------------------------------------------------------------------------------------------
+
+
+@main.group()
+def bundle() -> None:
+    """Inspect and verify model bundles."""
+
+
+@bundle.command("info")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def bundle_info(bundle_dir: Path, as_json: bool) -> None:
+    """What a bundle holds: geometry, parts, metrics, provenance."""
+    from workers.bundle import BundleError, load_bundle
+
+    try:
+        b = load_bundle(bundle_dir, verify=False)
+    except BundleError as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
+    s = b.summary()
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    click.echo(f"{b.label}")
+    click.echo(f"  works at {b.mpp} µm/px on areas of {b.area_size[0]}x{b.area_size[1]} px; heads {', '.join(b.heads)}")
+    for name, p in s["parts"].items():
+        click.echo(f"  {name}: {p['file']} sha256 {p['sha256'][:16]}…  trained {p['trained']}")
+        if p.get("metrics"):
+            click.echo(f"    metrics: {json.dumps(p['metrics'], default=float)[:300]}")
+
+
+@bundle.command("verify")
+@click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def bundle_verify(bundle_dir: Path) -> None:
+    """Check every weight file against the sha256 in bundle.json."""
+    from workers.bundle import BundleError, load_bundle
+
+    try:
+        b = load_bundle(bundle_dir, verify=False)
+    except BundleError as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
+    problems = b.verify()
+    if problems:
+        for p in problems:
+            _echo_err(f"{bundle_dir}: {p}")
+        sys.exit(1)
+    click.echo(f"{bundle_dir}: OK ({len(b.meta.get('parts', {}))} parts verified; id {b.id})")
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo_out"), show_default=True)
+@click.option("--quick", is_flag=True, help="A smaller, faster demo (fewer slides, shorter training).")
+def demo(out: Path, quick: bool) -> None:
+    """Synthetic cohort → train small models → scan a held-out cohort on a LocalCluster → triage.csv."""
+    from .demo import run_demo
+
+    code = run_demo(out, quick=quick, log=click.echo)
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

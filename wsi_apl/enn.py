@@ -1,0 +1,130 @@
+"""The slide-level "ensemble neural nets" of the paper and the triage decision built on them.
+
+Two small nets turn a slide's features (ratios and mean probabilities of the cell heads) into
+probabilities: APL vs non-APL AML, and APL vs healthy marrow (reactive marrows on the healthy side,
+as its hardest negatives). As in the paper each is one fully connected layer (deeper only when a
+search finds it better). Probabilities are calibrated on out-of-fold predictions.
+
+The *suspicion* that ranks the triage list is the geometric mean of the two calibrated
+probabilities: high only when the slide looks like APL against both comparisons. The decision rule
+(stored in the bundle with the numbers it rests on):
+
+- ``inconclusive`` when the selector found no usable area (with its reason), or fewer counted cells
+  than ``min_cells``, or when the suspicion is below the flag threshold but its 95 % bootstrap
+  interval reaches it (a borderline slide: someone must look);
+- ``flagged`` when the suspicion is at or above the threshold (chosen on out-of-fold predictions for
+  the target sensitivity, default 0.95);
+- ``not_flagged`` otherwise. ``not_flagged`` never excludes APL: it is decision support.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "apl_vs_aml": (("apl",), ("aml",)),
+    "apl_vs_healthy": (("apl",), ("healthy", "reactive")),
+}
+
+
+class SlideNet(nn.Module):
+    """One fully connected layer (``hidden=0``), or one hidden layer of ``hidden`` units."""
+
+    def __init__(self, n_in: int, hidden: int = 0):
+        super().__init__()
+        if hidden:
+            self.net = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(n_in, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(1)
+
+
+@dataclass
+class SlideNets:
+    """Inference with the two nets: standardisation, logits, calibration, suspicion."""
+
+    names: list[str]
+    mean: np.ndarray
+    std: np.ndarray
+    nets: dict[str, SlideNet]
+    calibration: dict[str, tuple[float, float]]
+
+    @classmethod
+    def from_bundle(cls, bundle) -> "SlideNets":
+        bundle.require("slide_nets")
+        part = bundle.part("slide_nets")
+        cfg = part["config"]
+        tensors = bundle.load_tensors("slide_nets")
+        nets = {}
+        for task in TASKS:
+            net = SlideNet(len(cfg["features"]), int(cfg.get("hidden", {}).get(task, 0)))
+            prefix = f"{task}."
+            net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            net.eval()
+            nets[task] = net
+        return cls(list(cfg["features"]), np.asarray(cfg["mean"]), np.asarray(cfg["std"]), nets,
+                   {t: tuple(cfg["calibration"][t]) for t in TASKS})
+
+    def logits(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        X = np.nan_to_num((np.atleast_2d(X) - self.mean) / self.std)
+        with torch.inference_mode():
+            x = torch.as_tensor(X, dtype=torch.float32)
+            return {t: n(x).numpy().astype(np.float64) for t, n in self.nets.items()}
+
+    def predict(self, X: np.ndarray) -> dict[str, np.ndarray]:
+        """Calibrated probabilities per task, arrays (n,)."""
+        out = {}
+        for t, z in self.logits(X).items():
+            a, b = self.calibration[t]
+            out[t] = 1.0 / (1.0 + np.exp(-(a * z + b)))
+        return out
+
+
+def suspicion(probs: dict[str, np.ndarray]) -> np.ndarray:
+    """Geometric mean of the two calibrated probabilities."""
+    return np.sqrt(np.clip(probs["apl_vs_aml"], 0, 1) * np.clip(probs["apl_vs_healthy"], 0, 1))
+
+
+@dataclass
+class Decision:
+    status: str                 # flagged | not_flagged | inconclusive
+    suspicion: float
+    suspicion_ci: tuple[float, float]
+    p_apl_vs_aml: float
+    p_apl_vs_healthy: float
+    reasons: list[str]
+
+
+def decide(features: dict, nets: SlideNets, rule: dict) -> Decision:
+    """Apply the bundle's decision ``rule`` to one slide's features (see the module docstring)."""
+    X = features["features"][None, :]
+    probs = nets.predict(X)
+    s = float(suspicion(probs)[0])
+    boot = features.get("boot")
+    lo, hi = s, s
+    if boot is not None and len(boot):
+        ok = np.all(np.isfinite(boot), axis=1)
+        if ok.any():
+            sb = suspicion(nets.predict(boot[ok]))
+            lo, hi = float(np.percentile(sb, 2.5)), float(np.percentile(sb, 97.5))
+    p1, p2 = float(probs["apl_vs_aml"][0]), float(probs["apl_vs_healthy"][0])
+    thr = float(rule["threshold"])
+    min_cells = int(rule.get("min_cells", 200))
+    reasons = []
+    if features["cells"] < min_cells:
+        reasons.append(f"too few counted cells ({features['cells']} < {min_cells})")
+        return Decision("inconclusive", s, (lo, hi), p1, p2, reasons)
+    if not np.isfinite(s):
+        return Decision("inconclusive", s, (lo, hi), p1, p2, ["the slide-level nets gave no result"])
+    if s >= thr:
+        return Decision("flagged", s, (lo, hi), p1, p2, [])
+    if hi >= thr:
+        reasons.append(f"borderline: suspicion {s:.2f}, its 95% interval reaches the flag threshold {thr:.2f}")
+        return Decision("inconclusive", s, (lo, hi), p1, p2, reasons)
+    return Decision("not_flagged", s, (lo, hi), p1, p2, [])

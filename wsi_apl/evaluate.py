@@ -1,0 +1,119 @@
+"""``wsi-apl evaluate``: detector, cell heads and slide-level call on labelled slides the models never saw."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from tile_selector.select import SelectorConfig
+from workers.area import load_models
+from workers.bundle import load_bundle
+from workers.classifier import classify
+from workers.detector import detect
+
+from .enn import SlideNets
+from .metrics import binary_summary, coco_metrics, match_detections
+from .pipeline import analyse_slide_local
+from .train.cells import CellSet
+from .train.data import SlideEntry, area_samples
+from .train.steps import collect_samples
+
+
+def evaluate_detector(bundle_dir: Path, entries: list[SlideEntry], log: Callable[[str], None] = print) -> dict:
+    """COCO AP/AR of the detector on the areas the selector picks in ``entries`` (truth boxes)."""
+    models = load_models(bundle_dir)
+    b = models.bundle
+    images, per_image = [], []
+    for e in entries:
+        for s in area_samples(e, b.area_size, b.mpp, n_random=0):
+            boxes, scores, _ = detect(models.detector, s.image, models.det_cfg, models.device, score_threshold=0.05)
+            images.append((boxes, scores, s.boxes))
+            keep = scores >= models.det_cfg.score_threshold
+            tp = match_detections(boxes[keep], scores[keep], s.boxes, 0.5)
+            per_image.append({"slide": s.slide, "truth": int(len(s.boxes)), "detected": int(keep.sum()),
+                              "missed": int(len(s.boxes) - tp.sum()), "spurious": int((~tp).sum())})
+        log(f"  {e.slide}: {len(per_image)} areas so far")
+    m = coco_metrics(images)
+    m["per_image"] = per_image
+    m["score_threshold"] = models.det_cfg.score_threshold
+    return m
+
+
+def evaluate_cells(bundle_dir: Path, entries: list[SlideEntry], log: Callable[[str], None] = print) -> dict:
+    """Per-head AUROC / AUPRC with bootstrap CIs (resampling patients) on ground-truth cell boxes."""
+    models = load_models(bundle_dir)
+    b = models.bundle
+    cfg = models.cell_cfg
+    samples = sum(collect_samples(entries, _geom(b), log, n_random=0), [])
+    cs = CellSet.from_samples(samples, cfg.heads)
+    crops = cs.crops(cfg.crop_um / b.mpp, cfg.crop_px)
+    p = classify(models.cells, crops, models.device)
+    heads = {}
+    for j, h in enumerate(cfg.heads):
+        y = cs.labels[:, j]
+        ok = ~np.isnan(y)
+        s = binary_summary(y[ok].astype(bool), p[ok, j], cfg.threshold(h), groups=cs.patients[ok], n_boot=300)
+        heads[h] = s
+        log(f"  {h}: AUROC {s['auroc']:.3f} [{s['auroc_ci'][0]:.3f}, {s['auroc_ci'][1]:.3f}], "
+            f"AUPRC {s['auprc']:.3f} ({s['positives']} positives of {s['n']})")
+    return {"heads": heads, "cells": len(cs), "slides": len(entries)}
+
+
+def _geom(b):
+    from .train.steps import Geometry
+
+    return Geometry(mpp=b.mpp, area=b.area_size)
+
+
+def evaluate_enn(bundle_dir: Path, entries: list[SlideEntry], *, max_areas: int = 12, target_cells: int = 500,
+                 log: Callable[[str], None] = print) -> dict:
+    """Scan labelled slides in-process and score both tasks and the triage decision."""
+    bundle = load_bundle(bundle_dir)
+    models = load_models(bundle)
+    nets = SlideNets.from_bundle(bundle)
+    rows = []
+    for e in entries:
+        res, _cols, _feats, _sel = analyse_slide_local(e.path, models, nets, SelectorConfig(max_areas, target_cells))
+        rows.append((e, res))
+        log(f"  {e.slide} ({e.diagnosis}): {res.status}"
+            + (f", suspicion {res.suspicion:.2f}" if res.suspicion is not None else "")
+            + (f" ({res.reason})" if res.reason else ""))
+    return summarise_slide_results([(e.diagnosis, e.patient, r.to_json()) for e, r in rows],
+                                   bundle.part("slide_nets").get("decision", {}))
+
+
+def summarise_slide_results(rows: list[tuple[str, str, dict]], decision: dict) -> dict:
+    """AUROC/AUPRC per task and triage sensitivity/specificity from (diagnosis, patient, result) rows."""
+    out: dict = {"slides": len(rows), "statuses": {}}
+    for dx, _p, r in rows:
+        out["statuses"].setdefault(dx, {}).setdefault(r["status"], 0)
+        out["statuses"][dx][r["status"]] += 1
+    for task, pos, neg, key in (("apl_vs_aml", ("apl",), ("aml",), "p_apl_vs_aml"),
+                                ("apl_vs_healthy", ("apl",), ("healthy", "reactive"), "p_apl_vs_healthy")):
+        sel = [(dx, p, r) for dx, p, r in rows if dx in pos + neg and r.get(key) is not None]
+        if not sel:
+            continue
+        y = np.array([dx in pos for dx, _, _ in sel])
+        s = np.array([r[key] for _, _, r in sel])
+        groups = np.array([p for _, p, _ in sel])
+        out[task] = binary_summary(y, s, 0.5, groups=groups, n_boot=500)
+    scored = [(dx, r) for dx, _p, r in rows]
+    apl = [r for dx, r in scored if dx == "apl"]
+    non = [r for dx, r in scored if dx != "apl"]
+    # triage: flagged or inconclusive both send the slide to an expert first
+    out["triage"] = {
+        "apl_flagged": sum(r["status"] == "flagged" for r in apl),
+        "apl_inconclusive": sum(r["status"] == "inconclusive" for r in apl),
+        "apl_missed": sum(r["status"] == "not_flagged" for r in apl),
+        "apl_total": len(apl),
+        "non_apl_flagged": sum(r["status"] == "flagged" for r in non),
+        "non_apl_not_flagged": sum(r["status"] == "not_flagged" for r in non),
+        "non_apl_total": len(non),
+        "threshold": decision.get("threshold"),
+    }
+    t = out["triage"]
+    t["sensitivity"] = t["apl_flagged"] / t["apl_total"] if t["apl_total"] else None
+    t["specificity"] = t["non_apl_not_flagged"] / t["non_apl_total"] if t["non_apl_total"] else None
+    return out

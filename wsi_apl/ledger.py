@@ -1,0 +1,156 @@
+"""The batch ledger: ``RESULTS/ledger.sqlite`` (SQLite, WAL), so a night's batch survives a crash.
+
+Two tables:
+
+- ``slides``: one row per slide *fingerprint* (the SHA-256 of the whole file, streamed: a partial
+  hash could give one patient another's result): status, attempts, error, bundle id, the zarr group,
+  the result (JSON) and timings.
+- ``files``: one row per path seen: its name, fingerprint (NULL when the file could not even be
+  read), case id, and an error for files that failed before they had a fingerprint. The same file
+  under two names is analysed once; both names get a row with that result.
+
+A rerun skips fingerprints already finished with the same bundle; ``--force`` redoes them. A slide
+left ``running`` by a crash is redone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+DONE = ("flagged", "not_flagged", "inconclusive")
+LEDGER = "ledger.sqlite"
+
+
+class LedgerLocked(RuntimeError):
+    pass
+
+
+def fingerprint(path: str | Path, chunk: int = 4 << 20) -> str:
+    """SHA-256 of the whole file (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+class Ledger:
+    def __init__(self, results: str | Path):
+        self.results = Path(results)
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.path = self.results / LEDGER
+        self.db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript("""
+            CREATE TABLE IF NOT EXISTS slides (
+                fingerprint TEXT PRIMARY KEY, status TEXT NOT NULL, attempts INTEGER DEFAULT 0,
+                error TEXT, bundle TEXT, group_name TEXT, result TEXT, size INTEGER,
+                started REAL, finished REAL);
+            CREATE TABLE IF NOT EXISTS files (
+                path TEXT PRIMARY KEY, name TEXT NOT NULL, fingerprint TEXT, case_id TEXT,
+                status TEXT, error TEXT, first_seen REAL, last_seen REAL);
+        """)
+        self._lock_fd: int | None = None
+
+    # -- exclusive use of an output folder -------------------------------------------------------
+    def lock(self) -> None:
+        """Refuse a second scan writing to the same output folder at the same time."""
+        fd = os.open(str(self.results / ".scan.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise LedgerLocked(f"{self.results}: another 'wsi-apl scan' is writing to this folder; wait for it "
+                               "to finish or choose another --out") from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def close(self) -> None:
+        self.unlock()
+        self.db.close()
+
+    # -- files ---------------------------------------------------------------------------------
+    def see_file(self, path: str, name: str, fp: str | None, case_id: str = "", error: str | None = None) -> None:
+        now = time.time()
+        self.db.execute(
+            "INSERT INTO files(path, name, fingerprint, case_id, status, error, first_seen, last_seen) "
+            "VALUES(?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET name=excluded.name, "
+            "fingerprint=excluded.fingerprint, case_id=excluded.case_id, status=excluded.status, "
+            "error=excluded.error, last_seen=excluded.last_seen",
+            (path, name, fp, case_id, "failed" if error else None, error, now, now))
+
+    def mark_file(self, path: str, status: str, error: str | None = None) -> None:
+        self.db.execute("UPDATE files SET status=?, error=? WHERE path=?", (status, error, path))
+
+    # -- slides --------------------------------------------------------------------------------
+    def slide(self, fp: str) -> dict | None:
+        cur = self.db.execute("SELECT fingerprint, status, attempts, error, bundle, group_name, result, size, "
+                              "started, finished FROM slides WHERE fingerprint=?", (fp,))
+        row = cur.fetchone()
+        if row is None:
+            return None
+        keys = ("fingerprint", "status", "attempts", "error", "bundle", "group_name", "result", "size",
+                "started", "finished")
+        d = dict(zip(keys, row))
+        d["result"] = json.loads(d["result"]) if d["result"] else None
+        return d
+
+    def is_done(self, fp: str, bundle_id: str) -> bool:
+        s = self.slide(fp)
+        return bool(s and s["status"] in DONE and s["bundle"] == bundle_id)
+
+    def start(self, fp: str, bundle_id: str, size: int) -> None:
+        self.db.execute(
+            "INSERT INTO slides(fingerprint, status, attempts, bundle, size, started) VALUES(?,?,1,?,?,?) "
+            "ON CONFLICT(fingerprint) DO UPDATE SET status='running', attempts=attempts+1, error=NULL, "
+            "bundle=excluded.bundle, started=excluded.started, finished=NULL",
+            (fp, "running", bundle_id, size, time.time()))
+
+    def finish(self, fp: str, status: str, result: dict, group_name: str | None) -> None:
+        self.db.execute("UPDATE slides SET status=?, result=?, group_name=?, finished=?, error=? WHERE fingerprint=?",
+                        (status, json.dumps(result), group_name, time.time(),
+                         result.get("reason") if status == "failed" else None, fp))
+
+    def fail(self, fp: str, error: str, result: dict | None = None) -> None:
+        self.db.execute("UPDATE slides SET status='failed', error=?, result=?, finished=? WHERE fingerprint=?",
+                        (error, json.dumps(result) if result else None, time.time(), fp))
+
+    def set_not_analysed(self, fp: str, reason: str) -> None:
+        self.db.execute("UPDATE slides SET status='not_analysed', error=? WHERE fingerprint=? AND status "
+                        "NOT IN ('flagged','not_flagged','inconclusive','failed')", (reason, fp))
+
+    # -- reading -------------------------------------------------------------------------------
+    def rows(self) -> list[dict]:
+        """One row per file seen, with its slide's status and result."""
+        cur = self.db.execute(
+            "SELECT f.path, f.name, f.fingerprint, f.case_id, f.status, f.error, s.status, s.error, s.result, "
+            "s.attempts, s.started, s.finished, s.bundle, s.group_name FROM files f "
+            "LEFT JOIN slides s ON s.fingerprint = f.fingerprint ORDER BY f.path")
+        out = []
+        for (path, name, fp, case_id, fstatus, ferror, sstatus, serror, result, attempts, started, finished,
+             bundle, group) in cur.fetchall():
+            status = fstatus if fstatus == "failed" and not fp else (sstatus or fstatus or "pending")
+            if status == "running":
+                status = "not_analysed"
+            out.append({"path": path, "name": name, "fingerprint": fp, "case": case_id or "", "status": status,
+                        "error": ferror or serror, "result": json.loads(result) if result else None,
+                        "attempts": attempts or 0, "started": started, "finished": finished, "bundle": bundle,
+                        "group": group})
+        return out

@@ -1,0 +1,119 @@
+"""One slide from pixels to a result: selection, per-area cell tables, features, decision.
+
+Shared by the distributed scan (the pieces run on Dask workers) and by training and evaluation
+(which run them in-process), so that what a model is trained on is what a scan computes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tile_selector.select import Selection, SelectorConfig, select_file
+from workers.area import CellTable, LoadedModels, process_area
+from workers.bundle import ModelBundle
+
+from .enn import SlideNets, decide
+from .features import slide_features
+
+DECISION_SUPPORT = ("Decision support only: an expert must review every slide; "
+                    "not_flagged does not exclude APL.")
+
+STATUSES = ("flagged", "not_flagged", "inconclusive", "failed", "not_analysed")
+
+
+@dataclass
+class SlideResult:
+    """What the triage list and the store say about one slide."""
+
+    slide: str
+    path: str
+    status: str
+    reason: str = ""
+    suspicion: float | None = None
+    suspicion_ci: tuple[float, float] | None = None
+    p_apl_vs_aml: float | None = None
+    p_apl_vs_healthy: float | None = None
+    ratios: dict = field(default_factory=dict)
+    cells: int = 0
+    areas: int = 0
+    mean_focus: float | None = None
+    qc: list[str] = field(default_factory=list)
+    bundle: str = ""
+    scanned_at: str = ""
+    fingerprint: str = ""
+    case: str = ""
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["suspicion_ci"] = list(self.suspicion_ci) if self.suspicion_ci else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SlideResult":
+        d = dict(d)
+        if d.get("suspicion_ci") is not None:
+            d["suspicion_ci"] = tuple(d["suspicion_ci"])
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def selector_config(max_areas: int = 12, target_cells: int = 500) -> SelectorConfig:
+    return SelectorConfig(max_areas=max_areas, target_cells=target_cells)
+
+
+def thresholds_of(models_or_bundle) -> dict[str, float]:
+    bundle = models_or_bundle.bundle if isinstance(models_or_bundle, LoadedModels) else models_or_bundle
+    return dict(bundle.part("cells")["config"].get("thresholds", {}))
+
+
+def aggregate(name: str, path: str, selection: Selection, tables: list[CellTable], bundle: ModelBundle,
+              nets: SlideNets | None, *, heads: list[str] | None = None) -> tuple[SlideResult, dict, dict | None]:
+    """Combine a slide's selection and area tables into (result, cell columns, features)."""
+    heads = heads or bundle.heads
+    cols = CellTable.concat(sorted(tables, key=lambda t: t.area), heads)
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    result = SlideResult(slide=name, path=str(path), status="inconclusive", bundle=bundle.label, scanned_at=now)
+    result.areas = len(selection.areas)
+    result.mean_focus = round(selection.mean_focus, 4) if selection.areas else None
+    result.qc = list(selection.warnings)
+    if selection.status != "ok":
+        result.reason = selection.reason
+        return result, cols, None
+    feats = slide_features(cols, heads, thresholds_of(bundle))
+    result.cells = feats["cells"]
+    result.ratios = {h: {k: (None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v)
+                         for k, v in r.items()} for h, r in feats["ratios"].items()}
+    if nets is None:
+        result.reason = "the bundle has no slide-level nets (train them with 'wsi-apl train enn')"
+        return result, cols, feats
+    rule = bundle.part("slide_nets").get("decision", {})
+    d = decide(feats, nets, rule)
+    result.status = d.status
+    result.suspicion = round(d.suspicion, 4) if np.isfinite(d.suspicion) else None
+    result.suspicion_ci = (round(d.suspicion_ci[0], 4), round(d.suspicion_ci[1], 4))
+    result.p_apl_vs_aml = round(d.p_apl_vs_aml, 4)
+    result.p_apl_vs_healthy = round(d.p_apl_vs_healthy, 4)
+    result.reason = "; ".join(d.reasons)
+    if rule.get("apl_slides", 0) < 20 and d.status == "not_flagged":
+        result.qc.append(f"the flag threshold rests on only {rule.get('apl_slides', 0)} APL slides: "
+                         "treat not_flagged with extra caution")
+    return result, cols, feats
+
+
+def analyse_slide_local(path: str | Path, models: LoadedModels, nets: SlideNets | None, cfg: SelectorConfig,
+                        reader: str = "auto", slide_mpp: float | None = None
+                        ) -> tuple[SlideResult, dict, dict | None, Selection]:
+    """Run a whole slide in this process (training, evaluation, tests)."""
+    t0 = time.perf_counter()
+    bundle = models.bundle
+    sel = select_file(path, bundle.area_size, bundle.mpp, cfg, reader, slide_mpp)
+    t1 = time.perf_counter()
+    tables = [process_area(str(path), a.box, models, a.index, reader, slide_mpp) for a in sel.areas]
+    t2 = time.perf_counter()
+    result, cols, feats = aggregate(Path(path).name, str(path), sel, tables, bundle, nets)
+    result.timings = {"select": round(t1 - t0, 3), "areas": round(t2 - t1, 3)}
+    return result, cols, feats, sel

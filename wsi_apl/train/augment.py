@@ -1,0 +1,35 @@
+"""Augmentations shared by the detector and the cell classifier: geometry, colour and stain jitter."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def stain_jitter(img: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """Colour augmentation in optical-density space (stain strength per channel, white balance,
+    brightness, gamma), then back to uint8."""
+    f = (img.astype(np.float32) + 1.0) / 256.0
+    od = -np.log(f)
+    od *= np.exp(rng.normal(0.0, 0.12 * strength)) * np.exp(rng.normal(0.0, 0.06 * strength, 3)).astype(np.float32)
+    out = np.exp(-od)
+    out *= np.clip(1.0 - np.abs(rng.normal(0.0, 0.04 * strength, 3)), 0.85, 1.0).astype(np.float32)
+    out = np.power(np.clip(out, 0.0, 1.0), float(np.exp(rng.normal(0.0, 0.08 * strength))))
+    out *= float(np.exp(rng.normal(0.0, 0.05 * strength)))
+    return np.clip(out * 256.0 - 1.0, 0, 255).astype(np.uint8)
+
+
+def flip_rot(img: np.ndarray, boxes: np.ndarray | None, k: int, flip: bool):
+    """Rotate by ``k`` quarter turns counter-clockwise and optionally flip left-right, boxes along."""
+    h, w = img.shape[:2]
+    out = img
+    b = None if boxes is None else boxes.copy()
+    if flip:
+        out = out[:, ::-1]
+        if b is not None:
+            b = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], axis=1)
+    for _ in range(k % 4):
+        hh, ww = out.shape[:2]
+        out = np.rot90(out)  # counter-clockwise: (x, y) -> (y, ww - x)
+        if b is not None:
+            b = np.stack([b[:, 1], ww - b[:, 2], b[:, 3], ww - b[:, 0]], axis=1)
+    return np.ascontiguousarray(out), b

@@ -1,0 +1,179 @@
+"""Training data from a labelled cohort: areas read through the same path a scan uses.
+
+A cohort folder holds slides, ``labels.csv`` and ``truth/<slide>.json`` (the synthetic ground truth,
+or any annotation converted to it). Areas are chosen by the tile selector (what a scan would look
+at) plus a few random areas anywhere on the smear (so the models also see thick and thin parts),
+read at the bundle's mpp; ground-truth cells are mapped into area pixels.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tile_selector.select import SelectorConfig, select_areas
+from tile_selector.slide import open_slide
+
+#: Cell types the detector is trained to find by default: every nucleated cell except smudge cells
+#: (broken cells are not counted, so the ratios' denominator leaves them out).
+DEFAULT_DETECT_TYPES = ("myeloblast", "promyelocyte", "myelocyte", "metamyelocyte", "band", "neutrophil",
+                        "eosinophil", "lymphocyte", "plasma_cell", "erythroblast")
+
+
+@dataclass
+class SlideEntry:
+    slide: str
+    patient: str
+    diagnosis: str
+    path: Path
+    truth_path: Path | None = None
+
+    def truth(self) -> dict:
+        if self.truth_path is None or not self.truth_path.exists():
+            raise FileNotFoundError(f"{self.path}: no ground truth (expected {self.truth_path})")
+        return json.loads(self.truth_path.read_text())
+
+
+def read_labels(labels_csv: str | Path) -> list[SlideEntry]:
+    """Rows of a labels file: ``slide, patient, diagnosis[, path]`` (paths relative to the file)."""
+    labels_csv = Path(labels_csv)
+    base = labels_csv.parent
+    out = []
+    with labels_csv.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"slide", "patient", "diagnosis"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{labels_csv}: missing column(s) {', '.join(sorted(missing))} "
+                             "(expected: slide, patient, diagnosis[, path])")
+        for row in reader:
+            rel = row.get("path") or row["slide"]
+            p = Path(rel)
+            path = p if p.is_absolute() else base / p
+            if not path.exists() and not p.suffix:
+                hits = sorted(base.glob(f"{row['slide']}.*"))
+                path = hits[0] if hits else path
+            truth = base / "truth" / f"{row['slide']}.json"
+            out.append(SlideEntry(row["slide"], row["patient"], row["diagnosis"].strip().lower(), path,
+                                  truth if truth.exists() else None))
+    return out
+
+
+def read_cohort(cohort_dir: str | Path) -> list[SlideEntry]:
+    cohort_dir = Path(cohort_dir)
+    labels = cohort_dir / "labels.csv"
+    if not labels.exists():
+        raise FileNotFoundError(f"{cohort_dir}: no labels.csv (make a cohort with 'wsi-apl synth {cohort_dir}')")
+    return read_labels(labels)
+
+
+@dataclass
+class AreaSample:
+    """One area image with its ground-truth cells in area pixels."""
+
+    slide: str
+    patient: str
+    diagnosis: str
+    image: np.ndarray            # (h, w, 3) uint8 at the bundle mpp
+    boxes: np.ndarray            # (n, 4) float32 area px (cells to detect)
+    types: list[str]
+    auer: np.ndarray             # (n,) bool
+    box_l0: tuple[float, float, float, float]
+    selected: bool = True        # chosen by the selector (False: random smear area)
+    extra: dict = field(default_factory=dict)
+
+
+def _truth_in_area(truth: dict, box_l0, size, types: tuple[str, ...] | None, min_visible: float = 0.5):
+    x0, y0, x1, y1 = box_l0
+    sx = size[0] / (x1 - x0)
+    sy = size[1] / (y1 - y0)
+    boxes, kinds, auer = [], [], []
+    for c in truth["cells"]:
+        if types is not None and c["type"] not in types:
+            continue
+        bx0, by0, bx1, by1 = c["box"]
+        if bx1 <= x0 or bx0 >= x1 or by1 <= y0 or by0 >= y1:
+            continue
+        cx0, cy0, cx1, cy1 = max(bx0, x0), max(by0, y0), min(bx1, x1), min(by1, y1)
+        full = (bx1 - bx0) * (by1 - by0)
+        if full <= 0 or (cx1 - cx0) * (cy1 - cy0) / full < min_visible:
+            continue
+        boxes.append([(cx0 - x0) * sx, (cy0 - y0) * sy, (cx1 - x0) * sx, (cy1 - y0) * sy])
+        kinds.append(c["type"])
+        auer.append(bool(c.get("auer_rod", False)))
+    return (np.asarray(boxes, np.float32).reshape(-1, 4), kinds, np.asarray(auer, bool))
+
+
+def random_smear_boxes(truth: dict, slide_dims: tuple[int, int], box_px0: tuple[float, float], n: int,
+                       rng: np.random.Generator, maps_dir: Path) -> list[tuple[float, float, float, float]]:
+    """Up to ``n`` random boxes lying on the smear (any zone), from the truth's zone map."""
+    maps = np.load(maps_dir / truth["maps"])
+    zones, map_mpp = maps["zones"], float(maps["map_mpp"])
+    mpp = float(truth["mpp"])
+    W, H = slide_dims
+    out = []
+    for _ in range(n * 30):
+        if len(out) >= n or W <= box_px0[0] or H <= box_px0[1]:
+            break
+        x0 = float(rng.uniform(0, W - box_px0[0]))
+        y0 = float(rng.uniform(0, H - box_px0[1]))
+        zx0, zy0 = int(x0 * mpp / map_mpp), int(y0 * mpp / map_mpp)
+        zx1, zy1 = int((x0 + box_px0[0]) * mpp / map_mpp) + 1, int((y0 + box_px0[1]) * mpp / map_mpp) + 1
+        z = zones[zy0:zy1, zx0:zx1]
+        if z.size and (z > 0).mean() > 0.9:
+            out.append((x0, y0, x0 + box_px0[0], y0 + box_px0[1]))
+    return out
+
+
+def area_samples(entry: SlideEntry, area_size: tuple[int, int], area_mpp: float, *, n_selected: int = 6,
+                 n_random: int = 2, types: tuple[str, ...] | None = DEFAULT_DETECT_TYPES, seed: int = 0,
+                 reader: str = "auto") -> list[AreaSample]:
+    """Areas of one slide (selector's choice + random smear areas) with their truth cells."""
+    truth = entry.truth()
+    slide = open_slide(entry.path, reader=reader)
+    try:
+        sel = select_areas(slide, area_size, area_mpp, SelectorConfig(max_areas=n_selected, target_cells=0))
+        boxes = [(a.box, True) for a in sel.areas]
+        if not truth.get("plain") and n_random:
+            rng = np.random.default_rng([seed, zlib.crc32(entry.slide.encode())])
+            px0 = (area_size[0] * area_mpp / slide.mpp_x, area_size[1] * area_mpp / slide.mpp_y)
+            boxes += [(b, False) for b in random_smear_boxes(truth, slide.dimensions, px0, n_random, rng,
+                                                               entry.truth_path.parent)]
+        out = []
+        for box, selected in boxes:
+            img = slide.read_area(box, area_size).image
+            b, kinds, auer = _truth_in_area(truth, box, area_size, types)
+            out.append(AreaSample(entry.slide, entry.patient, entry.diagnosis, img, b, kinds, auer,
+                                  tuple(float(v) for v in box), selected))
+        return out
+    finally:
+        slide.close()
+
+
+def split_by_patient(entries: list, fractions: tuple[float, ...], seed: int = 0,
+                     key=lambda e: e.patient, stratify=lambda e: e.diagnosis) -> list[list]:
+    """Split entries into groups by patient (no patient in two groups), stratified by diagnosis."""
+    rng = np.random.default_rng(seed)
+    by_dx: dict[str, list[str]] = {}
+    pat_dx: dict[str, str] = {}
+    for e in entries:
+        pat_dx.setdefault(key(e), stratify(e))
+    for p, dx in pat_dx.items():
+        by_dx.setdefault(dx, []).append(p)
+    assign: dict[str, int] = {}
+    for dx, pats in sorted(by_dx.items()):
+        pats = sorted(pats)
+        rng.shuffle(pats)
+        n = len(pats)
+        cuts = np.cumsum([0] + [f * n for f in fractions])
+        for i, p in enumerate(pats):
+            g = int(np.searchsorted(cuts[1:], i + 0.5))
+            assign[p] = min(g, len(fractions) - 1)
+    groups: list[list] = [[] for _ in fractions]
+    for e in entries:
+        groups[assign[key(e)]].append(e)
+    return groups

@@ -1,0 +1,139 @@
+"""Train the two slide-level nets with patient-grouped cross-validation and calibrated thresholds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..enn import TASKS, SlideNet, suspicion
+from ..metrics import auprc, auroc, binary_summary, threshold_for_sensitivity
+
+
+def fit_net(X: np.ndarray, y: np.ndarray, hidden: int = 0, epochs: int = 600, lr: float = 0.05,
+            weight_decay: float = 1e-3, seed: int = 0) -> SlideNet:
+    """Full-batch Adam on class-balanced BCE; X is already standardised."""
+    torch.manual_seed(seed)
+    net = SlideNet(X.shape[1], hidden)
+    x = torch.as_tensor(X, dtype=torch.float32)
+    t = torch.as_tensor(y, dtype=torch.float32)
+    pos = max(1.0, float(t.sum()))
+    neg = max(1.0, float(len(t) - t.sum()))
+    w = torch.where(t > 0.5, torch.tensor(len(t) / (2 * pos)), torch.tensor(len(t) / (2 * neg)))
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), t, weight=w)
+        loss.backward()
+        opt.step()
+    net.eval()
+    return net
+
+
+def _logits(net: SlideNet, X: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return net(torch.as_tensor(X, dtype=torch.float32)).numpy().astype(np.float64)
+
+
+def platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Calibration ``sigmoid(a z + b)`` fitted on out-of-fold logits (slightly regularised)."""
+    if len(np.unique(y)) < 2:
+        return 1.0, 0.0
+    a = torch.tensor(1.0, requires_grad=True)
+    b = torch.tensor(0.0, requires_grad=True)
+    zt = torch.as_tensor(z, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.float32)
+    opt = torch.optim.LBFGS([a, b], max_iter=100)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(a * zt + b, yt) + 1e-3 * (a - 1) ** 2
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return float(a.detach()), float(b.detach())
+
+
+def grouped_folds(diagnoses: np.ndarray, patients: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
+    """Fold index per slide: patients kept together, each diagnosis spread over the folds."""
+    rng = np.random.default_rng(seed)
+    fold_of_patient: dict[str, int] = {}
+    for dx in sorted(set(diagnoses)):
+        pats = sorted(set(patients[diagnoses == dx]))
+        rng.shuffle(pats)
+        offset = int(rng.integers(0, k))
+        for i, p in enumerate(pats):
+            fold_of_patient.setdefault(p, (i + offset) % k)
+    folds = np.array([fold_of_patient[p] for p in patients])
+    return [np.flatnonzero(folds == f) for f in range(k)]
+
+
+def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: list[str], *,
+              target_sensitivity: float = 0.95, min_cells: int = 200, hidden: int = 0, seed: int = 0,
+              log: Callable[[str], None] = print) -> tuple[dict, dict, dict, dict]:
+    """Fit both nets; returns ``(tensors, config, decision, metrics)`` for the bundle's slide_nets part."""
+    dx = np.asarray(diagnoses)
+    pats = np.asarray(patients)
+    X = np.asarray(X, np.float64)
+    ok = np.all(np.isfinite(X), axis=1)
+    if not ok.all():
+        log(f"  {int((~ok).sum())} slide(s) without features (no cells) left out of training")
+    X, dx, pats = X[ok], dx[ok], pats[ok]
+    is_apl = dx == "apl"
+    n_apl_pat = len(set(pats[is_apl]))
+    n_neg_pat = min(len(set(pats[np.isin(dx, neg)])) for _, neg in TASKS.values())
+    k = int(min(3, n_apl_pat, n_neg_pat))
+    if k < 2:
+        raise ValueError(f"too few patients to train the slide-level nets ({n_apl_pat} APL; need at least 2 "
+                         "APL patients and 2 of each comparison group)")
+    if k < 3:
+        log(f"  only {k} folds: a class has fewer than three patients")
+    mean = X.mean(axis=0)
+    std = np.where(X.std(axis=0) > 1e-9, X.std(axis=0), 1.0)
+    Z = (X - mean) / std
+    folds = grouped_folds(dx, pats, k, seed)
+    oof = {t: np.full(len(X), np.nan) for t in TASKS}
+    for f, test_idx in enumerate(folds):
+        train_mask = np.ones(len(X), bool)
+        train_mask[test_idx] = False
+        for task, (pos, neg) in TASKS.items():
+            m = train_mask & np.isin(dx, pos + neg)
+            y = np.isin(dx[m], pos).astype(np.float32)
+            if len(np.unique(y)) < 2:
+                continue
+            net = fit_net(Z[m], y, hidden, seed=seed + f)
+            oof[task][test_idx] = _logits(net, Z[test_idx])
+    calibration, metrics = {}, {"folds": k, "slides": int(len(X)), "apl_slides": int(is_apl.sum()),
+                                "apl_patients": n_apl_pat}
+    oof_prob = {}
+    for task, (pos, neg) in TASKS.items():
+        m = np.isin(dx, pos + neg) & np.isfinite(oof[task])
+        y = np.isin(dx[m], pos)
+        a, b = platt(oof[task][m], y.astype(np.float32))
+        calibration[task] = [a, b]
+        oof_prob[task] = 1.0 / (1.0 + np.exp(-(a * oof[task] + b)))
+        metrics[task] = {"oof_auroc": auroc(y, oof[task][m]), "oof_auprc": auprc(y, oof[task][m]),
+                         "slides": int(m.sum()), "positives": int(y.sum())}
+        log(f"  {task}: out-of-fold AUROC {metrics[task]['oof_auroc']:.3f} on {int(m.sum())} slides")
+    s = suspicion({t: np.nan_to_num(oof_prob[t], nan=0.0) for t in TASKS})
+    thr = threshold_for_sensitivity(is_apl, s, target_sensitivity)
+    summary = binary_summary(is_apl, s, thr, groups=pats, n_boot=500)
+    metrics["suspicion_oof"] = summary
+    log(f"  suspicion (APL vs all others), out-of-fold: AUROC {summary['auroc']:.3f}, threshold {thr:.3f} "
+        f"gives sensitivity {summary['sensitivity']:.2f}, specificity {summary['specificity']:.2f}")
+    tensors = {}
+    for task, (pos, neg) in TASKS.items():
+        m = np.isin(dx, pos + neg)
+        net = fit_net(Z[m], np.isin(dx[m], pos).astype(np.float32), hidden, seed=seed)
+        for kname, v in net.state_dict().items():
+            tensors[f"{task}.{kname}"] = v
+    config = {"features": list(names), "mean": mean.tolist(), "std": std.tolist(),
+              "hidden": {t: hidden for t in TASKS}, "calibration": calibration}
+    decision = {"threshold": float(thr), "target_sensitivity": target_sensitivity, "min_cells": int(min_cells),
+                "apl_slides": int(is_apl.sum()), "non_apl_slides": int((~is_apl).sum()),
+                "oof_sensitivity": summary["sensitivity"], "oof_specificity": summary["specificity"],
+                "rule": "flagged if suspicion >= threshold; inconclusive if too few cells or the suspicion's "
+                        "95% interval reaches the threshold; otherwise not_flagged (which never excludes APL)"}
+    return tensors, config, decision, metrics

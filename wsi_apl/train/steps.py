@@ -1,0 +1,166 @@
+"""The training steps behind ``wsi-apl train detector|cells|enn|all``, each adding its part to a bundle."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tile_selector.select import SelectorConfig
+from workers.area import load_models
+from workers.bundle import ModelBundle, create_bundle, load_bundle, save_part
+from workers.classifier import HEADS, CellConfig
+from workers.detector import DetectorConfig
+
+from ..features import feature_names
+from ..pipeline import analyse_slide_local
+from .cells import CellSet, train_cells
+from .data import SlideEntry, area_samples, read_cohort, read_labels, split_by_patient
+from .detector import best_score_threshold, train_detector
+from .enn import train_enn
+
+
+@dataclass
+class Geometry:
+    """Where and how a bundle looks: working mpp and area size in pixels."""
+
+    mpp: float = 0.5
+    area: tuple[int, int] = (640, 480)
+
+
+def _synthetic(entries: list[SlideEntry]) -> bool:
+    return any(e.truth_path is not None and "wsi-apl synth" in e.truth().get("generator", "") for e in entries[:1])
+
+
+def open_or_create(out: Path, geometry: Geometry, synthetic: bool, name: str | None = None) -> ModelBundle:
+    if (out / "bundle.json").exists():
+        b = load_bundle(out, verify=False)
+        if abs(b.mpp - geometry.mpp) < 1e-9 and tuple(b.area_size) == tuple(geometry.area):
+            if synthetic and not b.synthetic:
+                b = create_bundle(out, name=b.name, mpp=b.mpp, area_size=b.area_size, heads=b.heads, synthetic=True)
+            return b
+    return create_bundle(out, name=name or out.name, mpp=geometry.mpp, area_size=geometry.area, heads=list(HEADS),
+                         synthetic=synthetic,
+                         description="trained on synthetic slides by wsi-apl" if synthetic else "")
+
+
+def collect_samples(entries: list[SlideEntry], geometry: Geometry, log: Callable[[str], None],
+                    n_selected: int = 6, n_random: int = 2, seed: int = 0) -> list:
+    out = []
+    t0 = time.time()
+    for i, e in enumerate(entries):
+        out.append(area_samples(e, geometry.area, geometry.mpp, n_selected=n_selected, n_random=n_random, seed=seed))
+        log(f"  read {i + 1}/{len(entries)} slides ({sum(len(s) for s in out)} areas, {time.time() - t0:.0f} s)")
+    return out
+
+
+def step_detector(bundle: ModelBundle, train_s: list, val_s: list, *, backbone: str = "mobilenet_v3",
+                  epochs: int = 60, budget_s: float | None = None, seed: int = 0, init: ModelBundle | None = None,
+                  log: Callable[[str], None] = print) -> dict:
+    cfg = DetectorConfig(backbone=backbone, mpp=bundle.mpp)
+    init_state = init.load_tensors("detector") if init is not None else None
+    log(f"Training the cell detector ({backbone}, {len(train_s)} training areas, {len(val_s)} validation areas)")
+    model, info = train_detector(train_s, val_s, cfg, epochs=epochs, time_budget_s=budget_s, seed=seed,
+                                 init_state=init_state, log=log)
+    if val_s:
+        cfg.score_threshold = best_score_threshold(model, cfg, val_s)
+    metrics = {"validation": info["best"], "epochs": len(info["history"]), "seconds": info["seconds"],
+               "train_areas": info["train_areas"], "val_areas": info["val_areas"]}
+    save_part(bundle, "detector", model.state_dict(), config=cfg.to_json(), metrics=metrics,
+              provenance={"init": str(init.path) if init else "scratch", "backbone_weights": "none (from scratch)",
+                          "seed": seed})
+    log(f"  detector: validation AP@0.5 {info['best']['AP50']:.3f} (epoch {info['best']['epoch']}), "
+        f"score threshold {cfg.score_threshold:.2f}")
+    return metrics
+
+
+def step_cells(bundle: ModelBundle, train_s: list, val_s: list, *, epochs: int = 40, budget_s: float | None = None,
+               seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    cfg = CellConfig()
+    tr = CellSet.from_samples(train_s, cfg.heads)
+    va = CellSet.from_samples(val_s, cfg.heads)
+    log(f"Training the cell classifier ({len(tr)} training cells, {len(va)} validation cells; positives "
+        + ", ".join(f"{h} {int(np.nansum(tr.labels[:, j]))}" for j, h in enumerate(cfg.heads)) + ")")
+    model, info = train_cells(tr, va, cfg, bundle.mpp, epochs=epochs, time_budget_s=budget_s, seed=seed, log=log)
+    metrics = {"validation_auroc": info["val_auroc"], "best_epoch": info["best_epoch"], "seconds": info["seconds"],
+               "train_cells": info["train_cells"], "val_cells": info["val_cells"], "positives": info["positives"]}
+    save_part(bundle, "cells", model.state_dict(), config=cfg.to_json(), metrics=metrics,
+              provenance={"backbone_weights": "none (from scratch)", "seed": seed})
+    log("  cells: validation AUROC " + ", ".join(f"{h} {v:.3f}" for h, v in info["val_auroc"].items())
+        + "; thresholds " + ", ".join(f"{h} {v:.2f}" for h, v in cfg.thresholds.items()))
+    return metrics
+
+
+def slide_feature_table(bundle: ModelBundle, entries: list[SlideEntry], *, max_areas: int = 12,
+                        target_cells: int = 500, log: Callable[[str], None] = print) -> tuple[np.ndarray, list]:
+    """Features of each slide computed the way a scan computes them (selector, detector, heads)."""
+    models = load_models(bundle)
+    names = feature_names(bundle.heads)
+    X = np.full((len(entries), len(names)), np.nan)
+    extra = []
+    t0 = time.time()
+    for i, e in enumerate(entries):
+        res, cols, feats, sel = analyse_slide_local(e.path, models, None, SelectorConfig(max_areas, target_cells))
+        if feats is not None:
+            X[i] = feats["features"]
+        extra.append({"slide": e.slide, "cells": res.cells, "areas": res.areas, "selection": sel.status,
+                      "reason": sel.reason})
+        log(f"  features {i + 1}/{len(entries)}: {e.slide} ({e.diagnosis}) {res.cells} cells in {res.areas} areas "
+            f"({time.time() - t0:.0f} s)")
+    return X, extra
+
+
+def step_enn(bundle: ModelBundle, entries: list[SlideEntry], *, target_sensitivity: float = 0.95,
+             min_cells: int = 200, max_areas: int = 12, target_cells: int = 500, seed: int = 0,
+             log: Callable[[str], None] = print) -> dict:
+    log(f"Computing slide features with the bundle's detector and heads on {len(entries)} slides")
+    X, extra = slide_feature_table(bundle, entries, max_areas=max_areas, target_cells=target_cells, log=log)
+    log("Training the slide-level nets (APL vs AML, APL vs healthy/reactive)")
+    tensors, config, decision, metrics = train_enn(
+        X, [e.diagnosis for e in entries], [e.patient for e in entries], feature_names(bundle.heads),
+        target_sensitivity=target_sensitivity, min_cells=min_cells, seed=seed, log=log)
+    save_part(bundle, "slide_nets", tensors, config=config, metrics=metrics, decision=decision,
+              provenance={"slides": [e.slide for e in entries], "seed": seed})
+    return metrics
+
+
+def train_all(cohort: Path, out: Path, *, geometry: Geometry | None = None, detector_budget_s: float = 240,
+              cells_budget_s: float = 150, seed: int = 0, min_cells: int = 200, name: str | None = None,
+              max_areas: int = 12, target_cells: int = 500, log: Callable[[str], None] = print) -> ModelBundle:
+    """The whole chain from a labelled cohort: detector and heads on one part of the patients, the
+    slide-level nets on the others (so the nets learn from features of slides the cell models never saw)."""
+    geometry = geometry or Geometry()
+    torch.manual_seed(seed)
+    entries = read_cohort(cohort)
+    with_truth = [e for e in entries if e.truth_path is not None]
+    if not with_truth:
+        raise ValueError(f"{cohort}: no ground truth in truth/ (the cell models need labelled cells)")
+    cell_part, enn_part = split_by_patient(entries, (0.4, 0.6), seed=seed)
+    cell_train, cell_val = split_by_patient(cell_part, (0.75, 0.25), seed=seed + 1)
+    if not cell_val:
+        cell_train, cell_val = cell_part[:-1], cell_part[-1:]
+    log(f"Cohort {cohort}: {len(entries)} slides; cell models: {len(cell_train)} training + {len(cell_val)} "
+        f"validation slides; slide-level nets: {len(enn_part)} other slides (patients never seen by the cell models)")
+    bundle = open_or_create(out, geometry, _synthetic(entries), name)
+    log("Reading training areas")
+    train_s = sum(collect_samples(cell_train, geometry, log, seed=seed), [])
+    val_s = sum(collect_samples(cell_val, geometry, log, n_random=0, seed=seed), [])
+    step_detector(bundle, train_s, val_s, budget_s=detector_budget_s, seed=seed, log=log)
+    bundle = load_bundle(out)
+    step_cells(bundle, train_s, val_s, budget_s=cells_budget_s, seed=seed, log=log)
+    bundle = load_bundle(out)
+    step_enn(bundle, enn_part, min_cells=min_cells, max_areas=max_areas, target_cells=target_cells, seed=seed, log=log)
+    return load_bundle(out)
+
+
+def entries_from(slides_csv: Path | None, cohort: Path | None) -> list[SlideEntry]:
+    if slides_csv is not None:
+        return read_labels(slides_csv)
+    if cohort is not None:
+        return read_cohort(cohort)
+    raise ValueError("give --slides LABELS.csv or a cohort folder")
+

@@ -1,0 +1,98 @@
+"""The triage list experts read in the morning: ``RESULTS/triage.csv``, one row per slide file.
+
+Order: flagged (highest suspicion first), then inconclusive, failed and not_analysed (someone must
+look), then not_flagged (highest suspicion first). Safe to open in a spreadsheet: cells a
+spreadsheet would run as a formula are neutralised. Every row says it is decision support.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+from .ledger import Ledger
+from .pipeline import DECISION_SUPPORT
+
+TRIAGE = "triage.csv"
+COLUMNS = ["rank", "case", "slide", "path", "status", "suspicion", "p_apl_vs_aml", "p_apl_vs_healthy",
+           "promyelocyte_ratio", "promyelocyte_ci_low", "promyelocyte_ci_high",
+           "myeloblast_ratio", "myeloblast_ci_low", "myeloblast_ci_high",
+           "auer_rod_ratio", "auer_rod_ci_low", "auer_rod_ci_high",
+           "cells", "areas", "mean_focus", "qc", "bundle", "scanned_at",
+           "reason", "suspicion_ci_low", "suspicion_ci_high", "fingerprint", "note"]
+
+_ORDER = {"flagged": 0, "inconclusive": 1, "failed": 2, "not_analysed": 3, "pending": 3, "not_flagged": 4}
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(value) -> str:
+    """A cell as text that a spreadsheet shows rather than runs (OWASP CSV injection)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    s = str(value)
+    if s.startswith(_FORMULA_START):
+        try:
+            float(s)
+            return s
+        except ValueError:
+            return "'" + s
+    return s
+
+
+def triage_rows(ledger: Ledger) -> list[dict]:
+    rows = []
+    for r in ledger.rows():
+        res = r["result"] or {}
+        status = r["status"]
+        ratios = res.get("ratios", {}) or {}
+        reason = res.get("reason") or (r["error"] or "")
+        if status == "not_analysed" and not reason:
+            reason = "not analysed before the scan ended; look at this slide yourself"
+        row = {
+            "case": r["case"], "slide": r["name"], "path": r["path"], "status": status,
+            "suspicion": res.get("suspicion"), "p_apl_vs_aml": res.get("p_apl_vs_aml"),
+            "p_apl_vs_healthy": res.get("p_apl_vs_healthy"),
+            "cells": res.get("cells", 0) if res else "", "areas": res.get("areas", 0) if res else "",
+            "mean_focus": res.get("mean_focus"), "qc": " | ".join(res.get("qc", []) or []),
+            "bundle": res.get("bundle") or "", "scanned_at": res.get("scanned_at") or "",
+            "reason": reason, "fingerprint": r["fingerprint"] or "", "note": DECISION_SUPPORT,
+        }
+        ci = res.get("suspicion_ci") or [None, None]
+        row["suspicion_ci_low"], row["suspicion_ci_high"] = ci[0], ci[1]
+        for head in ("promyelocyte", "myeloblast", "auer_rod"):
+            rr = ratios.get(head) or {}
+            row[f"{head}_ratio"] = rr.get("value")
+            row[f"{head}_ci_low"] = rr.get("ci_low")
+            row[f"{head}_ci_high"] = rr.get("ci_high")
+        rows.append(row)
+    rows.sort(key=lambda x: (_ORDER.get(x["status"], 3), -(x["suspicion"] if x["suspicion"] is not None else -1),
+                             x["slide"]))
+    for i, row in enumerate(rows, start=1):
+        row["rank"] = i
+    return rows
+
+
+def write_triage(results: str | Path, ledger: Ledger | None = None) -> Path:
+    """(Re)write ``triage.csv`` from the ledger, atomically."""
+    results = Path(results)
+    own = ledger is None
+    ledger = ledger or Ledger(results)
+    try:
+        rows = triage_rows(ledger)
+    finally:
+        if own:
+            ledger.close()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for row in rows:
+        w.writerow([neutralise(row.get(c)) for c in COLUMNS])
+    out = results / TRIAGE
+    tmp = results / (TRIAGE + ".tmp")
+    tmp.write_text(buf.getvalue(), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
