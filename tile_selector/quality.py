@@ -125,6 +125,7 @@ def area_measures(img: np.ndarray, mpp: float, white: np.ndarray | None = None,
         clumps = float(len(big) / max(1, len(real)))
     else:
         cells, clumps = 0, 0.0
+    area_mm2 = max(1e-9, img.shape[0] * img.shape[1] * px_area * 1e-6)
     return {
         "focus": round(whole, 4),
         "focus_worst_block": round(worst, 4),
@@ -136,8 +137,33 @@ def area_measures(img: np.ndarray, mpp: float, white: np.ndarray | None = None,
         "clumps": round(clumps, 4),
         "od_typical": round(typical, 4),
         "od_background": round(background, 4),
-        "cells_per_mm2": round(cells / max(1e-9, img.shape[0] * img.shape[1] * px_area * 1e-6), 1),
+        "cells_per_mm2": round(cells / area_mm2, 1),
+        "red_cells_per_mm2": round(red_cell_count(od, nuc, mpp, background) / area_mm2, 1),
     }
+
+
+def red_cell_count(od: np.ndarray, nuclei: np.ndarray, mpp: float, background: float = 0.0) -> int:
+    """Separate red-cell-like discs: pink (green absorbed far more than red), 5-10 µm across.
+
+    A Romanowsky-stained smear shows thousands per mm² in its monolayer; a tissue section (eosin is
+    pink too, but continuous) or a fluorescence scan shows almost none.
+    """
+    od_r, od_g = od[..., 0], od[..., 1]
+    pink = (od_g > 0.08 + background / 3.0) & (od_g > 1.6 * od_r) & ~nuclei
+    pink = ndimage.binary_opening(pink)
+    labels, n = ndimage.label(pink)
+    if n == 0:
+        return 0
+    sizes = np.bincount(labels.ravel())[1:] * mpp * mpp
+    objs = ndimage.find_objects(labels)
+    count = 0
+    for size, sl in zip(sizes, objs):
+        if not 15.0 <= size <= 70.0:
+            continue
+        h, w = (sl[0].stop - sl[0].start) * mpp, (sl[1].stop - sl[1].start) * mpp
+        if max(h, w) <= 11.0 and min(h, w) >= 0.55 * max(h, w) and size >= 0.45 * h * w:
+            count += 1
+    return count
 
 
 def field_equivalent_cells(cells: int, area_um2: float, field_diameter_um: float = 180.0) -> float:

@@ -130,7 +130,8 @@ def step_enn(bundle: ModelBundle, entries: list[SlideEntry], *, target_sensitivi
 
 def train_all(cohort: Path, out: Path, *, geometry: Geometry | None = None, detector_budget_s: float = 240,
               cells_budget_s: float = 150, seed: int = 0, min_cells: int = 200, name: str | None = None,
-              max_areas: int = 12, target_cells: int = 500, log: Callable[[str], None] = print) -> ModelBundle:
+              max_areas: int = 12, target_cells: int = 500, cell_share: float = 0.4,
+              log: Callable[[str], None] = print) -> ModelBundle:
     """The whole chain from a labelled cohort: detector and heads on one part of the patients, the
     slide-level nets on the others (so the nets learn from features of slides the cell models never saw)."""
     geometry = geometry or Geometry()
@@ -139,7 +140,7 @@ def train_all(cohort: Path, out: Path, *, geometry: Geometry | None = None, dete
     with_truth = [e for e in entries if e.truth_path is not None]
     if not with_truth:
         raise ValueError(f"{cohort}: no ground truth in truth/ (the cell models need labelled cells)")
-    cell_part, enn_part = split_by_patient(entries, (0.4, 0.6), seed=seed)
+    cell_part, enn_part = split_by_patient(entries, (cell_share, 1.0 - cell_share), seed=seed)
     cell_train, cell_val = split_by_patient(cell_part, (0.75, 0.25), seed=seed + 1)
     if not cell_val:
         cell_train, cell_val = cell_part[:-1], cell_part[-1:]

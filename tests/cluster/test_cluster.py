@@ -1,0 +1,61 @@
+"""The cluster plumbing on a real LocalCluster: selection tasks on workers, bounded window, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.client import start_cluster
+from cluster.plugin import select_task
+from cluster.submit import TaskWindow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    handle = start_cluster(n_workers=2, torch_threads=1)
+    yield handle
+    handle.close()
+
+
+def _boom(x):
+    raise ValueError(f"bad input {x}")
+
+
+def _square(x):
+    return x * x
+
+
+def test_local_cluster_is_on_loopback(cluster):
+    assert cluster.workers == 2
+    info = cluster.client.scheduler_info()
+    assert info["address"].startswith("tcp://127.0.0.1")
+    assert "127.0.0.1" in cluster.dashboard
+
+
+def test_window_bounds_in_flight_and_reports_errors(cluster):
+    w = TaskWindow(cluster.client, max_in_flight=3)
+    for i in range(10):
+        w.add(("sq", i), f"sq-test-{i}", _square, i)
+        assert w.in_flight <= 3
+    w.add(("boom", 0), "boom-test-0", _boom, 7)
+    results = {}
+    errors = {}
+    for done in w.results():
+        assert w.in_flight <= 3
+        if done.ok:
+            results[done.tag] = done.value
+        else:
+            errors[done.tag] = done.error
+    assert results == {("sq", i): i * i for i in range(10)}
+    assert "bad input 7" in errors[("boom", 0)]
+
+
+def test_selection_runs_on_a_worker_that_reads_the_slide(cluster, small_cohort):
+    w = TaskWindow(cluster.client, max_in_flight=2)
+    path = str(small_cohort / "slide_0003_002.tiff")
+    w.add("sel", "select-test-1", select_task, path, (256, 192), 0.5, {"max_areas": 3, "target_cells": 0}, "auto", None)
+    w.add("bad", "select-test-2", select_task, str(small_cohort / "labels.csv"), (256, 192), 0.5, {}, "auto", None)
+    out = {d.tag: d for d in w.results()}
+    assert out["sel"].ok and out["sel"].value.status in ("ok", "inconclusive")
+    assert not out["bad"].ok and "labels.csv" in out["bad"].error
+    # tasks carry the path, not pixels
+    assert w.bytes_submitted < 2000

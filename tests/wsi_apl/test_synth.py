@@ -1,0 +1,96 @@
+"""The synthetic cohort generator: files readable by both readers, truth that matches the pixels."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from tile_selector.slide import open_slide
+from wsi_apl.synth.cohort import DIAGNOSES, draw_params, parse_diagnoses, synth_cohort
+
+
+def test_cohort_files_labels_and_truth(small_cohort):
+    rows = list(csv.DictReader((small_cohort / "labels.csv").open()))
+    assert [r["diagnosis"] for r in rows] == ["apl", "aml", "healthy", "reactive"]
+    assert len({r["patient"] for r in rows}) == 4
+    for r in rows:
+        s = open_slide(small_cohort / r["path"])
+        assert s.mpp == pytest.approx(0.25) and s.dimensions == (4000, 3000)
+        t = json.loads((small_cohort / "truth" / f"{r['slide']}.json").read_text())
+        assert t["diagnosis"] == r["diagnosis"] and t["patient"] == r["patient"]
+        assert len(t["cells"]) > 50
+        c = t["cells"][0]
+        assert {"box", "ellipse", "type", "auer_rod", "zone", "focus_um", "diameter_um"} <= set(c)
+        maps = np.load(small_cohort / "truth" / t["maps"])
+        assert maps["zones"].shape == (188, 250)  # 1000 x 750 µm at 4 µm/px
+    via = json.loads((small_cohort / "truth" / "via_project.json").read_text())
+    assert len(via["_via_img_metadata"]) == 4
+
+
+def test_deterministic_per_seed(tmp_path):
+    a = synth_cohort(tmp_path / "a", ["apl"], seed=7, mpp=0.5, size=(1200, 900))
+    b = synth_cohort(tmp_path / "b", ["apl"], seed=7, mpp=0.5, size=(1200, 900))
+    ha = hashlib.sha256((tmp_path / "a" / a[0].path).read_bytes()).hexdigest()
+    hb = hashlib.sha256((tmp_path / "b" / b[0].path).read_bytes()).hexdigest()
+    assert ha == hb
+
+
+@pytest.mark.parametrize("dx", DIAGNOSES)
+def test_compositions_follow_the_diagnosis(dx):
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        p, info = draw_params(dx, rng)
+        c = p.composition
+        assert sum(c.values()) == pytest.approx(1.0, abs=1e-6)
+        if dx == "healthy":
+            assert c["myeloblast"] < 0.05 and 0.01 <= c["promyelocyte"] <= 0.08 and not p.auer_share
+        elif dx == "aml":
+            assert 0.2 <= c["myeloblast"] <= 0.9 and c["promyelocyte"] <= 0.15
+        elif dx == "apl":
+            assert 0.3 <= c["promyelocyte"] <= 0.9 and p.abnormal_promyelocytes
+        else:
+            assert c["promyelocyte"] + c["myelocyte"] <= 0.45 and not p.auer_share and c["promyelocyte"] >= 0.08
+
+
+def test_parse_diagnoses():
+    assert parse_diagnoses("apl:2,healthy:1") == ["apl", "apl", "healthy"]
+    with pytest.raises(ValueError, match="unknown diagnosis"):
+        parse_diagnoses("cml:1")
+
+
+def test_rendered_pixels_match_the_truth(small_cohort):
+    """Nuclei counted in the image agree with the ground truth; cell sizes match the stated µm."""
+    t = json.loads((small_cohort / "truth" / "slide_0003_002.json").read_text())
+    s = open_slide(small_cohort / "slide_0003_002.tiff")
+    # a sharp monolayer window, found on the ground-truth zone and blur maps (4 µm/px)
+    maps = np.load(small_cohort / "truth" / t["maps"])
+    zones, blur = maps["zones"], maps["blur"].astype(np.float32)
+    win = (600, 450)  # level-0 px: 150 x 112 µm
+    wz = (int(win[0] * 0.25 / 4), int(win[1] * 0.25 / 4))
+    good = ndimage.uniform_filter(((zones == 2) & (blur < 0.4)).astype(np.float32), size=(wz[1] + 2, wz[0] + 2))
+    zy, zx = np.unravel_index(np.argmax(good), good.shape)
+    assert good[zy, zx] > 0.99, "no sharp monolayer window on the test slide"
+    cx, cy = (zx + 0.5) * 4 / 0.25, (zy + 0.5) * 4 / 0.25
+    box = (int(cx) - win[0] // 2, int(cy) - win[1] // 2, int(cx) + win[0] // 2, int(cy) + win[1] // 2)
+    img = s.read_area(box, win).image
+    od = -np.log10(np.clip((img.astype(np.float32) + 1) / 256, 1e-3, 1))
+    nuc = (od[..., 0] > 0.3) & (od[..., 1] > 0.6 * od[..., 0])
+    nuc = ndimage.binary_closing(ndimage.binary_opening(nuc, iterations=2), iterations=3)
+    lab, n = ndimage.label(nuc)
+    sizes = np.bincount(lab.ravel())[1:] * 0.25 * 0.25
+    counted = int((sizes > 8).sum())
+    inside = [c for c in t["cells"] if box[0] <= (c["box"][0] + c["box"][2]) / 2 < box[2]
+              and box[1] <= (c["box"][1] + c["box"][3]) / 2 < box[3]]
+    truth = len(inside)
+    assert truth > 5
+    assert abs(counted - truth) <= max(2, 0.15 * truth), (counted, truth)
+    # sizes: the truth box of each cell spans its stated diameter (µm) within 15 %
+    for c in inside:
+        w_um = (c["box"][2] - c["box"][0]) * 0.25
+        h_um = (c["box"][3] - c["box"][1]) * 0.25
+        assert max(w_um, h_um) == pytest.approx(c["diameter_um"], rel=0.15)
