@@ -131,7 +131,7 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if time_budget_s and time.time() - t0 > time_budget_s:
                 break
