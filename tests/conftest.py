@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TESTDATA = Path(os.environ.get("WSI_APL_TESTDATA", ROOT.parent / "shared" / "testdata"))
+_CANDIDATES = [os.environ.get("WSI_APL_TESTDATA"), ROOT.parent / "shared" / "testdata", "/work/shared/testdata"]
+TESTDATA = next((Path(c) for c in _CANDIDATES if c and Path(c).is_dir()), ROOT.parent / "shared" / "testdata")
 
 
 def testdata(*parts: str) -> Path:

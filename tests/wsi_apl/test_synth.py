@@ -94,3 +94,41 @@ def test_rendered_pixels_match_the_truth(small_cohort):
         w_um = (c["box"][2] - c["box"][0]) * 0.25
         h_um = (c["box"][3] - c["box"][1]) * 0.25
         assert max(w_um, h_um) == pytest.approx(c["diameter_um"], rel=0.15)
+
+
+def test_cell_sizes_measured_in_the_image(medium_slide):
+    """Isolated nucleated cells segmented from the pixels have the size the truth states, in µm."""
+    from wsi_apl.synth.morphology import spec_for
+
+    t = json.loads((medium_slide / "truth" / "slide_0005_000.json").read_text())
+    s = open_slide(medium_slide / "slide_0005_000.tiff")
+    mpp = 0.25
+    cells = [c for c in t["cells"] if c["zone"] == "monolayer" and c["focus_um"] < 0.3 and c["type"] != "smudge"]
+    rng = np.random.default_rng(0)
+    checked, errors = 0, []
+    for c in rng.permutation(len(cells))[:400]:
+        c = cells[c]
+        x0, y0, x1, y1 = c["box"]
+        pad = 12
+        box = (int(x0) - pad, int(y0) - pad, int(x1) + pad, int(y1) + pad)
+        img = s.read_area(box, (box[2] - box[0], box[3] - box[1])).image
+        od = -np.log10(np.clip((img.astype(np.float32) + 1) / 256, 1e-3, 1)).sum(axis=2)
+        fg = od > np.percentile(od, 5) + 0.12
+        lab, _ = ndimage.label(fg)
+        cy, cx = img.shape[0] // 2, img.shape[1] // 2
+        lid = lab[cy, cx]
+        if lid == 0:
+            continue
+        comp = lab == lid
+        ys, xs = np.nonzero(comp)
+        if ys.min() == 0 or xs.min() == 0 or ys.max() == comp.shape[0] - 1 or xs.max() == comp.shape[1] - 1:
+            continue  # touches a neighbour (red cell or another cell): not isolated
+        _, _, a_px, b_px, _ = c["ellipse"]
+        expected = 2 * np.sqrt(a_px * b_px) * mpp
+        measured = 2 * np.sqrt(comp.sum() / np.pi) * mpp
+        lo, hi = spec_for(c["type"], c["variant"]).diameter_um
+        errors.append(abs(measured - expected) / expected)
+        assert 0.8 * lo <= measured <= 1.1 * hi, (c["type"], measured, (lo, hi))
+        checked += 1
+    assert checked >= 30
+    assert float(np.median(errors)) < 0.08 and float(np.percentile(errors, 90)) < 0.15
