@@ -281,7 +281,7 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
         box, m = pool.pop(best_k)
         chosen.append((box, m))
         total_cells += m["cells"]
-    for box, m in pool:
+    for box, _m in pool:
         if any(_overlaps(box, c[0]) for c in chosen):
             rejected[R_OVERLAP] = rejected.get(R_OVERLAP, 0) + 1
         else:

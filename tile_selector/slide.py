@@ -177,7 +177,7 @@ class Slide:
             raise ResolutionTooCoarse(
                 self.path, f"slide resolution {self.mpp:.3f} µm/px is coarser than the {asked:.3f} µm/px asked "
                 f"for by more than 25 %", "use a model bundle that works at a coarser resolution, or rescan "
-                f"the slide with a higher-magnification objective")
+                "the slide with a higher-magnification objective")
         level = self.best_level(scale)
         ds = self.levels[level].downsample
         lw, lh = self.levels[level].width, self.levels[level].height

@@ -88,14 +88,26 @@ def sens_spec(y: np.ndarray, s: np.ndarray, threshold: float) -> tuple[float, fl
 
 
 def threshold_for_sensitivity(y: np.ndarray, s: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity on (y, s) reaches ``target``."""
+    """A threshold on probabilities ``s`` whose sensitivity for positives ``y`` reaches ``target``.
+
+    The lower of two estimates: the empirical one (the highest threshold that keeps ``target`` of
+    the positives on this data) and a smoothed one (a normal fitted to the positives' logits, its
+    ``1 - target`` quantile). With few positives the empirical quantile sits on the single lowest
+    positive; the smoothed estimate keeps the threshold from hugging it.
+    """
+    from statistics import NormalDist
+
     y = np.asarray(y).astype(bool)
     pos = np.sort(np.asarray(s, np.float64)[y])
     if len(pos) == 0:
         return 0.5
     k = int(np.floor((1.0 - target) * len(pos) + 1e-9))  # positives allowed below the threshold
     k = min(max(k, 0), len(pos) - 1)
-    return float(pos[k])
+    empirical = float(pos[k])
+    z = np.log(np.clip(pos, 1e-6, 1 - 1e-6) / (1 - np.clip(pos, 1e-6, 1 - 1e-6)))
+    sd = max(float(z.std(ddof=1)) if len(z) > 1 else 0.0, 1.0)
+    smoothed = float(1.0 / (1.0 + np.exp(-(z.mean() + NormalDist().inv_cdf(1.0 - target) * sd))))
+    return min(empirical, smoothed)
 
 
 def binary_summary(y: np.ndarray, s: np.ndarray, threshold: float | None = None, groups=None,

@@ -126,9 +126,8 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
             jobs[fp] = _SlideJob(fp, p, [p], p.stat().st_size)
         if skipped:
             log(f"{skipped} slide(s) already analysed with this bundle: skipped (use --force to redo)")
-        done_counts: dict[str, int] = {}
         if jobs:
-            _run_jobs(jobs, bundle, nets, ledger, opts, log, done_counts)
+            _run_jobs(jobs, bundle, nets, ledger, opts, log)
         out = write_triage(opts.out, ledger)
         counts: dict[str, int] = {}
         for r in ledger.rows():
@@ -148,7 +147,7 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
 
 
 def _run_jobs(jobs: dict[str, _SlideJob], bundle, nets, ledger: Ledger, opts: ScanOptions,
-              log: Callable[[str], None], done_counts: dict[str, int]) -> None:
+              log: Callable[[str], None]) -> None:
     handle = start_cluster(opts.scheduler, opts.workers)
     log(f"Dask cluster: {handle.workers} worker(s){' with GPUs' if handle.gpus else ' (CPU)'}; "
         f"dashboard {handle.dashboard}")
@@ -156,56 +155,48 @@ def _run_jobs(jobs: dict[str, _SlideJob], bundle, nets, ledger: Ledger, opts: Sc
         register_bundles(handle, {bundle.id: str(bundle.path.resolve())})
         window = TaskWindow(handle.client, opts.max_in_flight or max(4, 3 * handle.workers), gpu=handle.gpus > 0)
         selector = {"max_areas": opts.max_areas, "target_cells": opts.target_cells}
+        attempts = {}
         for fp, job in jobs.items():
-            attempt = (ledger.slide(fp) or {}).get("attempts", 0) + 1
             ledger.start(fp, bundle.id, job.size)
+            attempts[fp] = (ledger.slide(fp) or {}).get("attempts", 1)
             job.started = time.time()
-            window.add(("select", fp), f"select-{fp[:16]}-{attempt}", select_task, str(job.path),
+            window.add(("select", fp), f"select-{fp[:16]}-{attempts[fp]}", select_task, str(job.path),
                        bundle.area_size, bundle.mpp, selector, opts.reader, opts.mpp)
         t0 = time.time()
-        n_done = 0
-        areas_done = 0
-        cells_done = 0
-        total = len(jobs)
+        n_done = areas_done = cells_done = 0
         for done in window.results():
             kind, fp = done.tag[0], done.tag[1]
             job = jobs[fp]
             if job.failed:
                 continue
+            finished = False
             if not done.ok:
                 job.failed = True
                 window.cancel(lambda tag, fp=fp: tag[1] == fp)
                 _finish_failed(job, done.error, ledger, bundle, log)
-                n_done += 1
-                done_counts["failed"] = done_counts.get("failed", 0) + 1
-                continue
-            if kind == "select":
-                job.selection = done.value
-                sel = job.selection
+                finished = True
+            elif kind == "select":
+                job.selection = sel = done.value
                 job.expected = len(sel.areas) if sel.status == "ok" else 0
-                if job.expected == 0:
-                    _finish(job, bundle, nets, ledger, opts, log)
-                    n_done += 1
-                else:
-                    attempt = (ledger.slide(fp) or {}).get("attempts", 1)
-                    for a in sel.areas:
-                        window.add(("area", fp, a.index), f"area-{fp[:16]}-{a.index}-{attempt}", area_task,
-                                   str(job.path), a.box, a.index, bundle.id, opts.reader, opts.mpp,
-                                   gpu_task=True, retries=1)
+                for a in sel.areas if job.expected else []:
+                    window.add(("area", fp, a.index), f"area-{fp[:16]}-{a.index}-{attempts[fp]}", area_task,
+                               str(job.path), a.box, a.index, bundle.id, opts.reader, opts.mpp,
+                               gpu_task=True, retries=1)
+                finished = job.expected == 0
             else:
                 job.tables.append(done.value)
                 areas_done += 1
                 cells_done += len(done.value)
-                if len(job.tables) == job.expected:
-                    _finish(job, bundle, nets, ledger, opts, log)
-                    n_done += 1
-            if kind == "area" or job.expected == 0:
-                el = max(1e-6, time.time() - t0)
-                eta = (total - n_done) * el / max(1, n_done) if n_done else float("nan")
-                if kind == "area" and len(job.tables) < job.expected:
-                    continue
-                log(f"  [{n_done}/{total} slides] {areas_done / el:.2f} areas/s, {cells_done / el:.0f} cells/s, "
-                    f"{3600 * n_done / el:.0f} slides/h" + (f", ETA {eta / 60:.1f} min" if n_done < total else ""))
+                finished = len(job.tables) == job.expected
+            if not finished:
+                continue
+            if not job.failed:
+                _finish(job, bundle, nets, ledger, opts, log)
+            n_done += 1
+            el = max(1e-6, time.time() - t0)
+            eta = (len(jobs) - n_done) * el / n_done
+            log(f"  [{n_done}/{len(jobs)} slides] {areas_done / el:.2f} areas/s, {cells_done / el:.0f} cells/s, "
+                f"{3600 * n_done / el:.0f} slides/h" + (f", ETA {eta / 60:.1f} min" if n_done < len(jobs) else ""))
     finally:
         handle.close()
 

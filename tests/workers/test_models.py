@@ -82,7 +82,7 @@ def test_detector_learns_discs_quickly():
     rng = np.random.default_rng(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     losses = []
-    for step in range(25):
+    for _ in range(25):
         cs = [(int(rng.integers(20, 140)), int(rng.integers(20, 100))) for _ in range(3)]
         img = _disc_image((128, 160), cs, radius_px=10)
         boxes = torch.tensor([[x - 10, y - 10, x + 10, y + 10] for x, y in cs], dtype=torch.float32)

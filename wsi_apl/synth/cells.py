@@ -142,8 +142,7 @@ def shape_of(cell: Cell) -> Shape:
     if spec.granule != "none":
         cyto_area = math.pi * (a * b - (an * bn if kind != "segmented" else 3.0))
         n = int(rng.poisson(max(0.0, _u(rng, spec.granule_density) * cyto_area)))
-        rad = math.sqrt(np.float64(1.0))
-        rr = np.sqrt(rng.uniform(0, 0.97, n)) * rad
+        rr = np.sqrt(rng.uniform(0, 0.97, n))  # uniform over the disc
         th = rng.uniform(0, 2 * math.pi, n)
         shape.granules = np.stack([rr * np.cos(th) * a, rr * np.sin(th) * b], axis=1)
         shape.granule_radius = _u(rng, spec.granule_radius_um)
@@ -151,7 +150,7 @@ def shape_of(cell: Cell) -> Shape:
     if cell.auer > 0:
         base_angle = float(rng.uniform(0, math.pi))
         n_rods = cell.auer
-        for i in range(n_rods):
+        for _ in range(n_rods):
             for _try in range(20):
                 rr = math.sqrt(float(rng.uniform(0.15, 0.7)))
                 th = float(rng.uniform(0, 2 * math.pi))

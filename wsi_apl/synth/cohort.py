@@ -138,10 +138,18 @@ def cell_records(scene: Scene) -> list[dict]:
     return rows
 
 
+#: Level-0 columns rendered at once: bounds the float working memory whatever the slide's width.
+RENDER_CHUNK = 8192
+
+
 def render_slide(scene: Scene, path: Path, description: str,
                  progress: Callable[[float], None] | None = None) -> None:
-    write_pyramid_tiff(path, scene.width, scene.height, scene.mpp,
-                       lambda y0, y1: scene.render_region(0, y0, scene.width, y1, band_index=y0 // 1024),
+    def band(y0: int, y1: int):
+        parts = [scene.render_region(x, y0, min(scene.width, x + RENDER_CHUNK), y1, band_index=y0 // 1024)
+                 for x in range(0, scene.width, RENDER_CHUNK)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    write_pyramid_tiff(path, scene.width, scene.height, scene.mpp, band,
                        jpeg_quality=scene.stain.jpeg_quality, description=description, progress=progress)
 
 

@@ -131,7 +131,6 @@ class Scene:
             self._cache["bank"] = NoiseBank(self.mpp, self.seed)
             self._cache["rbc"] = red_cell_sprites(self.mpp, self.stain, rng)
             self._cache["plt"] = platelet_sprites(self.mpp, self.stain, rng)
-            self._cache["shapes"] = {}
             order = np.argsort([c.y for c in self.cells]) if self.cells else np.zeros(0, int)
             self._cache["cell_order"] = order
             self._cache["cell_y"] = np.array([self.cells[i].y for i in order]) if len(order) else np.zeros(0)
@@ -146,13 +145,8 @@ class Scene:
         return self._cache
 
     def shape(self, cell: Cell):
-        shapes = self._assets()["shapes"]
-        s = shapes.get(cell.id)
-        if s is None:
-            s = shape_of(cell)
-            if len(shapes) < 200_000:
-                shapes[cell.id] = s
-        return s
+        """The cell's geometry (derived from its seed each time: cheap next to rendering, no memory)."""
+        return shape_of(cell)
 
     def max_blur_px(self) -> int:
         sig = max([self.base_blur] + [p.sigma for p in self.blur])
@@ -166,14 +160,21 @@ class Scene:
         mpp = self.mpp
         # plasma haze over the smear, from a coarse zone map
         if self.geometry is not None:
+            # on a grid aligned to absolute multiples of ``step`` so that neighbouring regions meet seamlessly
             step = max(1, int(round(8.0 / mpp)))
-            gx = (np.arange(x0, x1 + step, step) + 0.5) * mpp
-            gy = (np.arange(y0, y1 + step, step) + 0.5) * mpp
-            GX, GY = np.meshgrid(gx, gy)
+            gx0, gy0 = (x0 // step) * step, (y0 // step) * step
+            gx = np.arange(gx0, x1 + 2 * step, step)
+            gy = np.arange(gy0, y1 + 2 * step, step)
+            GX, GY = np.meshgrid(gx * mpp, gy * mpp)
             inside = (self.zone_at(GX, GY) != ZONE_CODE["glass"]).astype(np.float32)
-            zoom = ndimage.zoom(inside, step, order=1)[:h, :w]
-            zoom = np.pad(zoom, ((0, max(0, h - zoom.shape[0])), (0, max(0, w - zoom.shape[1]))), mode="edge")
-            od += zoom[..., None] * self.stain.od["plasma_bg"]
+            # bilinear between grid nodes, evaluated at this region's pixels
+            fy = (np.arange(y0, y1) - gy0) / step
+            fx = (np.arange(x0, x1) - gx0) / step
+            iy, ix = np.floor(fy).astype(int), np.floor(fx).astype(int)
+            ty, tx = (fy - iy)[:, None], (fx - ix)[None, :]
+            haze = (inside[np.ix_(iy, ix)] * (1 - ty) * (1 - tx) + inside[np.ix_(iy + 1, ix)] * ty * (1 - tx)
+                    + inside[np.ix_(iy, ix + 1)] * (1 - ty) * tx + inside[np.ix_(iy + 1, ix + 1)] * ty * tx)
+            od += haze.astype(np.float32)[..., None] * self.stain.od["plasma_bg"]
 
         def paste(patch: np.ndarray, px: int, py: int):
             ph, pw = patch.shape[:2]

@@ -1,7 +1,7 @@
 """Write a pyramidal, tiled, JPEG-compressed TIFF band by band in bounded memory.
 
 Level 0 is produced by a callback that renders horizontal bands; each band is cut into tiles for the
-TIFF and averaged 2x2 into the next level, which is kept on disk (a numpy memmap) when large.
+TIFF and averaged 2x2 into the next level, which is kept in a raw file on disk when large.
 Reduced levels are marked ``NewSubfileType = 1`` and carry their own resolution, which is what both
 openslide (generic-tiff) and tiffslide need to see a pyramid with an mpp.
 """
@@ -52,6 +52,47 @@ def _half(band: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+class _RowStore:
+    """Rows of one pyramid level: in memory when small, else a raw file read and written by rows.
+
+    A raw file with plain reads and writes (not a memmap) keeps the pages in the OS cache rather
+    than in this process's resident memory, so peak memory does not grow with the slide's height.
+    """
+
+    def __init__(self, width: int, height: int, directory: str, name: str, max_bytes: int = 256 * 2 ** 20):
+        self.width, self.height = width, height
+        self.row_bytes = width * 3
+        self._array = None
+        self._file = None
+        if width * height * 3 <= max_bytes:
+            self._array = np.empty((height, width, 3), np.uint8)
+        else:
+            self._file = open(os.path.join(directory, name), "w+b")  # noqa: SIM115 - closed in close()
+            self._file.truncate(height * self.row_bytes)
+
+    def write(self, y0: int, rows: np.ndarray) -> None:
+        rows = rows[:max(0, self.height - y0)]
+        if self._array is not None:
+            self._array[y0:y0 + len(rows)] = rows
+        else:
+            self._file.seek(y0 * self.row_bytes)
+            self._file.write(np.ascontiguousarray(rows).tobytes())
+
+    def read(self, y0: int, y1: int) -> np.ndarray:
+        y1 = min(y1, self.height)
+        if self._array is not None:
+            return self._array[y0:y1]
+        self._file.seek(y0 * self.row_bytes)
+        buf = self._file.read((y1 - y0) * self.row_bytes)
+        return np.frombuffer(buf, np.uint8).reshape(y1 - y0, self.width, 3)
+
+    def close(self) -> None:
+        self._array = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 def write_pyramid_tiff(path: str | os.PathLike, width: int, height: int, mpp: float,
                        render_band: Callable[[int, int], np.ndarray], *, jpeg_quality: int = 88,
                        band_height: int = 1024, description: str = "",
@@ -59,19 +100,14 @@ def write_pyramid_tiff(path: str | os.PathLike, width: int, height: int, mpp: fl
     """Write a pyramidal TIFF of ``width`` x ``height`` level-0 pixels at ``mpp`` µm/px.
 
     ``render_band(y0, y1)`` must return the RGB uint8 rows ``[y0, y1)`` of level 0, shape
-    (y1 - y0, width, 3). Returns the (width, height) of every level written.
+    (y1 - y0, width, 3). Returns the (width, height) of every level written. Memory: one band of
+    level 0 plus small levels; large reduced levels wait in raw files next to the output.
     """
     assert band_height % (2 * TILE) == 0
     sizes = _level_sizes(width, height)
     path = Path(path)
     tmp_dir = tempfile.mkdtemp(prefix="wsi-apl-pyr-", dir=path.parent)
-    stores: list[np.ndarray] = []
-    for k, (w, h) in enumerate(sizes[1:], start=1):
-        if w * h * 3 > 256 * 2 ** 20:
-            stores.append(np.lib.format.open_memmap(os.path.join(tmp_dir, f"level{k}.npy"), mode="w+",
-                                                    dtype=np.uint8, shape=(h, w, 3)))
-        else:
-            stores.append(np.empty((h, w, 3), np.uint8))
+    stores = [_RowStore(w, h, tmp_dir, f"level{k}.raw") for k, (w, h) in enumerate(sizes[1:], start=1)]
     res0 = 1e4 / mpp  # pixels per centimetre
     common = dict(photometric="rgb", tile=(TILE, TILE), compression="jpeg",
                   compressionargs={"level": int(jpeg_quality)}, resolutionunit="CENTIMETER", metadata=None)
@@ -85,9 +121,8 @@ def write_pyramid_tiff(path: str | os.PathLike, width: int, height: int, mpp: fl
                     y0 = bi * band_height
                     y1 = min(height, y0 + band_height)
                     band = render_band(y0, y1)
-                    if len(stores):
-                        half = _half(band)
-                        stores[0][y0 // 2:y0 // 2 + half.shape[0]] = half[:stores[0].shape[0] - y0 // 2]
+                    if stores:
+                        stores[0].write(y0 // 2, _half(band))
                     if band.shape[0] % TILE:
                         pad = TILE - band.shape[0] % TILE
                         band = np.pad(band, ((0, pad), (0, 0), (0, 0)), constant_values=255)
@@ -102,13 +137,10 @@ def write_pyramid_tiff(path: str | os.PathLike, width: int, height: int, mpp: fl
                 src = stores[k - 1]
 
                 def level_k(src=src, k=k, w=w, h=h) -> Iterator[np.ndarray]:
-                    step = band_height
-                    for y0 in range(0, h, step):
-                        band = np.asarray(src[y0:y0 + step])
+                    for y0 in range(0, h, band_height):
+                        band = src.read(y0, y0 + band_height)
                         if k < len(stores):
-                            half = _half(band)
-                            dst = stores[k]
-                            dst[y0 // 2:y0 // 2 + half.shape[0]] = half[:dst.shape[0] - y0 // 2]
+                            stores[k].write(y0 // 2, _half(band))
                         if band.shape[0] % TILE:
                             pad = TILE - band.shape[0] % TILE
                             band = np.pad(band, ((0, pad), (0, 0), (0, 0)), constant_values=255)
@@ -119,7 +151,8 @@ def write_pyramid_tiff(path: str | os.PathLike, width: int, height: int, mpp: fl
                          resolution=(res0 / f, res0 / f), **common)
         os.replace(tmp_path, path)
     finally:
-        del stores
+        for st in stores:
+            st.close()
         for f in Path(tmp_dir).glob("*"):
             f.unlink()
         os.rmdir(tmp_dir)

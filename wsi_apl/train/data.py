@@ -165,7 +165,7 @@ def split_by_patient(entries: list, fractions: tuple[float, ...], seed: int = 0,
     for p, dx in pat_dx.items():
         by_dx.setdefault(dx, []).append(p)
     assign: dict[str, int] = {}
-    for dx, pats in sorted(by_dx.items()):
+    for _dx, pats in sorted(by_dx.items()):
         pats = sorted(pats)
         rng.shuffle(pats)
         n = len(pats)

@@ -10,8 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from workers.detector import DetectorConfig, build_detector, detect
-from workers.detector import to_tensor
+from workers.detector import DetectorConfig, build_detector, detect, to_tensor
 
 from ..metrics import coco_metrics
 from .augment import flip_rot, stain_jitter
