@@ -63,7 +63,9 @@ def start_cluster(scheduler: str | None = None, n_workers: int | None = None, to
     if n_workers is None:
         n_workers = gpus or max(1, min(cores, 2) if cores <= 2 else cores // 2)
     threads = torch_threads or max(1, cores // n_workers)
-    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                "OPENBLAS_NUM_THREADS": str(threads)})
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
                           "distributed.scheduler.allowed-failures": 2}):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
@@ -74,8 +76,13 @@ def start_cluster(scheduler: str | None = None, n_workers: int | None = None, to
     return ClusterHandle(client, cluster, client.dashboard_link or "", n_workers, gpus)
 
 
-def register_bundles(handle: ClusterHandle, bundles: dict[str, str], torch_threads: int | None = None) -> None:
-    """Tell every worker (present and future) where the bundles are; each loads them once on first use."""
-    cores = os.cpu_count() or 1
-    threads = torch_threads or max(1, cores // max(1, handle.workers))
-    handle.client.register_plugin(BundlePlugin(bundles, threads))
+def register_bundles(handle: ClusterHandle, bundles: dict[str, str], torch_threads: int | None = None,
+                     remote: bool = False) -> None:
+    """Tell every worker (present and future) where the bundles are; each loads them once on first use.
+
+    On the embedded cluster the torch thread count is the cores per worker; on a remote cluster it is
+    left to the site's environment (``torch_threads=0``), since this machine's cores say nothing there.
+    """
+    if torch_threads is None:
+        torch_threads = 0 if remote else max(1, (os.cpu_count() or 1) // max(1, handle.workers))
+    handle.client.register_plugin(BundlePlugin(bundles, torch_threads))

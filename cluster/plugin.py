@@ -30,7 +30,8 @@ class BundlePlugin(WorkerPlugin):
     def setup(self, worker) -> None:
         import torch
 
-        torch.set_num_threads(max(1, self.torch_threads))
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
         self._cache = {}
         self._lock = threading.Lock()
 
@@ -61,17 +62,23 @@ def _plugin() -> BundlePlugin:
 
 def select_task(path: str, area_size: tuple[int, int], area_mpp: float, selector: dict, reader: str,
                 slide_mpp: float | None):
-    """Choose a slide's areas (runs on a worker, which reads the slide itself)."""
+    """Choose a slide's areas (runs on a worker, which reads the slide itself).
+
+    The overview picture and zone map stay on the worker: the client needs only the areas and QC.
+    """
     from tile_selector.select import SelectorConfig, select_file
 
-    return select_file(path, tuple(area_size), area_mpp, SelectorConfig(**selector), reader, slide_mpp)
+    sel = select_file(path, tuple(area_size), area_mpp, SelectorConfig(**selector), reader, slide_mpp)
+    sel.overview = None
+    sel.zone_map = None
+    return sel
 
 
 def area_task(path: str, box: tuple[float, float, float, float], index: int, bundle_id: str, reader: str,
-              slide_mpp: float | None):
+              slide_mpp: float | None, size: tuple[int, int] | None = None):
     """Detect, classify and measure the cells of one area (runs on a worker)."""
     from workers.area import process_area
 
-    table = process_area(path, box, _plugin().models(bundle_id), index, reader, slide_mpp)
+    table = process_area(path, box, _plugin().models(bundle_id), index, reader, slide_mpp, size)
     table.timings["worker"] = os.getpid()
     return table

@@ -10,6 +10,7 @@ by the task itself is retried ``retries`` times, then reported to the caller.
 from __future__ import annotations
 
 import collections
+import pickle
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,9 +36,14 @@ class TaskWindow:
     _ac: as_completed | None = None
     bytes_submitted: int = 0
 
-    def add(self, tag: Any, key: str, fn: Callable, *args, gpu_task: bool = False, retries: int = 0) -> None:
-        """Queue a task; it is submitted when the window has room."""
-        self._queue.append((tag, key, fn, args, gpu_task, retries))
+    def add(self, tag: Any, key: str, fn: Callable, *args, gpu_task: bool = False, retries: int = 0,
+            front: bool = False) -> None:
+        """Queue a task (``front``: before the others); it is submitted when the window has room."""
+        item = (tag, key, fn, args, gpu_task, retries)
+        if front:
+            self._queue.appendleft(item)
+        else:
+            self._queue.append(item)
         self._fill()
 
     def cancel(self, predicate: Callable[[Any], bool]) -> int:
@@ -64,7 +70,7 @@ class TaskWindow:
             tag, key, fn, args, gpu_task, retries = self._queue.popleft()
             resources = {"GPU": 1} if (gpu_task and self.gpu) else None
             fut = self.client.submit(fn, *args, key=key, pure=False, retries=retries, resources=resources)
-            self.bytes_submitted += sum(len(repr(a)) for a in args)
+            self.bytes_submitted += len(pickle.dumps(args))
             self._tags[fut] = tag
             if self._ac is None:
                 self._ac = as_completed([fut])

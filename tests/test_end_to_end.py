@@ -47,6 +47,9 @@ def test_train_scan_resume(trained):
     (slides / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 500)  # a TIFF header, nothing behind it
     (slides / "folder.svs").mkdir()
     shutil.copy(slides / "slide_0032_000.tiff", slides / "copy_of_apl.tiff")  # the same file under two names
+    # a camera frame (plain PNG, 256 x 192 µm at 0.25 µm/px): one area at its own physical size
+    synth_cohort(root / "frames", ["apl"], seed=33, mpp=0.25, size=(1024, 768), plain=True)
+    shutil.copy(root / "frames" / "slide_0033_000.png", slides / "camera_frame.png")
     out = root / "results"
     args = ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--workers", "2",
             "--max-areas", "6", "--target-cells", "0"]
@@ -58,10 +61,11 @@ def test_train_scan_resume(trained):
     assert list(rows[0].keys())[:len(COLUMNS)] == COLUMNS
     by_name = {row["slide"]: row for row in rows}
     assert set(by_name) == {"slide_0032_000.tiff", "slide_0032_001.tiff", "slide_0032_002.tiff", "copy_of_apl.tiff",
-                            "broken.svs", "folder.svs"}
+                            "broken.svs", "folder.svs", "camera_frame.png"}
     assert by_name["broken.svs"]["status"] == "failed" and "broken.svs" in by_name["broken.svs"]["reason"]
     assert by_name["folder.svs"]["status"] == "failed" and "folder" in by_name["folder.svs"]["reason"]
-    analysed = [by_name[n] for n in ("slide_0032_000.tiff", "slide_0032_001.tiff", "slide_0032_002.tiff")]
+    analysed = [by_name[n] for n in ("slide_0032_000.tiff", "slide_0032_001.tiff", "slide_0032_002.tiff",
+                                     "camera_frame.png")]
     for row in analysed:
         assert row["status"] in ("flagged", "not_flagged", "inconclusive"), row
         assert row["note"] == DECISION_SUPPORT and "not for diagnosis" in row["bundle"]
@@ -74,7 +78,7 @@ def test_train_scan_resume(trained):
     assert ranks == sorted(ranks)
 
     groups = slide_groups(out)
-    assert len(groups) == 3
+    assert len(groups) == 4
     for g in groups:
         cols, attrs = read_slide_group(out, g)
         res = attrs["result"]
@@ -84,6 +88,10 @@ def test_train_scan_resume(trained):
         assert {"box_l0", "score", "p_promyelocyte", "p_myeloblast", "p_auer_rod", "diameter_um"} <= set(cols)
         assert cols["crops"].dtype == np.uint8 and cols["crops"].shape[1:] == (48, 48, 3)
         assert attrs["provenance"]["bundle_id"] == bundle.id
+        if res["slide"] == "camera_frame.png":
+            # the whole frame at the bundle's 0.5 µm/px: 512 x 384 px, not squeezed into 256 x 192
+            assert len(attrs["areas"]) == 1 and attrs["areas"][0]["size"] == [512, 384]
+            assert attrs["areas"][0]["box"] == [0, 0, 1024, 768]
         assert set(attrs["slide"]) <= {"reader", "vendor", "mpp", "levels", "objective_power"}
         json.dumps(attrs)
 
@@ -98,4 +106,4 @@ def test_train_scan_resume(trained):
     r3 = runner.invoke(main, ["status", str(out), "--json"])
     assert r3.exit_code == 0
     st = json.loads(r3.output)
-    assert st["counts"]["failed"] == 2 and sum(st["counts"].values()) == 6
+    assert st["counts"]["failed"] == 2 and sum(st["counts"].values()) == 7

@@ -128,11 +128,15 @@ def analyse_image(image: np.ndarray, models: LoadedModels) -> tuple[np.ndarray, 
 
 
 def process_area(slide_path: str, box: tuple[float, float, float, float], models: LoadedModels, area_index: int,
-                 reader: str = "auto", mpp: float | None = None) -> CellTable:
-    """Read one area of a slide at the bundle's mpp and return its cell table."""
+                 reader: str = "auto", mpp: float | None = None, size: tuple[int, int] | None = None) -> CellTable:
+    """Read one area of a slide at the bundle's mpp and return its cell table.
+
+    ``size`` is the area's pixel size at the bundle mpp: the bundle's area size for slide areas, the
+    picture's own physical extent for a camera frame (the detector works at any size).
+    """
     t0 = time.perf_counter()
     slide = open_slide_cached(slide_path, reader=reader, mpp=mpp)
-    size = models.bundle.area_size
+    size = tuple(size) if size is not None else models.bundle.area_size
     read = slide.read_area(box, size)
     t_read = time.perf_counter() - t0
     with models.lock:  # one forward pass at a time per worker process

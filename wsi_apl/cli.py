@@ -223,7 +223,8 @@ def train_cells_cmd(cohort, out, mpp, area, epochs, budget, seed) -> None:
               help="LABELS.csv: slide, patient, diagnosis (apl/aml/healthy/reactive)[, path].")
 @click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--target-sensitivity", type=float, default=0.95, show_default=True)
-@click.option("--min-cells", type=int, default=200, show_default=True, help="Fewer counted cells: inconclusive.")
+@click.option("--min-cells", type=click.IntRange(min=1), default=200, show_default=True,
+              help="Fewer counted cells: inconclusive.")
 @click.option("--max-areas", type=int, default=12, show_default=True)
 @click.option("--target-cells", type=int, default=500, show_default=True)
 @click.option("--seed", type=int, default=0)
@@ -245,7 +246,7 @@ def train_enn_cmd(slides_csv, bundle_dir, target_sensitivity, min_cells, max_are
 @click.option("--area", default="640x480", show_default=True)
 @click.option("--detector-budget", type=float, default=600, show_default=True, help="Seconds.")
 @click.option("--cells-budget", type=float, default=300, show_default=True, help="Seconds.")
-@click.option("--min-cells", type=int, default=200, show_default=True)
+@click.option("--min-cells", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seed", type=int, default=0)
 def train_all_cmd(cohort, out, mpp, area, detector_budget, cells_budget, min_cells, seed) -> None:
     """Detector, cell heads and slide-level nets from one labelled cohort."""

@@ -115,8 +115,12 @@ def decide(features: dict, nets: SlideNets, rule: dict) -> Decision:
             lo, hi = float(np.percentile(sb, 2.5)), float(np.percentile(sb, 97.5))
     p1, p2 = float(probs["apl_vs_aml"][0]), float(probs["apl_vs_healthy"][0])
     thr = float(rule["threshold"])
-    min_cells = int(rule.get("min_cells", 200))
+    min_cells = max(1, int(rule.get("min_cells", 200)))
     reasons = []
+    if features["cells"] == 0 or not np.all(np.isfinite(features["features"])):
+        reasons.append("no counted cells in the chosen areas")
+        return Decision("inconclusive", float("nan"), (float("nan"), float("nan")), float("nan"), float("nan"),
+                        reasons)
     if features["cells"] < min_cells:
         reasons.append(f"too few counted cells ({features['cells']} < {min_cells})")
         return Decision("inconclusive", s, (lo, hi), p1, p2, reasons)

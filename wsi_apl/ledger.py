@@ -32,14 +32,26 @@ class LedgerLocked(RuntimeError):
 
 
 def fingerprint(path: str | Path, chunk: int = 4 << 20) -> str:
-    """SHA-256 of the whole file (streamed)."""
+    """SHA-256 of the whole slide (streamed).
+
+    For a 3DHistech MRXS slide the small ``.mrxs`` index is hashed together with every file of its
+    data folder (same name without the extension), where the pixels are.
+    """
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
+    files = [path]
+    companion = path.with_suffix("")
+    if path.suffix.lower() == ".mrxs" and companion.is_dir():
+        files += sorted(p for p in companion.rglob("*") if p.is_file())
+    for p in files:
+        if p != path:
+            h.update(str(p.relative_to(companion)).encode())
+        with open(p, "rb") as f:
+            while True:
+                b = f.read(chunk)
+                if not b:
+                    break
+                h.update(b)
     return h.hexdigest()
 
 
@@ -120,7 +132,7 @@ class Ledger:
         self.db.execute(
             "INSERT INTO slides(fingerprint, status, attempts, bundle, size, started) VALUES(?,?,1,?,?,?) "
             "ON CONFLICT(fingerprint) DO UPDATE SET status='running', attempts=attempts+1, error=NULL, "
-            "bundle=excluded.bundle, started=excluded.started, finished=NULL",
+            "result=NULL, group_name=NULL, bundle=excluded.bundle, started=excluded.started, finished=NULL",
             (fp, "running", bundle_id, size, time.time()))
 
     def finish(self, fp: str, status: str, result: dict, group_name: str | None) -> None:

@@ -65,6 +65,10 @@ def selector_config(max_areas: int = 12, target_cells: int = 500) -> SelectorCon
     return SelectorConfig(max_areas=max_areas, target_cells=target_cells)
 
 
+def _finite(v: float | None, digits: int = 4) -> float | None:
+    return round(float(v), digits) if v is not None and np.isfinite(v) else None
+
+
 def thresholds_of(models_or_bundle) -> dict[str, float]:
     bundle = models_or_bundle.bundle if isinstance(models_or_bundle, LoadedModels) else models_or_bundle
     return dict(bundle.part("cells")["config"].get("thresholds", {}))
@@ -93,10 +97,11 @@ def aggregate(name: str, path: str, selection: Selection, tables: list[CellTable
     rule = bundle.part("slide_nets").get("decision", {})
     d = decide(feats, nets, rule)
     result.status = d.status
-    result.suspicion = round(d.suspicion, 4) if np.isfinite(d.suspicion) else None
-    result.suspicion_ci = (round(d.suspicion_ci[0], 4), round(d.suspicion_ci[1], 4))
-    result.p_apl_vs_aml = round(d.p_apl_vs_aml, 4)
-    result.p_apl_vs_healthy = round(d.p_apl_vs_healthy, 4)
+    result.suspicion = _finite(d.suspicion)
+    lo, hi = _finite(d.suspicion_ci[0]), _finite(d.suspicion_ci[1])
+    result.suspicion_ci = (lo, hi) if lo is not None and hi is not None else None
+    result.p_apl_vs_aml = _finite(d.p_apl_vs_aml)
+    result.p_apl_vs_healthy = _finite(d.p_apl_vs_healthy)
     result.reason = "; ".join(d.reasons)
     if rule.get("apl_slides", 0) < 20 and d.status == "not_flagged":
         result.qc.append(f"the flag threshold rests on only {rule.get('apl_slides', 0)} APL slides: "
@@ -112,7 +117,7 @@ def analyse_slide_local(path: str | Path, models: LoadedModels, nets: SlideNets 
     bundle = models.bundle
     sel = select_file(path, bundle.area_size, bundle.mpp, cfg, reader, slide_mpp)
     t1 = time.perf_counter()
-    tables = [process_area(str(path), a.box, models, a.index, reader, slide_mpp) for a in sel.areas]
+    tables = [process_area(str(path), a.box, models, a.index, reader, slide_mpp, a.size) for a in sel.areas]
     t2 = time.perf_counter()
     result, cols, feats = aggregate(Path(path).name, str(path), sel, tables, bundle, nets)
     result.timings = {"select": round(t1 - t0, 3), "areas": round(t2 - t1, 3)}

@@ -59,14 +59,30 @@ def write_slide_group(results: Path, name: str, cols: dict[str, np.ndarray], att
     for k, v in attrs.items():
         g.attrs[k] = v
     final = results / STORE / name
+    _publish(tmp, final, staging)
+    return final
+
+
+def _publish(tmp: Path, final: Path, staging: Path) -> None:
+    """Rename a finished group into the store (an older group of that name is moved aside first)."""
     if final.exists():
-        old = staging / f"{name}.old.{os.getpid()}"
+        old = staging / f"{final.name}.old.{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    return final
+
+
+def remove_slide_group(results: Path, name: str) -> None:
+    """Take a slide's group out of the store (renamed aside first, so readers never see half of it)."""
+    final = Path(results) / STORE / name
+    if final.exists():
+        staging = Path(results) / STAGING
+        staging.mkdir(exist_ok=True)
+        aside = staging / f"{name}.removed.{os.getpid()}"
+        os.replace(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def read_slide_group(results: Path, name: str) -> tuple[dict[str, np.ndarray], dict]:
