@@ -513,25 +513,61 @@ def build_scene(width: int, height: int, mpp: float, stain: Stain, params: Scene
     return Scene(width, height, mpp, stain, seed, g, cells, rbc_xy, rbc_sprite, plt_xy, plt_sprite, blur, base_blur)
 
 
-def _resolve_overlaps(x, y, r, allow_overlap, rng) -> np.ndarray:
-    """Drop objects overlapping an earlier one, except where overlap is allowed (thick zone)."""
+def _resolve_overlaps(x, y, r, allow_overlap, rng, tile: float = 500.0) -> np.ndarray:
+    """Drop objects overlapping an earlier one, except where overlap is allowed (thick zone).
+
+    Clashing pairs are searched tile by tile (each tile with a halo of two maximum radii), so memory
+    stays bounded on whole slides with millions of objects; the greedy resolution is then global.
+    """
     keep = np.ones(len(x), bool)
     if len(x) < 2:
         return keep
-    tree = cKDTree(np.stack([x, y], axis=1))
-    pairs = tree.query_pairs(r=2 * float(r.max()), output_type="ndarray")
-    if len(pairs) == 0:
+    reach = 2 * float(r.max())
+    tx = np.floor(x / tile).astype(np.int64)
+    ty = np.floor(y / tile).astype(np.int64)
+    ntx = int(tx.max()) + 1
+    tid = ty * ntx + tx
+    order = np.argsort(tid, kind="stable")
+    sorted_tid = tid[order]
+    found_i, found_j = [], []
+    for t in np.unique(sorted_tid):
+        cy, cx = divmod(int(t), ntx)
+        parts = []
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                nx_, ny_ = cx + dx, cy + dy
+                if nx_ < 0 or ny_ < 0 or nx_ >= ntx:
+                    continue
+                nt = ny_ * ntx + nx_
+                lo, hi = np.searchsorted(sorted_tid, nt), np.searchsorted(sorted_tid, nt, side="right")
+                if hi > lo:
+                    parts.append(order[lo:hi])
+        idx = np.concatenate(parts)
+        x0, y0 = cx * tile - reach, cy * tile - reach
+        near = (x[idx] >= x0) & (x[idx] < x0 + tile + 2 * reach) & (y[idx] >= y0) & (y[idx] < y0 + tile + 2 * reach)
+        idx = idx[near]
+        if len(idx) < 2:
+            continue
+        pairs = cKDTree(np.stack([x[idx], y[idx]], axis=1)).query_pairs(r=reach, output_type="ndarray")
+        if len(pairs) == 0:
+            continue
+        i, j = idx[pairs[:, 0]], idx[pairs[:, 1]]
+        i, j = np.minimum(i, j), np.maximum(i, j)
+        mine = tid[i] == t  # each pair is taken in the tile of its smaller index only
+        i, j = i[mine], j[mine]
+        d = np.hypot(x[i] - x[j], y[i] - y[j])
+        clash = (d < (r[i] + r[j]) * 0.92) & ~(allow_overlap[i] & allow_overlap[j])
+        found_i.append(i[clash])
+        found_j.append(j[clash])
+    if not found_i:
         return keep
-    i, j = pairs[:, 0], pairs[:, 1]
-    d = np.hypot(x[i] - x[j], y[i] - y[j])
-    clash = (d < (r[i] + r[j]) * 0.92) & ~(allow_overlap[i] & allow_overlap[j])
-    i, j = i[clash], j[clash]
+    i, j = np.concatenate(found_i), np.concatenate(found_j)
     prio = rng.permutation(len(x))
     # the one with the larger priority number gives way
     loser = np.where(prio[i] > prio[j], i, j)
     winner = np.where(prio[i] > prio[j], j, i)
-    order = np.argsort(np.minimum(prio[i], prio[j]))
-    for a, b in zip(winner[order], loser[order]):
+    seq = np.argsort(np.minimum(prio[i], prio[j]), kind="stable")
+    for a, b in zip(winner[seq], loser[seq]):
         if keep[a]:
             keep[b] = False
     return keep
