@@ -30,6 +30,17 @@ def optical_density(img: np.ndarray, white: np.ndarray | None = None) -> np.ndar
     return -np.log10(np.clip((f + 1.0) / (white + 1.0), 1e-3, 1.0))
 
 
+def _edge_ratio(od_sum: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel: steepest-gradient / local-contrast ratio (µm⁻¹), and where the contrast is real."""
+    g = ndimage.gaussian_filter(od_sum.astype(np.float32), 0.7)
+    grad = np.hypot(ndimage.sobel(g, 1), ndimage.sobel(g, 0)) / (8.0 * mpp)
+    w = max(3, int(round(8.0 / mpp)))
+    contrast = ndimage.maximum_filter(g, w) - ndimage.minimum_filter(g, w)
+    edges = contrast > 0.15
+    ratio = np.where(edges, grad / np.maximum(contrast, 1e-6), 0.0)
+    return ratio, edges
+
+
 def edge_sharpness(od_sum: np.ndarray, mpp: float, min_edge_share: float = 0.01) -> float | None:
     """Edge sharpness in µm⁻¹: steepest edges relative to their local contrast.
 
@@ -38,14 +49,10 @@ def edge_sharpness(od_sum: np.ndarray, mpp: float, min_edge_share: float = 0.01)
     stain's strength. The 95th percentile over pixels with real contrast is used, so pixel noise
     and empty glass do not count. ``None`` when the image has too few edges to judge.
     """
-    g = ndimage.gaussian_filter(od_sum.astype(np.float32), 0.7)
-    grad = np.hypot(ndimage.sobel(g, 1), ndimage.sobel(g, 0)) / (8.0 * mpp)
-    w = max(3, int(round(8.0 / mpp)))
-    contrast = ndimage.maximum_filter(g, w) - ndimage.minimum_filter(g, w)
-    edges = contrast > 0.15
+    ratio, edges = _edge_ratio(od_sum, mpp)
     if edges.mean() < min_edge_share or edges.sum() < 50:
         return None
-    return float(np.percentile(grad[edges] / contrast[edges], 95))
+    return float(np.percentile(ratio[edges], 95))
 
 
 def blur_from_sharpness(sharpness: float) -> float:
@@ -53,23 +60,29 @@ def blur_from_sharpness(sharpness: float) -> float:
     return 1.0 / (max(sharpness, 1e-6) * math.sqrt(2.0 * math.pi))
 
 
-def block_focus(od_sum: np.ndarray, mpp: float, grid: tuple[int, int] = (4, 3)) -> tuple[float, list[float]]:
-    """Edge sharpness per block of a ``grid`` (columns, rows) that has enough edges.
+def block_focus(od_sum: np.ndarray, mpp: float, block_um: float = 40.0,
+                min_edge_share: float = 0.05) -> tuple[float, list[float], float]:
+    """Edge sharpness of the whole image and per block of about ``block_um`` µm that has enough edges.
 
-    Returns (the worst block, all judged blocks); (0.0, []) when no block can be judged.
+    Returns (the worst block, all judged blocks, the whole image); (0, [], 0) when nothing can be
+    judged. Small blocks catch an out-of-focus patch that covers only a corner of the area.
     """
+    ratio, edges = _edge_ratio(od_sum, mpp)
     h, w = od_sum.shape
-    gx, gy = grid
+    whole = float(np.percentile(ratio[edges], 95)) if edges.sum() >= 50 and edges.mean() >= 0.01 else 0.0
+    gx = max(1, int(round(w * mpp / block_um)))
+    gy = max(1, int(round(h * mpp / block_um)))
     values = []
     for j in range(gy):
         for i in range(gx):
-            blk = od_sum[j * h // gy:(j + 1) * h // gy, i * w // gx:(i + 1) * w // gx]
-            v = edge_sharpness(blk, mpp, min_edge_share=0.05) if blk.size else None
-            if v is not None:
-                values.append(v)
+            sl = (slice(j * h // gy, (j + 1) * h // gy), slice(i * w // gx, (i + 1) * w // gx))
+            e = edges[sl]
+            if e.size == 0 or e.mean() < min_edge_share or e.sum() < 50:
+                continue
+            values.append(float(np.percentile(ratio[sl][e], 95)))
     if not values:
-        return 0.0, []
-    return float(min(values)), values
+        return 0.0, [], whole
+    return float(min(values)), values, whole
 
 
 def nuclei_mask(od: np.ndarray, mpp: float) -> np.ndarray:
@@ -100,8 +113,7 @@ def area_measures(img: np.ndarray, mpp: float, white: np.ndarray | None = None,
     od_sum = od.sum(axis=2)
     if background is None:
         background = float(np.percentile(od_sum, 5))
-    worst, blocks = block_focus(od_sum, mpp)
-    whole = edge_sharpness(od_sum, mpp) or 0.0
+    worst, blocks, whole = block_focus(od_sum, mpp)
     fg = od_sum > background + 0.1
     coverage = float(fg.mean())
     if fg.any():

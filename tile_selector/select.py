@@ -78,6 +78,7 @@ class Selection:
     overview: np.ndarray | None = None     # RGB uint8
     overview_mpp: float = 0.0
     zone_map: np.ndarray | None = None     # uint8 codes on the overview grid (see ZONE_CODES)
+    screened: list = field(default_factory=list)  # (box, measures with "verdict") of every screened candidate
 
     @property
     def estimated_cells(self) -> int:
@@ -104,10 +105,13 @@ class SelectorConfig:
     screen_factor: int = 4             # full-res screen budget: screen_factor * max_areas (at least 32)
     screen_mpp: float = 0.5            # focus / cellularity measured at least this coarse (µm/px)
     min_cells_per_area: int = 3
-    max_coverage: float = 0.72         # above: cells pile up
-    min_coverage: float = 0.2          # below: feathered edge
-    focus_floor: float = 0.42          # absolute edge sharpness (µm⁻¹) of the worst block (~0.9 µm blur)
-    focus_relative: float = 0.65       # of the slide's sharpest areas
+    max_coverage: float = 0.65         # share of the area covered by cells; above: cells pile up
+    min_coverage: float = 0.33         # below: feathered edge, cells too sparse
+    thick_ratio: float = 1.35          # low-resolution OD over the smear's median OD; above: thick zone
+    thin_ratio: float = 0.85           # below: thin feathered edge
+    border_um: float = 16.0            # areas stay this far inside the smear's edge
+    focus_floor: float = 0.33          # absolute edge sharpness (µm⁻¹) of the worst 40-µm block (~1.2 µm blur)
+    focus_relative: float = 0.72       # of the slide's sharp areas (90th percentile of the worst blocks)
 
 
 def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:
@@ -179,7 +183,9 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
     W0, H0 = slide.dimensions
     sx, sy = ov.shape[1] / W0, ov.shape[0] / H0  # overview px per level-0 px
     step_x, step_y = aw0 / 2.0, ah0 / 2.0
+    inner = ndimage.binary_erosion(smear, iterations=max(1, int(round(cfg.border_um / ov_mpp))))
     smear_int = np.pad(smear.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    inner_int = np.pad(inner.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
     smooth_int = np.pad(sm["smooth"].astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
     nuc_int = np.pad(sm["od"][..., 0].astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
     part_int = np.pad(sm["particles"].astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
@@ -208,21 +214,22 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
             if frac <= 0.0:
                 continue  # plain glass: not a candidate at all
             n_candidates += 1
-            if frac < 0.97:
+            if box_mean(inner_int, x0, y0, x1, y1) < 0.999:
                 rejected[R_BORDER] = rejected.get(R_BORDER, 0) + 1
                 continue
             m = box_mean(smooth_int, x0, y0, x1, y1)
             r = m / max(level, 1e-6)
-            if r > 2.2:
+            if r > cfg.thick_ratio:
                 rejected[R_THICK] = rejected.get(R_THICK, 0) + 1
                 continue
-            if r < 0.35:
+            if r < cfg.thin_ratio:
                 rejected[R_THIN] = rejected.get(R_THIN, 0) + 1
                 continue
             nuc = box_mean(nuc_int, x0, y0, x1, y1)
             part = box_mean(part_int, x0, y0, x1, y1)
             closeness = math.exp(-(math.log(max(r, 1e-3)) ** 2) / (2 * 0.45 ** 2))
-            survivors.append(((nuc / max(m, 1e-6) + 0.1) * closeness * (1.0 - part), (x0, y0, x1, y1)))
+            survivors.append(((nuc / max(m, 1e-6) + 0.1) * closeness * (1.0 - part), (x0, y0, x1, y1),
+                              {"lowres_od_ratio": round(r, 4), "lowres_particle": round(part, 4)}))
     if n_candidates == 0:
         return Selection("inconclusive", f"{NOT_A_SMEAR}: the smear is smaller than one area "
                          f"({area_size[0]}x{area_size[1]} px at {area_mpp} µm/px)", [], {}, 0, **sel_base)
@@ -243,14 +250,15 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
     focus_ref = 0.0
     while len(screened) < min(len(survivors), limit):
         chunk = survivors[len(screened):len(screened) + batch]
-        reads = [(score, box, slide.read_area(box, (sw, sh))) for score, box in chunk]
+        reads = [(score, box, low, slide.read_area(box, (sw, sh))) for score, box, low in chunk]
         if plasma is None:
             # the plasma between cells: its level over the first candidates (most show some)
-            plasma = float(np.median([background_od(r.image, white) for _, _, r in reads])) if reads else 0.0
-        for score, box, read in reads:
+            plasma = float(np.median([background_od(r.image, white) for *_, r in reads])) if reads else 0.0
+        for score, box, low, read in reads:
             meas = area_measures(read.image, screen_mpp, white, background=plasma)
             meas["outside"] = round(read.outside_fraction, 4)
             meas["lowres_score"] = round(score, 4)
+            meas.update(low)
             screened.append((box, meas))
         del reads
         accepted, judged, focus_ref = _judge(screened, cfg)
@@ -302,6 +310,7 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
     timings["total"] = round(time.perf_counter() - t0, 3)
     sel = Selection("ok", "", areas, rejected, n_candidates, qc, warnings, timings, **{
         k: v for k, v in sel_base.items() if k != "timings"})
+    sel.screened = screened
     red_cells = float(np.percentile([m["red_cells_per_mm2"] for _, m in screened], 75)) if screened else 0.0
     sel.qc["red_cells_per_mm2"] = round(red_cells, 1)
     if screened and red_cells < MIN_RED_CELLS_PER_MM2:
@@ -333,6 +342,7 @@ def _judge(screened: list, cfg: SelectorConfig) -> tuple[list, dict[str, int], f
             reason = R_CLUMP
         elif m["cells"] < cfg.min_cells_per_area:
             reason = R_FEW
+        m["verdict"] = reason or "accepted"
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1
             continue

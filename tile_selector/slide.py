@@ -92,6 +92,7 @@ class Slide:
     _reader_levels: list[int] = field(repr=False, default_factory=list)
     _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
     _plain: np.ndarray | None = field(repr=False, default=None)
+    pixels_read: int = 0            # decoded pixels served so far (for benchmarks)
 
     # -- facts ---------------------------------------------------------------------------------
     @property
@@ -135,6 +136,7 @@ class Slide:
         """RGB uint8 (h, w, 3) of a region given in ``level`` pixels, fully inside the level."""
         if w <= 0 or h <= 0:
             return np.zeros((max(h, 0), max(w, 0), 3), np.uint8)
+        self.pixels_read += w * h
         try:
             if self._plain is not None:
                 return self._plain[y:y + h, x:x + w]

@@ -49,7 +49,10 @@ def main() -> None:
 @click.option("--slides-per-patient", type=int, default=1, show_default=True)
 @click.option("--defect", type=click.Choice(["none", "blurred", "no_monolayer", "empty"]), default="none", show_default=True,
               help="Make slides that cannot be analysed (for QC tests).")
-def synth(out_dir: Path, n_slides, diagnoses, seed, mpp, size, stain, plain, slides_per_patient, defect) -> None:
+@click.option("--jpeg-quality", type=click.IntRange(10, 100), default=None,
+              help="JPEG quality of the tiles (default: drawn per slide, 78-92).")
+def synth(out_dir: Path, n_slides, diagnoses, seed, mpp, size, stain, plain, slides_per_patient, defect,
+          jpeg_quality) -> None:
     """Write a synthetic bone-marrow-smear cohort with ground truth and labels.csv."""
     from .synth.cohort import DIAGNOSES, parse_diagnoses, synth_cohort
 
@@ -61,7 +64,8 @@ def synth(out_dir: Path, n_slides, diagnoses, seed, mpp, size, stain, plain, sli
     w, h = _area(size)
     t0 = time.time()
     recs = synth_cohort(out_dir, dx, seed=seed, mpp=mpp, size=(w, h), stain=stain, plain=plain,
-                        slides_per_patient=slides_per_patient, defect=defect, log=click.echo)
+                        slides_per_patient=slides_per_patient, defect=defect, jpeg_quality=jpeg_quality,
+                        log=click.echo)
     click.echo(f"{len(recs)} slides in {out_dir} ({time.time() - t0:.1f} s); labels: {out_dir / 'labels.csv'}")
 
 

@@ -23,7 +23,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +165,7 @@ def write_plain(scene: Scene, path: Path) -> None:
 def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mpp: float = 0.125,
                  size: tuple[int, int] = (20000, 15000), stain: str | None = None, plain: bool = False,
                  slides_per_patient: int = 1, defect: str = "none", prefix: str = "slide",
-                 log: Callable[[str], None] | None = None) -> list[SlideRecord]:
+                 jpeg_quality: int | None = None, log: Callable[[str], None] | None = None) -> list[SlideRecord]:
     """Render one slide per entry of ``diagnoses`` into ``out_dir``; returns the records.
 
     ``stain=None`` draws each slide's preset from the training presets (all but ``leishman``,
@@ -193,6 +193,8 @@ def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mp
         preset = stain or str(rng.choice(train_presets))
         slide_seed = int(rng.integers(1 << 31))
         st = make_stain(preset, np.random.default_rng([slide_seed, 3]))
+        if jpeg_quality is not None:
+            st = replace(st, jpeg_quality=int(jpeg_quality))
         scene = build_scene(width, height, mpp, st, params, slide_seed, plain=plain)
         name = f"{prefix}_{seed:04d}_{i:03d}"
         ext = ".png" if plain else ".tiff"
