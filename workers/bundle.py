@@ -32,14 +32,19 @@ class BundleError(Exception):
     """A bundle that cannot be used, with the directory and what to do."""
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def update_hash(h, path: str | os.PathLike, chunk: int = 4 << 20) -> None:
+    """Feed a whole file into the hash object ``h``, streamed in chunks."""
     with open(path, "rb") as f:
         while True:
             b = f.read(chunk)
             if not b:
                 break
             h.update(b)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    update_hash(h, path)
     return h.hexdigest()
 
 

@@ -23,6 +23,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from workers.bundle import update_hash
+
 DONE = ("flagged", "not_flagged", "inconclusive")
 LEDGER = "ledger.sqlite"
 
@@ -46,12 +48,7 @@ def fingerprint(path: str | Path, chunk: int = 4 << 20) -> str:
     for p in files:
         if p != path:
             h.update(str(p.relative_to(companion)).encode())
-        with open(p, "rb") as f:
-            while True:
-                b = f.read(chunk)
-                if not b:
-                    break
-                h.update(b)
+        update_hash(h, p, chunk)
     return h.hexdigest()
 
 
