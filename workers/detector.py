@@ -14,7 +14,6 @@ Backbones: ``mobilenet_v3`` (MobileNetV3-Large FPN, strides 8-32, for CPUs and t
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -147,17 +146,3 @@ def detect(model: FasterRCNN, image: np.ndarray, cfg: DetectorConfig, device: st
     b = cfg.border_px
     cut = (boxes[:, 0] <= b) | (boxes[:, 1] <= b) | (boxes[:, 2] >= w - b) | (boxes[:, 3] >= h - b)
     return boxes.astype(np.float32), scores.astype(np.float32), cut
-
-
-def anchor_sizes_px(cfg: DetectorConfig) -> list[float]:
-    return [max(4.0, d / cfg.mpp) for d in cfg.cell_diameters_um]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def expected_input_size(image_shape: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) the network sees for an area of ``image_shape``: the same, padded to a multiple of 32."""
-    h, w = image_shape
-    return int(math.ceil(h / 32) * 32), int(math.ceil(w / 32) * 32)

@@ -61,16 +61,13 @@ class SlideResult:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def selector_config(max_areas: int = 12, target_cells: int = 500) -> SelectorConfig:
-    return SelectorConfig(max_areas=max_areas, target_cells=target_cells)
-
 
 def _finite(v: float | None, digits: int = 4) -> float | None:
     return round(float(v), digits) if v is not None and np.isfinite(v) else None
 
 
-def thresholds_of(models_or_bundle) -> dict[str, float]:
-    bundle = models_or_bundle.bundle if isinstance(models_or_bundle, LoadedModels) else models_or_bundle
+def thresholds_of(bundle: ModelBundle) -> dict[str, float]:
+    """Each head's probability threshold for hard counts."""
     return dict(bundle.part("cells")["config"].get("thresholds", {}))
 
 

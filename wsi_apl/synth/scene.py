@@ -20,7 +20,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .cells import Cell, NoiseBank, cell_box_px, platelet_sprites, red_cell_sprites, render_cell, shape_of
-from .morphology import NUCLEATED_TYPES, spec_for
+from .morphology import spec_for
 from .stains import Stain
 
 ZONES = ("glass", "thick", "monolayer", "thin", "particle")
@@ -571,7 +571,3 @@ def _resolve_overlaps(x, y, r, allow_overlap, rng, tile: float = 500.0) -> np.nd
         if keep[a]:
             keep[b] = False
     return keep
-
-
-def nucleated_types() -> tuple[str, ...]:
-    return NUCLEATED_TYPES

@@ -19,7 +19,7 @@ from workers.detector import DetectorConfig
 from ..features import feature_names
 from ..pipeline import analyse_slide_local
 from .cells import CellSet, train_cells
-from .data import SlideEntry, area_samples, read_cohort, read_labels, split_by_patient
+from .data import SlideEntry, area_samples, read_cohort, split_by_patient
 from .detector import best_score_threshold, train_detector
 from .enn import train_enn
 
@@ -156,12 +156,3 @@ def train_all(cohort: Path, out: Path, *, geometry: Geometry | None = None, dete
     bundle = load_bundle(out)
     step_enn(bundle, enn_part, min_cells=min_cells, max_areas=max_areas, target_cells=target_cells, seed=seed, log=log)
     return load_bundle(out)
-
-
-def entries_from(slides_csv: Path | None, cohort: Path | None) -> list[SlideEntry]:
-    if slides_csv is not None:
-        return read_labels(slides_csv)
-    if cohort is not None:
-        return read_cohort(cohort)
-    raise ValueError("give --slides LABELS.csv or a cohort folder")
-
