@@ -6,7 +6,7 @@ Agreement (held-out synthetic cohort; seeds 701-705 were not used while tuning, 
 
 renders (once) 24 sharp slides of every diagnosis and orientation, 8 slides in the held-out stain
 preset ``leishman``, 8 with strong JPEG compression (quality 60), 6 slides entirely out of focus
-and 6 without a monolayer zone (8000x6000 px at 0.25 µm/px), selects areas of 512x384 px at
+and 6 without a monolayer zone (12000x9000 px at 0.25 µm/px: 3 x 2.25 mm), selects areas of 512x384 px at
 0.5 µm/px (256x192 µm, the demo bundle's geometry) and prints, per group:
 
 - the share of slides ending ``inconclusive`` (should be ~0 for sharp groups, 100 % for defects),
@@ -44,7 +44,7 @@ DEFECT_GROUPS = {"entirely out of focus", "no monolayer zone"}
 BLUR_LIMIT_UM = 1.0
 
 
-def make_cohort(root: Path, size=(8000, 6000), mpp=0.25, seed_offset: int = 0) -> None:
+def make_cohort(root: Path, size=(12000, 9000), mpp=0.25, seed_offset: int = 0) -> None:
     from wsi_apl.synth.cohort import parse_diagnoses, synth_cohort
 
     for k, (name, (seed, dx, opts)) in enumerate(GROUPS.items()):

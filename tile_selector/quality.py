@@ -61,28 +61,29 @@ def blur_from_sharpness(sharpness: float) -> float:
 
 
 def block_focus(od_sum: np.ndarray, mpp: float, block_um: float = 40.0,
-                min_edge_share: float = 0.05) -> tuple[float, list[float], float]:
+                min_edge_share: float = 0.05) -> tuple[float, list[tuple[int, int, int, int, float]], float]:
     """Edge sharpness of the whole image and per block of about ``block_um`` µm that has enough edges.
 
-    Returns (the worst block, all judged blocks, the whole image); (0, [], 0) when nothing can be
-    judged. Small blocks catch an out-of-focus patch that covers only a corner of the area.
+    Returns (the worst block, the judged blocks as ``(x0, y0, x1, y1, sharpness)`` in image pixels,
+    the whole image); (0, [], 0) when nothing can be judged. Small blocks catch an out-of-focus
+    patch that covers only part of the area.
     """
     ratio, edges = _edge_ratio(od_sum, mpp)
     h, w = od_sum.shape
     whole = float(np.percentile(ratio[edges], 95)) if edges.sum() >= 50 and edges.mean() >= 0.01 else 0.0
     gx = max(1, int(round(w * mpp / block_um)))
     gy = max(1, int(round(h * mpp / block_um)))
-    values = []
+    blocks = []
     for j in range(gy):
         for i in range(gx):
-            sl = (slice(j * h // gy, (j + 1) * h // gy), slice(i * w // gx, (i + 1) * w // gx))
-            e = edges[sl]
+            y0, y1, x0, x1 = j * h // gy, (j + 1) * h // gy, i * w // gx, (i + 1) * w // gx
+            e = edges[y0:y1, x0:x1]
             if e.size == 0 or e.mean() < min_edge_share or e.sum() < 50:
                 continue
-            values.append(float(np.percentile(ratio[sl][e], 95)))
-    if not values:
+            blocks.append((x0, y0, x1, y1, float(np.percentile(ratio[y0:y1, x0:x1][e], 95))))
+    if not blocks:
         return 0.0, [], whole
-    return float(min(values)), values, whole
+    return float(min(b[4] for b in blocks)), blocks, whole
 
 
 def nuclei_mask(od: np.ndarray, mpp: float) -> np.ndarray:
@@ -143,6 +144,7 @@ def area_measures(img: np.ndarray, mpp: float, white: np.ndarray | None = None,
         "focus_worst_block": round(worst, 4),
         "focus_blocks": len(blocks),
         "blur_um": round(blur_from_sharpness(worst), 3) if blocks else None,
+        "_blocks": blocks,
         "cells": int(cells),
         "coverage": round(coverage, 4),
         "overlap": round(overlap, 4),

@@ -112,6 +112,7 @@ class SelectorConfig:
     border_um: float = 16.0            # areas stay this far inside the smear's edge
     focus_floor: float = 0.33          # absolute edge sharpness (µm⁻¹) of the worst 40-µm block (~1.2 µm blur)
     focus_relative: float = 0.72       # of the slide's sharp areas (90th percentile of the worst blocks)
+    blur_margin_frac: float = 0.03     # a blurred block this close (share of the area width) also rejects
 
 
 def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:
@@ -256,6 +257,9 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
             plasma = float(np.median([background_od(r.image, white) for *_, r in reads])) if reads else 0.0
         for score, box, low, read in reads:
             meas = area_measures(read.image, screen_mpp, white, background=plasma)
+            sx_, sy_ = (box[2] - box[0]) / sw, (box[3] - box[1]) / sh  # screen px -> level-0 px
+            meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, v)
+                               for x0, y0, x1, y1, v in meas["_blocks"]]
             meas["outside"] = round(read.outside_fraction, 4)
             meas["lowres_score"] = round(score, 4)
             meas.update(low)
@@ -303,7 +307,7 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
         ibox = tuple(int(round(v)) for v in box)
         why = (f"in focus (edge sharpness {m['focus_worst_block']:.2f} vs slide best {focus_ref:.2f}), "
                f"~{m['cells']} nucleated cells, coverage {m['coverage']:.0%}")
-        areas.append(Area(k, ibox, area_mpp, tuple(area_size), {kk: v for kk, v in m.items()}, why))
+        areas.append(Area(k, ibox, area_mpp, tuple(area_size), {kk: v for kk, v in m.items() if kk[0] != "_"}, why))
 
     qc = _qc(sm, ov_mpp, areas, area_size, area_mpp)
     warnings = list(qc.pop("warnings"))
@@ -324,9 +328,16 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
 
 
 def _judge(screened: list, cfg: SelectorConfig) -> tuple[list, dict[str, int], float]:
-    """Accept or reject screened candidates; focus is judged against the slide's sharpest areas."""
+    """Accept or reject screened candidates; focus is judged against the slide's sharpest areas.
+
+    An area is also blurred when an out-of-focus block of any screened candidate touches it: the
+    half-overlapping candidates see its surroundings on another block grid, so a blurred patch at
+    one edge of the area shows there even when the area's own blocks straddle it.
+    """
     focus_ref = float(np.percentile([m["focus_worst_block"] for _, m in screened], 90)) if screened else 0.0
     focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
+    blurred = np.array([b[:4] for _, m in screened for b in m.get("_blocks", []) if b[4] < focus_min],
+                       np.float64).reshape(-1, 4)
     accepted, rejected = [], {}
     for box, m in screened:
         reason = None
@@ -336,7 +347,7 @@ def _judge(screened: list, cfg: SelectorConfig) -> tuple[list, dict[str, int], f
             reason = R_THICK
         elif m["coverage"] < cfg.min_coverage:
             reason = R_THIN
-        elif m["focus_worst_block"] < focus_min:
+        elif m["focus_worst_block"] < focus_min or _touches(box, blurred, cfg.blur_margin_frac):
             reason = R_BLUR
         elif m["overlap"] > 0.3:
             reason = R_CLUMP
@@ -351,6 +362,15 @@ def _judge(screened: list, cfg: SelectorConfig) -> tuple[list, dict[str, int], f
         m["score"] = round(m["cells"] * (0.5 + 0.5 * rel_focus) * (0.6 + 0.4 * mid) * (1.0 - m["overlap"]), 3)
         accepted.append((box, m))
     return accepted, rejected, focus_ref
+
+
+def _touches(box, blocks: np.ndarray, margin_frac: float) -> bool:
+    """Whether any of ``blocks`` (level-0 boxes) meets ``box`` grown by ``margin_frac`` of its width."""
+    if not len(blocks):
+        return False
+    m = margin_frac * (box[2] - box[0])
+    return bool(np.any((blocks[:, 0] < box[2] + m) & (blocks[:, 2] > box[0] - m)
+                       & (blocks[:, 1] < box[3] + m) & (blocks[:, 3] > box[1] - m)))
 
 
 def _reason_text(n: int, rejected: dict[str, int]) -> str:
@@ -411,7 +431,8 @@ def _select_plain(slide: Slide, area_mpp: float, cfg: SelectorConfig, t0: float)
     elif m["cells"] < cfg.min_cells_per_area:
         rejected[R_FEW] = 1
     timings = {"total": round(time.perf_counter() - t0, 3)}
-    area = Area(0, (0, 0, W0, H0), area_mpp, size, m, "the whole picture (a camera frame)")
+    area = Area(0, (0, 0, W0, H0), area_mpp, size, {k: v for k, v in m.items() if k[0] != "_"},
+                "the whole picture (a camera frame)")
     if reason or rejected:
         return Selection("inconclusive", reason or ("picture not usable: " + _reason_text(1, rejected)), [],
                          rejected, 1, {}, [], timings)

@@ -82,7 +82,7 @@ class SlideNets:
         out = {}
         for t, z in self.logits(X).items():
             a, b = self.calibration[t]
-            out[t] = 1.0 / (1.0 + np.exp(-(a * z + b)))
+            out[t] = 1.0 / (1.0 + np.exp(-np.clip(a * z + b, -60.0, 60.0)))
         return out
 
 

@@ -25,6 +25,11 @@ from .stains import Stain
 
 ZONES = ("glass", "thick", "monolayer", "thin", "particle")
 ZONE_CODE = {z: i for i, z in enumerate(ZONES)}
+#: Ground-truth zones follow the local cell coverage (share of glass covered by cells, >1 where they
+#: pile up): thick where cells pile up, thin where they are sparse, monolayer in between.
+THICK_COVERAGE = 0.9
+THIN_COVERAGE = 0.25
+NOISE_STEP = 40.0
 
 
 @dataclass
@@ -62,6 +67,8 @@ class SmearGeometry:
     edge_harmonics: list[tuple[int, float, float]]
     particles: list[tuple[float, float, float, float]]  # (u, v, radius, trail length) in µm
     noise_seed: int
+    lateral_thinning: float = 0.65  # coverage factor along the smear's long edges
+    noise: np.ndarray | None = None  # low-frequency density variation on a NOISE_STEP-µm grid
 
     def uv(self, X, Y):
         c, s = math.cos(self.theta), math.sin(self.theta)
@@ -97,15 +104,15 @@ class Scene:
 
     # -- maps ---------------------------------------------------------------------------------
     def zone_at(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-        """Zone code (see :data:`ZONES`) at µm positions."""
+        """Zone code (see :data:`ZONES`) at µm positions, from the local cell coverage."""
         g = self.geometry
         if g is None:
             return np.full(np.shape(X), ZONE_CODE["monolayer"], np.uint8)
         u, v = g.uv(X, Y)
         inside = (u >= 0) & (u <= g.length) & (np.abs(v) <= g.half_width_at(u))
-        t = u / g.length
-        z = np.where(t < g.thick_end, ZONE_CODE["thick"],
-                     np.where(t < g.mono_end, ZONE_CODE["monolayer"], ZONE_CODE["thin"]))
+        cov = _coverage(g, u, v, _noise_at(g, np.asarray(X, np.float64), np.asarray(Y, np.float64)))
+        z = np.where(cov >= THICK_COVERAGE, ZONE_CODE["thick"],
+                     np.where(cov < THIN_COVERAGE, ZONE_CODE["thin"], ZONE_CODE["monolayer"]))
         for pu, pv, pr, _trail in g.particles:
             z = np.where((u - pu) ** 2 + (v - pv) ** 2 <= pr * pr, ZONE_CODE["particle"], z)
         return np.where(inside, z, ZONE_CODE["glass"]).astype(np.uint8)
@@ -327,8 +334,11 @@ def _choose_geometry(rng: np.random.Generator, wum: float, hum: float, no_monola
     oy = cy - math.sin(theta) * length / 2
     thick_end = float(rng.uniform(0.18, 0.3))
     mono_end = float(rng.uniform(0.62, 0.76))
-    if no_monolayer:
+    lateral = 0.65
+    coverage_thick = float(rng.uniform(1.4, 2.2))
+    if no_monolayer:  # cells pile up over the whole smear, edges included
         thick_end, mono_end = 0.97, 0.98
+        lateral, coverage_thick = 1.0, max(coverage_thick, 1.7)
     half = width / 2
     particles = []
     for _ in range(int(rng.integers(1, 5))):
@@ -338,10 +348,10 @@ def _choose_geometry(rng: np.random.Generator, wum: float, hum: float, no_monola
         particles.append((pu, pv, pr, pr * float(rng.uniform(3, 6))))
     return SmearGeometry(
         ox=ox, oy=oy, theta=theta, length=length, half_width=half, thick_end=thick_end, mono_end=mono_end,
-        coverage_thick=float(rng.uniform(1.4, 2.2)), coverage_mono=float(rng.uniform(0.4, 0.55)),
+        coverage_thick=coverage_thick, coverage_mono=float(rng.uniform(0.4, 0.55)),
         coverage_thin=float(rng.uniform(0.1, 0.2)),
         edge_harmonics=[(k, float(rng.uniform(0, 0.05)), float(rng.uniform(0, 6.3))) for k in (1, 2, 3, 5)],
-        particles=particles, noise_seed=int(rng.integers(1 << 30)))
+        particles=particles, noise_seed=int(rng.integers(1 << 30)), lateral_thinning=lateral)
 
 
 def _coverage(g: SmearGeometry, u: np.ndarray, v: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -353,8 +363,17 @@ def _coverage(g: SmearGeometry, u: np.ndarray, v: np.ndarray, noise: np.ndarray)
     cov = g.coverage_thick * thick + g.coverage_mono * (1 - thick) * (1 - thin)
     cov += thin * g.coverage_thin * np.clip(1.0 - (t - g.mono_end) / (1.0 - g.mono_end + 1e-6), 0.25, 1.0)
     lateral = np.abs(v) / np.maximum(g.half_width_at(u), 1e-6)
-    cov *= np.where(lateral > 0.85, 0.65, 1.0)
+    cov *= np.where(lateral > 0.85, g.lateral_thinning, 1.0)
     return cov * np.exp(0.2 * noise)
+
+
+def _noise_at(g: SmearGeometry, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """The smear's low-frequency density variation at µm positions (bilinear on its grid)."""
+    if g.noise is None:
+        return np.zeros(np.shape(X))
+    fy = np.clip(Y / NOISE_STEP - 0.5, 0, g.noise.shape[0] - 1)
+    fx = np.clip(X / NOISE_STEP - 0.5, 0, g.noise.shape[1] - 1)
+    return ndimage.map_coordinates(g.noise, [np.ravel(fy), np.ravel(fx)], order=1, mode="nearest").reshape(np.shape(X))
 
 
 def _particle_boost(g: SmearGeometry, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -396,7 +415,7 @@ def build_scene(width: int, height: int, mpp: float, stain: Stain, params: Scene
         blur = []
 
     # candidate positions: Poisson per 40-µm block with intensity from the coverage
-    block = 40.0
+    block = NOISE_STEP
     nx, ny = int(math.ceil(wum / block)), int(math.ceil(hum / block))
     BX, BY = np.meshgrid((np.arange(nx) + 0.5) * block, (np.arange(ny) + 0.5) * block)
     bu, bv = g.uv(BX, BY)
@@ -404,6 +423,7 @@ def build_scene(width: int, height: int, mpp: float, stain: Stain, params: Scene
     noise_rng = np.random.default_rng(g.noise_seed)
     low = ndimage.gaussian_filter(noise_rng.standard_normal(BX.shape), 4.0)
     low /= max(1e-6, low.std())
+    g.noise = low
     cov = np.where(inside, _coverage(g, bu, bv, low), 0.0)
     in_particle, trail = _particle_boost(g, bu, bv)
     cov = np.where(in_particle, np.maximum(cov, 2.5), cov)
