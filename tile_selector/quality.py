@@ -65,8 +65,8 @@ def block_focus(od_sum: np.ndarray, mpp: float, block_um: float = 40.0,
     """Edge sharpness of the whole image and per block of about ``block_um`` µm that has enough edges.
 
     Returns (the worst block, the judged blocks as ``(x0, y0, x1, y1, sharpness)`` in image pixels,
-    the whole image); (0, [], 0) when nothing can be judged. Small blocks catch an out-of-focus
-    patch that covers only part of the area.
+    the whole image); (0, [], 0) when nothing can be judged. Small blocks catch an
+    out-of-focus patch that covers only part of the area.
     """
     ratio, edges = _edge_ratio(od_sum, mpp)
     h, w = od_sum.shape
@@ -84,6 +84,19 @@ def block_focus(od_sum: np.ndarray, mpp: float, block_um: float = 40.0,
     if not blocks:
         return 0.0, [], whole
     return float(min(b[4] for b in blocks)), blocks, whole
+
+
+#: Coverage is also judged in blocks of about this size: an area straddling the edge of the thick
+#: zone or of the feathered edge looks fine on average but not in every block.
+COVERAGE_BLOCK_UM = 64.0
+
+
+def block_means(mask: np.ndarray, mpp: float, block_um: float) -> np.ndarray:
+    """Mean of ``mask`` in a grid of blocks of about ``block_um`` µm (at least one block)."""
+    h, w = mask.shape
+    gx, gy = max(1, int(round(w * mpp / block_um))), max(1, int(round(h * mpp / block_um)))
+    return np.array([mask[j * h // gy:(j + 1) * h // gy, i * w // gx:(i + 1) * w // gx].mean()
+                     for j in range(gy) for i in range(gx)], np.float64)
 
 
 def nuclei_mask(od: np.ndarray, mpp: float) -> np.ndarray:
@@ -117,6 +130,7 @@ def area_measures(img: np.ndarray, mpp: float, white: np.ndarray | None = None,
     worst, blocks, whole = block_focus(od_sum, mpp)
     fg = od_sum > background + 0.1
     coverage = float(fg.mean())
+    cov_blocks = block_means(fg, mpp, COVERAGE_BLOCK_UM)
     if fg.any():
         typical = float(np.median(od_sum[fg]))
         overlap = float((od_sum[fg] > max(0.6, 2.2 * typical)).mean())
@@ -147,6 +161,8 @@ def area_measures(img: np.ndarray, mpp: float, white: np.ndarray | None = None,
         "_blocks": blocks,
         "cells": int(cells),
         "coverage": round(coverage, 4),
+        "coverage_min_block": round(float(cov_blocks.min()), 4),
+        "coverage_max_block": round(float(cov_blocks.max()), 4),
         "overlap": round(overlap, 4),
         "clumps": round(clumps, 4),
         "od_typical": round(typical, 4),

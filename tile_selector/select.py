@@ -107,12 +107,14 @@ class SelectorConfig:
     min_cells_per_area: int = 3
     max_coverage: float = 0.65         # share of the area covered by cells; above: cells pile up
     min_coverage: float = 0.33         # below: feathered edge, cells too sparse
+    min_block_coverage: float = 0.22   # the same in every ~64-µm block of the area
+    max_block_coverage: float = 0.6
     thick_ratio: float = 1.35          # low-resolution OD over the smear's median OD; above: thick zone
     thin_ratio: float = 0.85           # below: thin feathered edge
     border_um: float = 16.0            # areas stay this far inside the smear's edge
     focus_floor: float = 0.33          # absolute edge sharpness (µm⁻¹) of the worst 40-µm block (~1.2 µm blur)
     focus_relative: float = 0.72       # of the slide's sharp areas (90th percentile of the worst blocks)
-    blur_margin_frac: float = 0.03     # a blurred block this close (share of the area width) also rejects
+    blur_margin_frac: float = 0.08     # a blurred block this close (share of the area width) also rejects
 
 
 def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:
@@ -343,9 +345,9 @@ def _judge(screened: list, cfg: SelectorConfig) -> tuple[list, dict[str, int], f
         reason = None
         if m["outside"] > 0.0:
             reason = R_OUTSIDE
-        elif m["coverage"] > cfg.max_coverage:
+        elif m["coverage"] > cfg.max_coverage or m["coverage_max_block"] > cfg.max_block_coverage:
             reason = R_THICK
-        elif m["coverage"] < cfg.min_coverage:
+        elif m["coverage"] < cfg.min_coverage or m["coverage_min_block"] < cfg.min_block_coverage:
             reason = R_THIN
         elif m["focus_worst_block"] < focus_min or _touches(box, blurred, cfg.blur_margin_frac):
             reason = R_BLUR
