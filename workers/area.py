@@ -86,6 +86,18 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def load_detector(bundle: ModelBundle | str | Path, device: str = "auto"):
+    """The bundle's detector alone (for evaluation and proposals): (model, config, device)."""
+    if not isinstance(bundle, ModelBundle):
+        bundle = load_bundle(bundle)
+    bundle.require("detector")
+    dev = pick_device(device)
+    cfg = DetectorConfig.from_json(bundle.part("detector")["config"])
+    det = build_detector(cfg)
+    det.load_state_dict(bundle.load_tensors("detector"))
+    return det.to(dev).eval(), cfg, dev
+
+
 def load_models(bundle: ModelBundle | str | Path, device: str = "auto") -> LoadedModels:
     """Build the detector and cell classifier of a bundle and load their verified weights."""
     if not isinstance(bundle, ModelBundle):

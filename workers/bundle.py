@@ -66,7 +66,15 @@ class ModelBundle:
 
     @property
     def mpp(self) -> float:
+        """The working resolution (µm/px); a bundle trained on pictures without one cannot scan slides."""
+        if self.meta.get("mpp") is None:
+            raise BundleError(f"{self.path}: this bundle was trained on pictures without a pixel size, so it works "
+                              "on pictures at their own pixels only; retrain with --mpp to scan slides")
         return float(self.meta["mpp"])
+
+    @property
+    def mpp_known(self) -> bool:
+        return self.meta.get("mpp") is not None
 
     @property
     def area_size(self) -> tuple[int, int]:
@@ -147,7 +155,7 @@ class ModelBundle:
 
     def summary(self) -> dict:
         out = {"path": str(self.path), "id": self.id, "name": self.name, "synthetic": self.synthetic,
-               "mpp": self.mpp, "area_size": list(self.area_size), "heads": self.heads,
+               "mpp": self.meta.get("mpp"), "area_size": list(self.area_size), "heads": self.heads,
                "created": self.meta.get("created"), "parts": {}}
         for name, p in self.meta.get("parts", {}).items():
             out["parts"][name] = {"file": p["file"], "sha256": p["sha256"], "config": p.get("config", {}),
@@ -177,14 +185,14 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> ModelBundle:
     return bundle
 
 
-def create_bundle(path: str | os.PathLike, *, name: str, mpp: float, area_size: tuple[int, int],
+def create_bundle(path: str | os.PathLike, *, name: str, mpp: float | None, area_size: tuple[int, int],
                   heads: list[str], synthetic: bool, description: str = "") -> ModelBundle:
     """Create (or re-describe) a bundle directory; existing parts are kept only if the geometry matches."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta_file = path / BUNDLE_FILE
     meta = {"format": FORMAT_VERSION, "name": name, "description": description, "created": _now(),
-            "mpp": float(mpp), "area_size": [int(area_size[0]), int(area_size[1])], "heads": list(heads),
+            "mpp": None if mpp is None else float(mpp), "area_size": [int(area_size[0]), int(area_size[1])], "heads": list(heads),
             "synthetic": bool(synthetic), "parts": {}}
     if meta_file.exists():
         old = json.loads(meta_file.read_text())

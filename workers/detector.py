@@ -34,7 +34,8 @@ class DetectorConfig:
     """Everything needed to rebuild the detector (stored in bundle.json)."""
 
     backbone: str = "mobilenet_v3"
-    mpp: float = 0.5
+    mpp: float = 0.5               # 1.0 with mpp_known False: sizes below are then in pixels
+    mpp_known: bool = True
     fpn_channels: int = 64
     representation: int = 256
     cell_diameters_um: tuple[float, ...] = (6.0, 12.0, 24.0, 48.0)  # anchor sizes per pyramid level

@@ -171,33 +171,103 @@ def _geometry(mpp: float, area: str):
     return Geometry(mpp=mpp, area=_area(area))
 
 
+def _classes(value: str | None) -> list[str] | None:
+    return [c.strip() for c in value.split(",") if c.strip()] if value else None
+
+
+def _one_source(via, voc, cohort) -> None:
+    if sum(x is not None for x in (via, voc, cohort)) != 1:
+        raise click.UsageError("give exactly one of --via ANNOT.json, --voc XML_DIR, --truth COHORT_DIR")
+
+
 @train.command("detector")
-@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+@click.option("--via", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="VGG Image Annotator project (VIA 2 or 3 JSON): rect, circle, ellipse and polygon regions.")
+@click.option("--voc", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A folder of Pascal VOC XML files (e.g. BCCD's Annotations).")
+@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A cohort folder with labels.csv and truth/ (e.g. from 'wsi-apl synth').")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder holding the annotated pictures (--via / --voc).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
-@click.option("--mpp", type=float, default=0.5, show_default=True, help="Working resolution of the bundle.")
-@click.option("--area", default="640x480", show_default=True, help="Area size in pixels at --mpp.")
+@click.option("--classes", default=None, help="Keep only boxes with these labels (comma-separated), as one class 'cell'.")
+@click.option("--mpp", type=float, default=None,
+              help="Pictures: their pixel size in µm (default: unknown, used at their own pixels). "
+                   "--truth: the bundle's working resolution (default 0.5).")
+@click.option("--area", default="640x480", show_default=True, help="--truth: area size in pixels at --mpp.")
 @click.option("--backbone", type=click.Choice(["mobilenet_v3", "resnet50_fpn_v2"]), default="mobilenet_v3", show_default=True)
 @click.option("--epochs", type=int, default=60, show_default=True)
-@click.option("--budget", type=float, default=None, help="Training time budget in seconds.")
+@click.option("--budget", type=float, default=None, help="Training time budget in seconds (all trials together).")
+@click.option("--trials", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Optuna search over learning rate, momentum, weight decay and schedule with N trials.")
 @click.option("--init", "init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Continue from the detector of this bundle.")
+              help="Continue from the detector of this bundle (human-in-the-loop rounds, fine-tuning).")
+@click.option("--backbone-weights", default=None,
+              help="ImageNet/COCO weights on disk (.pth/.safetensors), or 'hub' for the torch hub cache. "
+                   "Nothing is downloaded; without it the backbone starts from scratch.")
+@click.option("--test-fraction", type=click.FloatRange(0.0, 0.5), default=0.15, show_default=True,
+              help="Share of patients (pictures without one: of pictures) held out as the test set.")
 @click.option("--seed", type=int, default=0)
-def train_detector_cmd(cohort, out, mpp, area, backbone, epochs, budget, init, seed) -> None:
-    """Train the Faster R-CNN cell detector from ground-truth boxes."""
-    from workers.bundle import load_bundle
+def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbone, epochs, budget, trials, init,
+                       backbone_weights, test_fraction, seed) -> None:
+    """Train the Faster R-CNN cell detector from boxes (VIA, VOC or synthetic ground truth).
 
-    from .train.data import read_cohort, split_by_patient
-    from .train.steps import _synthetic, collect_samples, open_or_create, step_detector
+    Patient-grouped train / validation / test split, early stopping on validation AP@0.5, the best
+    checkpoint kept, test metrics stored in the bundle.
+    """
+    from workers.bundle import BundleError, load_bundle
 
-    geo = _geometry(mpp, area)
-    entries = read_cohort(cohort)
-    tr, va = split_by_patient(entries, (0.8, 0.2), seed=seed)
-    bundle = open_or_create(out, geo, _synthetic(entries))
-    train_s = sum(collect_samples(tr, geo, click.echo, seed=seed), [])
-    val_s = sum(collect_samples(va, geo, click.echo, n_random=0, seed=seed), [])
-    step_detector(bundle, train_s, val_s, backbone=backbone, epochs=epochs, budget_s=budget, seed=seed,
-                  init=load_bundle(init) if init else None, log=click.echo)
+    from .train.data import read_cohort, split_by_patient, split_groups
+    from .train.steps import (
+        _synthetic,
+        collect_samples,
+        open_or_create,
+        picture_geometry,
+        picture_samples,
+        step_detector,
+    )
+
+    _one_source(via, voc, cohort)
+    val_f = 0.15
+    try:
+        init_b = load_bundle(init) if init else None
+        weights = None
+        if backbone_weights == "hub":
+            from .train.detector import find_hub_weights
+
+            weights = find_hub_weights(backbone)
+            click.echo(f"  torch hub cache: {weights or 'no weights for ' + backbone + ' (starting from scratch)'}")
+        elif backbone_weights:
+            weights = Path(backbone_weights)
+            if not weights.is_file():
+                raise click.BadParameter(f"{weights}: no such file", param_hint="--backbone-weights")
+        if cohort is not None:
+            geo = _geometry(mpp or 0.5, area)
+            entries = read_cohort(cohort)
+            tr, va, te = split_by_patient(entries, (1.0 - val_f - test_fraction, val_f, test_fraction), seed=seed)
+            bundle = open_or_create(out, geo, _synthetic(entries))
+            train_s = sum(collect_samples(tr, geo, click.echo, seed=seed), [])
+            val_s = sum(collect_samples(va, geo, click.echo, n_random=0, seed=seed), [])
+            test_s = sum(collect_samples(te, geo, click.echo, n_random=0, seed=seed), [])
+            source = f"truth {cohort}"
+        else:
+            work = mpp
+            if init_b is not None and init_b.mpp_known:
+                if mpp is None:
+                    raise click.UsageError(f"{init}: works at {init_b.mpp} µm/px; give the pictures' pixel size "
+                                           "with --mpp so that they can be resampled to it")
+                work = init_b.mpp
+            samples = picture_samples(via, voc, images, _classes(classes), mpp, work, click.echo)
+            tr, va, te = split_groups(samples, (1.0 - val_f - test_fraction, val_f, test_fraction), seed=seed)
+            train_s, val_s, test_s = tr, va, te
+            bundle = open_or_create(out, picture_geometry(samples, work), synthetic=False)
+            source = f"{'via' if via else 'voc'} {via or voc}" + (f" classes {classes}" if classes else "")
+        step_detector(bundle, train_s, val_s, backbone=backbone, epochs=epochs, budget_s=budget, seed=seed,
+                      init=init_b, backbone_weights=weights, trials=trials, test_s=test_s, source=source,
+                      log=click.echo)
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
 
 
 @train.command("cells")
@@ -260,6 +330,30 @@ def train_all_cmd(cohort, out, mpp, area, detector_budget, cells_budget, min_cel
               cells_budget_s=cells_budget, min_cells=min_cells, seed=seed, log=click.echo)
 
 
+@main.command()
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="VIA project JSON to write.")
+@click.option("--mpp", type=float, default=None, help="The pictures' pixel size in µm (resampled to the bundle's).")
+@click.option("--score", type=float, default=None, help="Lowest detector score proposed (default: the bundle's threshold).")
+def propose(images_dir, bundle_dir, out, mpp, score) -> None:
+    """Write the detector's cells on IMAGES_DIR as a VIA project for a hematologist to correct.
+
+    Open it in VGG Image Annotator, fix the boxes, save the project and train again with
+    'wsi-apl train detector --via FILE --images IMAGES_DIR --init BUNDLE'.
+    """
+    from workers.bundle import BundleError
+
+    from .evaluate import propose as run
+
+    try:
+        r = run(images_dir, bundle_dir, out, mpp, score, log=click.echo)
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
+    click.echo(f"{r['cells']} proposed cells on {r['images']} pictures written to {out} (score >= {r['score_threshold']:.2f})")
+
+
 # -- evaluate -----------------------------------------------------------------------------------
 
 
@@ -278,18 +372,35 @@ def _dump(d: dict, as_json: bool, out: Path | None) -> None:
 
 @evaluate.command("detector")
 @click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--via", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--voc", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--classes", default=None, help="Keep only boxes with these labels (comma-separated).")
+@click.option("--mpp", type=float, default=None,
+              help="The pictures' pixel size in µm, to resample them to the bundle's resolution.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def evaluate_detector_cmd(bundle_dir, cohort, as_json, out) -> None:
-    """COCO AP / AR at IoU 0.5 and 0.5:0.95 on the selector's areas of a labelled cohort."""
-    from .evaluate import evaluate_detector
+def evaluate_detector_cmd(bundle_dir, via, voc, cohort, images, classes, mpp, as_json, out) -> None:
+    """COCO AP / AR at IoU 0.5 and 0.5:0.95, with missed and spurious cells per picture or area."""
+    from workers.bundle import BundleError
+
+    from .evaluate import evaluate_detector, evaluate_detector_pictures
     from .train.data import read_cohort
 
-    m = evaluate_detector(bundle_dir, read_cohort(cohort), log=(lambda s: None) if as_json else click.echo)
+    _one_source(via, voc, cohort)
+    log = (lambda s: None) if as_json else click.echo
+    try:
+        if cohort is not None:
+            m = evaluate_detector(bundle_dir, read_cohort(cohort), log=log)
+        else:
+            m = evaluate_detector_pictures(bundle_dir, via, voc, images, _classes(classes), mpp, log=log)
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
     if not as_json:
         click.echo(f"AP@0.5 {m['AP50']:.3f}  AP@0.5:0.95 {m['AP']:.3f}  AR@0.5 {m['AR50']:.3f}  AR {m['AR']:.3f}  "
-                   f"({m['images']} areas)")
+                   f"({m['images']} images)")
     _dump(m, as_json, out)
 
 
@@ -436,7 +547,8 @@ def bundle_info(bundle_dir: Path, as_json: bool) -> None:
         click.echo(json.dumps(s, indent=2))
         return
     click.echo(f"{b.label}")
-    click.echo(f"  works at {b.mpp} µm/px on areas of {b.area_size[0]}x{b.area_size[1]} px; heads {', '.join(b.heads)}")
+    res = f"{b.mpp} µm/px" if b.mpp_known else "the pictures' own pixels (no pixel size)"
+    click.echo(f"  works at {res} on areas of {b.area_size[0]}x{b.area_size[1]} px; heads {', '.join(b.heads)}")
     for name, p in s["parts"].items():
         click.echo(f"  {name}: {p['file']} sha256 {p['sha256'][:16]}…  trained {p['trained']}")
         if p.get("metrics"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from tile_selector.select import SelectorConfig
-from workers.area import load_models
+from workers.area import load_detector, load_models
 from workers.bundle import load_bundle
 from workers.classifier import classify
 from workers.detector import detect
@@ -21,24 +21,53 @@ from .train.data import SlideEntry, area_samples
 from .train.steps import collect_samples
 
 
-def evaluate_detector(bundle_dir: Path, entries: list[SlideEntry], log: Callable[[str], None] = print) -> dict:
-    """COCO AP/AR of the detector on the areas the selector picks in ``entries`` (truth boxes)."""
-    models = load_models(bundle_dir)
-    b = models.bundle
+def _score_images(det, cfg, device, samples, name) -> dict:
     images, per_image = [], []
-    for e in entries:
-        for s in area_samples(e, b.area_size, b.mpp, n_random=0):
-            boxes, scores, _ = detect(models.detector, s.image, models.det_cfg, models.device, score_threshold=0.05)
-            images.append((boxes, scores, s.boxes))
-            keep = scores >= models.det_cfg.score_threshold
-            tp = match_detections(boxes[keep], scores[keep], s.boxes, 0.5)
-            per_image.append({"slide": s.slide, "truth": int(len(s.boxes)), "detected": int(keep.sum()),
-                              "missed": int(len(s.boxes) - tp.sum()), "spurious": int((~tp).sum())})
-        log(f"  {e.slide}: {len(per_image)} areas so far")
+    for s in samples:
+        boxes, scores, _ = detect(det, s.image, cfg, device, score_threshold=0.05)
+        images.append((boxes, scores, s.boxes))
+        keep = scores >= cfg.score_threshold
+        tp = match_detections(boxes[keep], scores[keep], s.boxes, 0.5)
+        per_image.append({name: s.extra.get("image", s.slide), "truth": int(len(s.boxes)),
+                          "detected": int(keep.sum()), "missed": int(len(s.boxes) - tp.sum()),
+                          "spurious": int((~tp).sum())})
     m = coco_metrics(images)
     m["per_image"] = per_image
-    m["score_threshold"] = models.det_cfg.score_threshold
+    m["missed"] = int(sum(p["missed"] for p in per_image))
+    m["spurious"] = int(sum(p["spurious"] for p in per_image))
+    m["score_threshold"] = cfg.score_threshold
     return m
+
+
+def evaluate_detector(bundle_dir: Path, entries: list[SlideEntry], log: Callable[[str], None] = print) -> dict:
+    """COCO AP/AR of the detector on the areas the selector picks in ``entries`` (truth boxes)."""
+    bundle = load_bundle(bundle_dir)
+    det, cfg, dev = load_detector(bundle)
+    samples = []
+    for e in entries:
+        samples += area_samples(e, bundle.area_size, bundle.mpp, n_random=0)
+        log(f"  {e.slide}: {len(samples)} areas so far")
+    return _score_images(det, cfg, dev, samples, "slide")
+
+
+def evaluate_detector_pictures(bundle_dir: Path, via: Path | None, voc: Path | None, images: Path | None,
+                               classes: list[str] | None, image_mpp: float | None,
+                               log: Callable[[str], None] = print) -> dict:
+    """COCO AP/AR of the detector on annotated pictures (VIA project or VOC folder).
+
+    Pictures are resampled to the bundle's resolution when both pixel sizes are known; a bundle
+    without a pixel size reads them at their own pixels.
+    """
+    from .train.steps import picture_samples
+
+    bundle = load_bundle(bundle_dir)
+    det, cfg, dev = load_detector(bundle)
+    if bundle.mpp_known and image_mpp is None:
+        log(f"  note: the bundle works at {bundle.mpp} µm/px and the pictures' pixel size is unknown: they are "
+            "read at their own pixels (give --mpp to resample them)")
+    work = bundle.mpp if bundle.mpp_known and image_mpp else None
+    samples = picture_samples(via, voc, images, classes, image_mpp, work, log)
+    return _score_images(det, cfg, dev, samples, "image")
 
 
 def evaluate_cells(bundle_dir: Path, entries: list[SlideEntry], log: Callable[[str], None] = print) -> dict:
@@ -117,3 +146,41 @@ def summarise_slide_results(rows: list[tuple[str, str, dict]], decision: dict) -
     t["sensitivity"] = t["apl_flagged"] / t["apl_total"] if t["apl_total"] else None
     t["specificity"] = t["non_apl_not_flagged"] / t["non_apl_total"] if t["non_apl_total"] else None
     return out
+
+
+PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+def propose(images_dir: Path, bundle_dir: Path, out: Path, image_mpp: float | None = None,
+            score_threshold: float | None = None, log: Callable[[str], None] = print) -> dict:
+    """The detector's cells on every picture of ``images_dir``, written as a VIA 2 project to correct.
+
+    Boxes are in the pictures' own pixels (resampled for the detector when both pixel sizes are
+    known and back again); each region carries ``label`` "cell" and the detector's ``score``.
+    """
+    from PIL import Image
+
+    from .annotations import ImageAnnotation, write_via
+
+    bundle = load_bundle(bundle_dir)
+    det, cfg, dev = load_detector(bundle)
+    pictures = sorted(p for p in Path(images_dir).iterdir() if p.suffix.lower() in PICTURE_SUFFIXES)
+    if not pictures:
+        raise FileNotFoundError(f"{images_dir}: no pictures ({', '.join(PICTURE_SUFFIXES)}) to propose cells on")
+    thr = cfg.score_threshold if score_threshold is None else score_threshold
+    items, scores = [], []
+    total = 0
+    for p in pictures:
+        with Image.open(p) as im:
+            img = im.convert("RGB")
+        f = image_mpp / bundle.mpp if (image_mpp and bundle.mpp_known) else 1.0
+        if abs(f - 1.0) > 1e-3:
+            img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.LANCZOS)
+        boxes, sc, _ = detect(det, np.asarray(img), cfg, dev, score_threshold=thr)
+        boxes = boxes / np.float32(f)
+        items.append(ImageAnnotation(p, boxes, ["cell"] * len(boxes), [{} for _ in range(len(boxes))], p.stem, {}))
+        scores.append(sc)
+        total += len(boxes)
+        log(f"  {p.name}: {len(boxes)} cells")
+    write_via(out, items, scores)
+    return {"images": len(items), "cells": total, "out": str(out), "score_threshold": thr}

@@ -227,11 +227,11 @@ def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mp
         }
         truth_path.write_text(json.dumps(truth))
         via_meta[f"{path.name}{path.stat().st_size}"] = {
-            "filename": path.name, "size": path.stat().st_size, "file_attributes": {"diagnosis": diagnosis},
+            "filename": path.name, "size": path.stat().st_size, "file_attributes": {"patient": patient, "diagnosis": diagnosis},
             "regions": [{"shape_attributes": {"name": "rect", "x": c["box"][0], "y": c["box"][1],
                                               "width": round(c["box"][2] - c["box"][0], 1),
                                               "height": round(c["box"][3] - c["box"][1], 1)},
-                         "region_attributes": {"type": c["type"], "auer_rod": "1" if c["auer_rod"] else "0"}}
+                         "region_attributes": {"type": c["type"], "auer_rod": {"1": True} if c["auer_rod"] else {}}}
                         for c in cells],
         }
         records.append(SlideRecord(name, patient, diagnosis, path.name, f"truth/{name}.json"))
@@ -252,7 +252,8 @@ def _write_via(path: Path, meta: dict) -> None:
                                 "options": {t: t for t in NUCLEATED_TYPES}, "default_options": {}},
                        "auer_rod": {"type": "checkbox", "description": "Auer rod(s)",
                                     "options": {"1": "yes"}, "default_options": {}}},
-            "file": {"diagnosis": {"type": "text", "description": "slide diagnosis", "default_value": ""}}},
+            "file": {"patient": {"type": "text", "description": "patient (pseudonym)", "default_value": ""},
+                     "diagnosis": {"type": "text", "description": "slide diagnosis", "default_value": ""}}},
         "_via_data_format_version": "2.0.10",
         "_via_image_id_list": list(meta),
     }

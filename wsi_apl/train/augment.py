@@ -33,3 +33,16 @@ def flip_rot(img: np.ndarray, boxes: np.ndarray | None, k: int, flip: bool):
         if b is not None:
             b = np.stack([b[:, 1], ww - b[:, 2], b[:, 3], ww - b[:, 0]], axis=1)
     return np.ascontiguousarray(out), b
+
+
+def scale_jitter(img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, lo: float = 0.85,
+                 hi: float = 1.2) -> tuple[np.ndarray, np.ndarray]:
+    """Resample by a random factor in [lo, hi] (cells a little smaller or larger, as between scanners)."""
+    from PIL import Image
+
+    f = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    h, w = img.shape[:2]
+    nw, nh = max(8, int(round(w * f))), max(8, int(round(h * f)))
+    out = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR))
+    b = np.asarray(boxes, np.float32).reshape(-1, 4) * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
+    return out, b

@@ -177,3 +177,47 @@ def split_by_patient(entries: list, fractions: tuple[float, ...], seed: int = 0,
     for e in entries:
         groups[assign[key(e)]].append(e)
     return groups
+
+
+def image_samples(items: list, image_mpp: float | None = None, work_mpp: float | None = None) -> list[AreaSample]:
+    """Annotated pictures (:class:`wsi_apl.annotations.ImageAnnotation`) as training/evaluation samples.
+
+    A picture is used at its own pixels unless both its pixel size (``image_mpp``) and the bundle's
+    working resolution (``work_mpp``) are known and differ: then it is resampled to ``work_mpp`` and
+    its boxes with it. The annotation's group (patient) becomes the sample's patient.
+    """
+    from PIL import Image
+
+    out = []
+    for it in items:
+        try:
+            with Image.open(it.image) as im:
+                img = im.convert("RGB")
+        except OSError as exc:
+            raise ValueError(f"{it.image}: cannot read this picture ({exc}); convert it to PNG/JPEG/TIFF "
+                             "or remove it from the annotations") from exc
+        boxes = np.asarray(it.boxes, np.float32).reshape(-1, 4)
+        if image_mpp and work_mpp and abs(image_mpp / work_mpp - 1.0) > 1e-3:
+            f = image_mpp / work_mpp
+            w, h = img.size
+            img = img.resize((max(1, int(round(w * f))), max(1, int(round(h * f)))), Image.Resampling.LANCZOS)
+            boxes = boxes * np.float32(f)
+        arr = np.asarray(img)
+        out.append(AreaSample(it.image.stem, it.group, "", arr, boxes, list(it.labels),
+                              np.zeros(len(boxes), bool), (0.0, 0.0, float(arr.shape[1]), float(arr.shape[0])),
+                              True, {"image": str(it.image)}))
+    return out
+
+
+def split_groups(samples: list, fractions: tuple[float, ...], seed: int = 0) -> list[list]:
+    """Split samples by group (patient; a picture without one is its own group), no group in two parts."""
+    rng = np.random.default_rng(seed)
+    groups = sorted({s.patient for s in samples})
+    rng.shuffle(groups)
+    n = len(groups)
+    cuts = np.cumsum([0] + [f * n for f in fractions])
+    assign = {g: min(int(np.searchsorted(cuts[1:], i + 0.5)), len(fractions) - 1) for i, g in enumerate(groups)}
+    parts: list[list] = [[] for _ in fractions]
+    for s in samples:
+        parts[assign[s.patient]].append(s)
+    return parts

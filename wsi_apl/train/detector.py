@@ -6,6 +6,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,8 +14,10 @@ import torch
 from workers.detector import DetectorConfig, build_detector, detect, to_tensor
 
 from ..metrics import coco_metrics
-from .augment import flip_rot, stain_jitter
+from .augment import flip_rot, scale_jitter, stain_jitter
 from .data import AreaSample
+
+SCHEDULES = ("cosine", "step", "constant")
 
 
 def _random_crop(img: np.ndarray, boxes: np.ndarray, size: int, rng: np.random.Generator):
@@ -72,19 +75,32 @@ def best_score_threshold(model, cfg: DetectorConfig, samples: list[AreaSample], 
 
 def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: DetectorConfig, *,
                    epochs: int = 50, time_budget_s: float | None = None, batch_size: int = 2,
-                   crop: int = 384, lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 1e-4,
-                   patience: int = 8, seed: int = 0, init_state: dict | None = None,
-                   log: Callable[[str], None] = print, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Train from scratch (or ``init_state``); keep the checkpoint with the best validation AP@0.5.
+                   crop: int | None = None, lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 1e-4,
+                   schedule: str = "cosine", patience: int = 8, seed: int = 0, init_state: dict | None = None,
+                   backbone_state: dict | None = None, log: Callable[[str], None] = print,
+                   device: str = "cpu", trial=None) -> tuple[torch.nn.Module, dict]:
+    """Train from scratch, from ``backbone_state`` (pretrained weights) or ``init_state`` (an earlier
+    detector); keep the checkpoint with the best validation AP@0.5.
 
-    Stops at ``epochs``, at ``time_budget_s`` seconds, or after ``patience`` epochs without
-    improvement. Returns (model with the best weights, history/metrics).
+    Augmentation: random crops, scale jitter, flips and quarter turns, stain/colour/brightness jitter.
+    ``schedule``: ``cosine`` (warm-up then cosine decay), ``step`` (x0.1 at 2/3 of the run) or
+    ``constant``. Stops at ``epochs``, at ``time_budget_s`` seconds, or after ``patience`` epochs
+    without improvement. ``trial``: an Optuna trial, told each epoch's AP@0.5 and able to prune.
+    Returns (model with the best weights, history/metrics).
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = build_detector(cfg).to(device)
     if init_state is not None:
         model.load_state_dict(init_state)
+    elif backbone_state is not None:
+        model.load_state_dict(backbone_state, strict=False)
+    if crop is None:
+        sizes = np.concatenate([np.sqrt(np.prod(s.boxes[:, 2:] - s.boxes[:, :2], axis=1)) for s in train
+                                if len(s.boxes)] or [np.array([20.0])])
+        crop = int(max(384, 4 * float(np.median(sizes))))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     usable = [s for s in train if len(s.boxes) > 0] or train
@@ -107,7 +123,10 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
             imgs, targets = [], []
             for k in order[bi:bi + batch_size]:
                 s = usable[k]
-                img, boxes = _random_crop(s.image, s.boxes, crop, rng)
+                img, boxes = s.image, s.boxes
+                if rng.random() < 0.5:
+                    img, boxes = scale_jitter(img, boxes, rng)
+                img, boxes = _random_crop(img, boxes, crop, rng)
                 img, boxes = flip_rot(img, boxes, int(rng.integers(0, 4)), bool(rng.integers(0, 2)))
                 img = stain_jitter(img, rng)
                 imgs.append(to_tensor(img).to(device))
@@ -117,7 +136,14 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
             frac = step / max(1, total_steps)
             if time_budget_s:
                 frac = max(frac, (time.time() - t0) / time_budget_s)
-            scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+            frac = min(1.0, frac)
+            if schedule == "cosine":
+                decay = 0.5 * (1 + math.cos(math.pi * frac))
+            elif schedule == "step":
+                decay = 1.0 if frac < 2.0 / 3.0 else 0.1
+            else:
+                decay = 1.0
+            scale = min(1.0, (step + 1) / warmup) * decay
             for g in opt.param_groups:
                 g["lr"] = lr * max(scale, 0.02)
             loss_dict = model(imgs, targets)
@@ -143,6 +169,12 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
             f"{metrics.get('AP50', float('nan')):.3f}, AP {metrics.get('AP', float('nan')):.3f} ({elapsed:.0f} s, "
             f"{step * batch_size / max(elapsed, 1e-6):.1f} areas/s)")
         ap = metrics.get("AP50", float("nan"))
+        if trial is not None and ap == ap:
+            import optuna
+
+            trial.report(ap, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
         if not val or (ap == ap and ap > best["AP50"]):
             best = {"AP50": ap, "AP": metrics.get("AP"), "AR50": metrics.get("AR50"), "epoch": epoch + 1}
             best_state = copy.deepcopy(model.state_dict())
@@ -159,3 +191,111 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
     model.eval()
     return model, {"best": best, "history": history, "steps": step, "seconds": round(time.time() - t0, 1),
                    "train_areas": len(usable), "val_areas": len(val)}
+
+
+# -- starting weights ------------------------------------------------------------------------------
+
+#: File name patterns of torchvision's weights in a torch hub cache, best first, per backbone.
+HUB_PATTERNS = {
+    "mobilenet_v3": ("fasterrcnn_mobilenet_v3_large_fpn-*.pth", "mobilenet_v3_large-*.pth"),
+    "resnet50_fpn_v2": ("fasterrcnn_resnet50_fpn_v2_coco-*.pth", "resnet50-*.pth"),
+}
+
+
+def find_hub_weights(backbone: str) -> Path | None:
+    """Weights for ``backbone`` already in the torch hub cache (``$TORCH_HOME/hub/checkpoints``), if any."""
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    for pattern in HUB_PATTERNS.get(backbone, ()):
+        hits = sorted(folder.glob(pattern))
+        if hits:
+            return hits[0]
+    return None
+
+
+def _read_state(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise ValueError(f"{path}: not a PyTorch or safetensors weight file ({exc}); pass torchvision's "
+                         "ImageNet or COCO weights (.pth / .safetensors)") from exc
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors")
+    return {k: v for k, v in obj.items() if torch.is_tensor(v)}
+
+
+def backbone_state_from_file(cfg: DetectorConfig, path: str | Path) -> tuple[dict, str]:
+    """Tensors of a weight file that fit this detector, by name and shape.
+
+    Accepts torchvision ImageNet classification weights (``features.*`` of MobileNetV3-Large,
+    ``conv1/layer*`` of ResNet-50: mapped onto the backbone body) and Faster R-CNN checkpoints
+    (COCO: backbone, FPN, RPN and box head; the 91-class predictor does not fit and is skipped).
+    Returns (state dict to load non-strictly, a description for the bundle's provenance).
+    """
+    path = Path(path)
+    src = _read_state(path)
+    target = build_detector(cfg).state_dict()
+    out = {}
+    for k, v in src.items():
+        for name in (k, f"backbone.body.{k[len('features.'):]}" if k.startswith("features.") else None,
+                     f"backbone.body.{k}", k[len("module."):] if k.startswith("module.") else None):
+            if name and name in target and target[name].shape == v.shape:
+                out[name] = v
+                break
+    if not out:
+        raise ValueError(f"{path}: no tensor fits the {cfg.backbone} detector (expected torchvision weights for "
+                         f"{'MobileNetV3-Large' if cfg.backbone == 'mobilenet_v3' else 'ResNet-50'} "
+                         "or a Faster R-CNN checkpoint of the same backbone)")
+    body = sum(1 for k in out if k.startswith("backbone.body."))
+    return out, f"{path.name}: {len(out)} of {len(target)} tensors ({body} in the backbone body)"
+
+
+# -- hyper-parameter search ------------------------------------------------------------------------
+
+
+def search_detector(train: list[AreaSample], val: list[AreaSample], cfg: DetectorConfig, *, trials: int,
+                    epochs: int, time_budget_s: float | None, seed: int = 0, log: Callable[[str], None] = print,
+                    **kw) -> tuple[torch.nn.Module, dict]:
+    """Optuna search over learning rate, momentum, weight decay and schedule (validation AP@0.5).
+
+    Each trial trains with a share of the time budget; the best trial's model is returned, with the
+    trials in ``info["search"]``. Unpromising trials are pruned by the median rule.
+    """
+    import optuna
+
+    if not val:
+        raise ValueError("a hyper-parameter search needs validation images (more than one patient/group)")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    per_trial = time_budget_s / trials if time_budget_s else None
+    best: dict = {"ap": -1.0}
+
+    def objective(trial: optuna.Trial) -> float:
+        params = {"lr": trial.suggest_float("lr", 0.002, 0.05, log=True),
+                  "momentum": trial.suggest_float("momentum", 0.8, 0.95),
+                  "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-3, log=True),
+                  "schedule": trial.suggest_categorical("schedule", list(SCHEDULES))}
+        log(f"  trial {trial.number + 1}/{trials}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else
+                                                                 f"{k} {v}" for k, v in params.items()))
+        model, info = train_detector(train, val, cfg, epochs=epochs, time_budget_s=per_trial, seed=seed + trial.number,
+                                     log=log, trial=trial, **params, **kw)
+        ap = float(info["best"]["AP50"])
+        if ap > best["ap"]:
+            best.update(ap=ap, model=model, info=info, params=params)
+        return ap
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2))
+    study.optimize(objective, n_trials=trials)
+    if "model" not in best:
+        raise RuntimeError("every search trial was pruned or failed; run without --trials")
+    info = dict(best["info"])
+    info["params"] = best["params"]
+    info["search"] = [{"number": t.number, "state": t.state.name, "AP50": t.value, **t.params} for t in study.trials]
+    log(f"  best trial: AP@0.5 {best['ap']:.3f} with " + ", ".join(f"{k} {v}" for k, v in best["params"].items()))
+    return best["model"], info

@@ -19,7 +19,7 @@ from workers.detector import DetectorConfig
 from ..features import feature_names
 from ..pipeline import analyse_slide_local
 from .cells import CellSet, train_cells
-from .data import SlideEntry, area_samples, read_cohort, split_by_patient
+from .data import SlideEntry, area_samples, image_samples, read_cohort, split_by_patient
 from .detector import best_score_threshold, train_detector
 from .enn import train_enn
 
@@ -28,7 +28,7 @@ from .enn import train_enn
 class Geometry:
     """Where and how a bundle looks: working mpp and area size in pixels."""
 
-    mpp: float = 0.5
+    mpp: float | None = 0.5            # None: pictures without a pixel size, used at their own pixels
     area: tuple[int, int] = (640, 480)
 
 
@@ -39,9 +39,11 @@ def _synthetic(entries: list[SlideEntry]) -> bool:
 def open_or_create(out: Path, geometry: Geometry, synthetic: bool, name: str | None = None) -> ModelBundle:
     if (out / "bundle.json").exists():
         b = load_bundle(out, verify=False)
-        if abs(b.mpp - geometry.mpp) < 1e-9 and tuple(b.area_size) == tuple(geometry.area):
+        same_mpp = (b.meta.get("mpp") is None and geometry.mpp is None) or (
+            b.mpp_known and geometry.mpp is not None and abs(b.mpp - geometry.mpp) < 1e-9)
+        if same_mpp and tuple(b.area_size) == tuple(geometry.area):
             if synthetic and not b.synthetic:
-                b = create_bundle(out, name=b.name, mpp=b.mpp, area_size=b.area_size, heads=b.heads, synthetic=True)
+                b = create_bundle(out, name=b.name, mpp=b.meta.get("mpp"), area_size=b.area_size, heads=b.heads, synthetic=True)
             return b
     return create_bundle(out, name=name or out.name, mpp=geometry.mpp, area_size=geometry.area, heads=list(HEADS),
                          synthetic=synthetic,
@@ -58,21 +60,60 @@ def collect_samples(entries: list[SlideEntry], geometry: Geometry, log: Callable
     return out
 
 
+def anchor_diameters(samples: list, pixels: bool) -> tuple[float, ...]:
+    """Anchor sizes per pyramid level: cell diameters in µm, or (``pixels``: pictures without a pixel
+    size) half, one, two and four times the median annotated box size in pixels."""
+    if not pixels:
+        return DetectorConfig.cell_diameters_um
+    sizes = [np.sqrt(np.prod(s.boxes[:, 2:] - s.boxes[:, :2], axis=1)) for s in samples if len(s.boxes)]
+    d = float(np.median(np.concatenate(sizes))) if sizes else 24.0
+    return tuple(round(d * f, 1) for f in (0.5, 1.0, 2.0, 4.0))
+
+
 def step_detector(bundle: ModelBundle, train_s: list, val_s: list, *, backbone: str = "mobilenet_v3",
                   epochs: int = 60, budget_s: float | None = None, seed: int = 0, init: ModelBundle | None = None,
-                  log: Callable[[str], None] = print) -> dict:
-    cfg = DetectorConfig(backbone=backbone, mpp=bundle.mpp)
+                  backbone_weights: Path | None = None, trials: int = 0, test_s: list | None = None,
+                  source: str = "", log: Callable[[str], None] = print) -> dict:
+    """Train (or search, ``trials``) the detector and save it into ``bundle`` with its test metrics."""
+    from .detector import backbone_state_from_file, evaluate_detector, search_detector
+
+    pixels = not bundle.mpp_known
+    if init is not None:
+        init_cfg = DetectorConfig.from_json(init.part("detector")["config"])
+        if init_cfg.backbone != backbone:
+            log(f"  --init bundle has a {init_cfg.backbone} detector: using that backbone")
+        cfg = DetectorConfig.from_json(init_cfg.to_json())
+        cfg.mpp, cfg.mpp_known = (1.0, False) if pixels else (bundle.mpp, True)
+    else:
+        cfg = DetectorConfig(backbone=backbone, mpp=1.0 if pixels else bundle.mpp, mpp_known=not pixels,
+                             cell_diameters_um=anchor_diameters(train_s, pixels))
     init_state = init.load_tensors("detector") if init is not None else None
-    log(f"Training the cell detector ({backbone}, {len(train_s)} training areas, {len(val_s)} validation areas)")
-    model, info = train_detector(train_s, val_s, cfg, epochs=epochs, time_budget_s=budget_s, seed=seed,
-                                 init_state=init_state, log=log)
+    bb_state, bb_note = None, "none (from scratch)"
+    if backbone_weights is not None and init is None:
+        bb_state, bb_note = backbone_state_from_file(cfg, backbone_weights)
+        log(f"  starting weights {bb_note}")
+    unit = "px" if pixels else "µm"
+    log(f"Training the cell detector ({cfg.backbone}, {len(train_s)} training areas, {len(val_s)} validation, "
+        f"{len(test_s or [])} test; anchors {', '.join(f'{d:g}' for d in cfg.cell_diameters_um)} {unit})")
+    kw = dict(epochs=epochs, time_budget_s=budget_s, seed=seed, init_state=init_state, backbone_state=bb_state, log=log)
+    if trials and trials > 1:
+        model, info = search_detector(train_s, val_s, cfg, trials=trials, **kw)
+    else:
+        model, info = train_detector(train_s, val_s, cfg, **kw)
     if val_s:
         cfg.score_threshold = best_score_threshold(model, cfg, val_s)
     metrics = {"validation": info["best"], "epochs": len(info["history"]), "seconds": info["seconds"],
                "train_areas": info["train_areas"], "val_areas": info["val_areas"]}
+    if "params" in info:
+        metrics["search"] = {"best": info["params"], "trials": info["search"]}
+    if test_s:
+        t = evaluate_detector(model, cfg, test_s)
+        metrics["test"] = {k: t[k] for k in ("AP50", "AP", "AR50", "AR", "images")}
+        log(f"  test ({len(test_s)} areas never used in training): AP@0.5 {t['AP50']:.3f}, AP {t['AP']:.3f}, "
+            f"AR@0.5 {t['AR50']:.3f}")
     save_part(bundle, "detector", model.state_dict(), config=cfg.to_json(), metrics=metrics,
-              provenance={"init": str(init.path) if init else "scratch", "backbone_weights": "none (from scratch)",
-                          "seed": seed})
+              provenance={"init": str(init.path) if init else "scratch", "backbone_weights": bb_note,
+                          "seed": seed, "source": source, "trials": trials})
     log(f"  detector: validation AP@0.5 {info['best']['AP50']:.3f} (epoch {info['best']['epoch']}), "
         f"score threshold {cfg.score_threshold:.2f}")
     return metrics
@@ -156,3 +197,29 @@ def train_all(cohort: Path, out: Path, *, geometry: Geometry | None = None, dete
     bundle = load_bundle(out)
     step_enn(bundle, enn_part, min_cells=min_cells, max_areas=max_areas, target_cells=target_cells, seed=seed, log=log)
     return load_bundle(out)
+
+
+def picture_samples(via: Path | None, voc: Path | None, images: Path | None, classes: list[str] | None,
+                    image_mpp: float | None, work_mpp: float | None, log: Callable[[str], None] = print) -> list:
+    """Annotated pictures of a VIA project or a VOC folder as samples, boxes kept for ``classes`` only."""
+    from ..annotations import filter_classes, read_via, read_voc
+
+    items = read_via(via, images) if via is not None else read_voc(voc, images)
+    n_all = sum(len(it.boxes) for it in items)
+    items = filter_classes(items, classes)
+    n = sum(len(it.boxes) for it in items)
+    if n == 0:
+        found = sorted({lab for it in (read_via(via, images) if via else read_voc(voc, images)) for lab in it.labels})
+        raise ValueError(f"{via or voc}: no boxes left for --classes {','.join(classes or [])} "
+                         f"(labels found: {', '.join(found) or 'none'})")
+    log(f"  {len(items)} pictures, {n} boxes" + (f" of {n_all} (classes {','.join(classes)})" if classes else ""))
+    return image_samples(items, image_mpp, work_mpp)
+
+
+def picture_geometry(samples: list, mpp: float | None) -> Geometry:
+    """The bundle geometry of pictures: their most common size, at ``mpp`` (None: their own pixels)."""
+    sizes: dict[tuple[int, int], int] = {}
+    for s in samples:
+        key = (int(s.image.shape[1]), int(s.image.shape[0]))
+        sizes[key] = sizes.get(key, 0) + 1
+    return Geometry(mpp=mpp, area=max(sizes, key=sizes.get) if sizes else (640, 480))
