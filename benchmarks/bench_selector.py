@@ -11,8 +11,10 @@ and 6 without a monolayer zone (12000x9000 px at 0.25 µm/px: 3 x 2.25 mm), sele
 
 - the share of slides ending ``inconclusive`` (should be ~0 for sharp groups, 100 % for defects),
 - the share of chosen areas lying in the monolayer zone (>= 90 % of the area) and in focus (truth
-  blur < 1 µm everywhere in the area), and the number of chosen areas overlapping a blurred patch
-  (truth blur >= 1 µm anywhere in the area).
+  blur < 1 µm everywhere in the area), the number of chosen areas overlapping a blurred patch
+  (truth blur >= 1 µm anywhere in the area) and the worst truth blur inside a chosen area,
+- for each slide whose status is unexpected, the share of the slide where the truth would have
+  allowed a usable area (0 %: ``inconclusive`` was right after all).
 
 Speed (one process, one core): ``--timing SLIDE [SLIDE ...]`` selects 2560x1920-px areas at
 0.125 µm/px on each slide and prints seconds and decoded megapixels.
@@ -64,6 +66,18 @@ def truth_stats(truth_dir: Path, truth: dict, box, slide_mpp: float) -> tuple[fl
     return float((z[sl] == 2).mean()), float(b[sl].max())
 
 
+def usable_share(truth_dir: Path, truth: dict, area_um: tuple[float, float]) -> float:
+    """Share of the slide where an area could start and lie >= 90 % in the monolayer, all in focus (truth)."""
+    from scipy import ndimage
+
+    maps = np.load(truth_dir / truth["maps"])
+    z, b, m = maps["zones"], maps["blur"].astype(np.float32), float(maps["map_mpp"])
+    size = (int(np.ceil(area_um[1] / m)), int(np.ceil(area_um[0] / m)))
+    mono = ndimage.uniform_filter((z == 2).astype(np.float32), size, mode="constant")
+    sharp = ndimage.minimum_filter((b < BLUR_LIMIT_UM).astype(np.float32), size, mode="constant")
+    return float(((mono >= 0.9) & (sharp > 0.5)).mean())
+
+
 def agreement(root: Path, area=(512, 384), area_mpp=0.5) -> dict:
     from tile_selector.select import SelectorConfig, select_areas
     from tile_selector.slide import open_slide
@@ -81,7 +95,8 @@ def agreement(root: Path, area=(512, 384), area_mpp=0.5) -> dict:
             stats = [truth_stats(folder / "truth", truth, a.box, slide.mpp) for a in sel.areas]
             rows.append({"slide": path.name, "status": sel.status, "reason": sel.reason, "seconds": dt,
                          "areas": len(sel.areas), "mono": [s[0] for s in stats], "blur": [s[1] for s in stats],
-                         "theta": (truth.get("smear") or {}).get("theta_deg")})
+                         "theta": (truth.get("smear") or {}).get("theta_deg"),
+                         "usable_share": usable_share(folder / "truth", truth, (area[0] * area_mpp, area[1] * area_mpp))})
         areas = [(m, b) for r in rows for m, b in zip(r["mono"], r["blur"])]
         good = sum(1 for m, b in areas if m >= 0.9 and b < BLUR_LIMIT_UM)
         report[name] = {
@@ -91,6 +106,7 @@ def agreement(root: Path, area=(512, 384), area_mpp=0.5) -> dict:
             "areas_mono_and_in_focus": good,
             "areas_in_mono": sum(1 for m, _ in areas if m >= 0.9),
             "areas_overlapping_blur": sum(1 for _, b in areas if b >= BLUR_LIMIT_UM),
+            "worst_blur_um": max((b for _, b in areas), default=0.0),
             "seconds_per_slide": float(np.mean([r["seconds"] for r in rows])) if rows else 0.0,
             "rows": rows,
         }
@@ -99,18 +115,19 @@ def agreement(root: Path, area=(512, 384), area_mpp=0.5) -> dict:
 
 def print_agreement(report: dict) -> None:
     print(f"{'group':28s} {'slides':>6s} {'inconcl.':>9s} {'areas':>6s} {'mono+focus':>11s} {'mono':>6s} "
-          f"{'on blur':>8s} {'s/slide':>8s}")
+          f"{'on blur':>8s} {'max blur':>9s} {'s/slide':>8s}")
     for name, g in report.items():
         share = g["areas_mono_and_in_focus"] / g["areas"] if g["areas"] else float("nan")
         mono = g["areas_in_mono"] / g["areas"] if g["areas"] else float("nan")
         inc = g["inconclusive"] / g["slides"] if g["slides"] else float("nan")
         print(f"{name:28s} {g['slides']:6d} {inc:9.0%} {g['areas']:6d} {share:11.1%} {mono:6.1%} "
-              f"{g['areas_overlapping_blur']:8d} {g['seconds_per_slide']:8.2f}")
+              f"{g['areas_overlapping_blur']:8d} {g['worst_blur_um']:7.2f}µm {g['seconds_per_slide']:8.2f}")
     for name, g in report.items():
         for r in g["rows"]:
             expected_inconclusive = name in DEFECT_GROUPS
             if (r["status"] == "inconclusive") != expected_inconclusive:
-                print(f"  {name}: {r['slide']} {r['status']} {r['reason']}")
+                print(f"  {name}: {r['slide']} {r['status']} {r['reason']} (truth: usable areas could start on "
+                      f"{r['usable_share']:.2%} of the slide)")
 
 
 def timing(paths: list[str]) -> None:
