@@ -16,6 +16,8 @@ and 6 without a monolayer zone (12000x9000 px at 0.25 µm/px: 3 x 2.25 mm), sele
 - for each slide whose status is unexpected, the share of the slide where the truth would have
   allowed a usable area (0 %: ``inconclusive`` was right after all).
 
+Overview against the truth: ``--overview SLIDE OUT.png``.
+
 Speed (one process, one core): ``--timing SLIDE [SLIDE ...]`` selects 2560x1920-px areas at
 0.125 µm/px on each slide and prints seconds and decoded megapixels.
 """
@@ -144,13 +146,53 @@ def timing(paths: list[str]) -> None:
               f"{sel.status}, {len(sel.areas)} areas, {sel.candidates} candidates, timings {sel.timings}")
 
 
+def truth_overview(slide_path: str, out_png: str, area=(512, 384), area_mpp=0.5) -> None:
+    """Side by side: the selector's overview (its own zones) and the same areas on the truth zones,
+    with the truth's out-of-focus parts (blur >= 1 µm) hatched."""
+    from PIL import Image, ImageDraw
+
+    from tile_selector.overview import overview_image
+    from tile_selector.select import SelectorConfig, select_areas
+    from tile_selector.slide import open_slide
+
+    path = Path(slide_path)
+    truth = json.loads((path.parent / "truth" / f"{path.stem}.json").read_text())
+    maps = np.load(path.parent / "truth" / truth["maps"])
+    slide = open_slide(path)
+    sel = select_areas(slide, area, area_mpp, SelectorConfig())
+    left = overview_image(sel, slide.dimensions)
+    h, w = sel.zone_map.shape
+    z = np.asarray(Image.fromarray(maps["zones"]).resize((w, h), Image.Resampling.NEAREST))
+    blur = np.asarray(Image.fromarray(maps["blur"].astype(np.float32)).resize((w, h), Image.Resampling.NEAREST))
+    sel.zone_map = z
+    right = overview_image(sel, slide.dimensions)
+    hatch = np.asarray(Image.fromarray(((blur >= BLUR_LIMIT_UM) * 255).astype(np.uint8)).resize(right.size))
+    r = np.asarray(right).copy()
+    yy, xx = np.mgrid[0:r.shape[0], 0:r.shape[1]]
+    r[(hatch > 0) & (((xx + yy) // 4) % 3 == 0)] = (40, 40, 40)
+    right = Image.fromarray(r)
+    ImageDraw.Draw(left).text((4, left.size[1] - 14), "selector's own zone estimate", fill=(0, 0, 0))
+    ImageDraw.Draw(right).text((4, right.size[1] - 14), "ground truth zones; hatched: blur >= 1 um",
+                               fill=(0, 0, 0))
+    both = Image.new("RGB", (left.size[0] + right.size[0] + 8, max(left.size[1], right.size[1])), (255, 255, 255))
+    both.paste(left, (0, 0))
+    both.paste(right, (left.size[0] + 8, 0))
+    both.save(out_png)
+    print(f"{out_png}: {len(sel.areas)} areas of {path.name}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cohort", type=Path, default=Path("/tmp/selector-cohort"))
     ap.add_argument("--seed-offset", type=int, default=0, help="-100 gives the tuning cohort (seeds 601-605)")
     ap.add_argument("--timing", nargs="*", default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--overview", nargs=2, metavar=("SLIDE", "OUT_PNG"), default=None,
+                    help="draw the chosen areas on the selector's zones and on the truth zones")
     args = ap.parse_args()
+    if args.overview:
+        truth_overview(*args.overview)
+        return
     if args.timing:
         timing(args.timing)
         return
