@@ -27,7 +27,7 @@ def run_demo(out: Path, quick: bool = False, log: Callable[[str], None] = print)
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    size = (8000, 6000)
+    size = (12000, 9000)  # 3 x 2.25 mm: enough monolayer for several areas on most smears
     mpp = 0.25
     n_train = 3 if quick else 5
     n_test = 1 if quick else 3

@@ -40,7 +40,8 @@ def _score_images(det, cfg, device, samples, name) -> dict:
 
 
 def evaluate_detector(bundle_dir: Path, entries: list[SlideEntry], log: Callable[[str], None] = print) -> dict:
-    """COCO AP/AR of the detector on the areas the selector picks in ``entries`` (truth boxes)."""
+    """COCO AP/AR of the detector on the areas the selector picks in ``entries`` (filled up with areas of
+    the truth's monolayer zone where it picks fewer than six), against the truth boxes."""
     bundle = load_bundle(bundle_dir)
     det, cfg, dev = load_detector(bundle)
     samples = []

@@ -109,8 +109,10 @@ def _truth_in_area(truth: dict, box_l0, size, types: tuple[str, ...] | None, min
 
 
 def random_smear_boxes(truth: dict, slide_dims: tuple[int, int], box_px0: tuple[float, float], n: int,
-                       rng: np.random.Generator, maps_dir: Path) -> list[tuple[float, float, float, float]]:
-    """Up to ``n`` random boxes lying on the smear (any zone), from the truth's zone map."""
+                       rng: np.random.Generator, maps_dir: Path,
+                       monolayer: bool = False) -> list[tuple[float, float, float, float]]:
+    """Up to ``n`` random boxes lying on the smear (any zone; ``monolayer``: in the truth's monolayer
+    zone), from the truth's zone map."""
     maps = np.load(maps_dir / truth["maps"])
     zones, map_mpp = maps["zones"], float(maps["map_mpp"])
     mpp = float(truth["mpp"])
@@ -124,7 +126,7 @@ def random_smear_boxes(truth: dict, slide_dims: tuple[int, int], box_px0: tuple[
         zx0, zy0 = int(x0 * mpp / map_mpp), int(y0 * mpp / map_mpp)
         zx1, zy1 = int((x0 + box_px0[0]) * mpp / map_mpp) + 1, int((y0 + box_px0[1]) * mpp / map_mpp) + 1
         z = zones[zy0:zy1, zx0:zx1]
-        if z.size and (z > 0).mean() > 0.9:
+        if z.size and ((z == 2).mean() >= 0.9 if monolayer else (z > 0).mean() > 0.9):
             out.append((x0, y0, x0 + box_px0[0], y0 + box_px0[1]))
     return out
 
@@ -132,17 +134,25 @@ def random_smear_boxes(truth: dict, slide_dims: tuple[int, int], box_px0: tuple[
 def area_samples(entry: SlideEntry, area_size: tuple[int, int], area_mpp: float, *, n_selected: int = 6,
                  n_random: int = 2, types: tuple[str, ...] | None = DEFAULT_DETECT_TYPES, seed: int = 0,
                  reader: str = "auto") -> list[AreaSample]:
-    """Areas of one slide (selector's choice + random smear areas) with their truth cells."""
+    """Areas of one slide with their truth cells: the selector's choice (filled up to ``n_selected``
+    with random areas of the truth's monolayer zone when it finds fewer) plus ``n_random`` random
+    smear areas of any zone."""
     truth = entry.truth()
     slide = open_slide(entry.path, reader=reader)
     try:
         sel = select_areas(slide, area_size, area_mpp, SelectorConfig(max_areas=n_selected, target_cells=0))
         boxes = [(a.box, True) for a in sel.areas]
-        if not truth.get("plain") and n_random:
+        if not truth.get("plain"):
             rng = np.random.default_rng([seed, zlib.crc32(entry.slide.encode())])
             px0 = (area_size[0] * area_mpp / slide.mpp_x, area_size[1] * area_mpp / slide.mpp_y)
-            boxes += [(b, False) for b in random_smear_boxes(truth, slide.dimensions, px0, n_random, rng,
-                                                               entry.truth_path.parent)]
+            if len(boxes) < n_selected:
+                # the selector is strict (a scan wants only the best areas); training also needs
+                # slides where it found few: fill up with areas the truth puts in the monolayer
+                boxes += [(b, False) for b in random_smear_boxes(truth, slide.dimensions, px0, n_selected - len(boxes),
+                                                                   rng, entry.truth_path.parent, monolayer=True)]
+            if n_random:
+                boxes += [(b, False) for b in random_smear_boxes(truth, slide.dimensions, px0, n_random, rng,
+                                                                   entry.truth_path.parent)]
         out = []
         for box, selected in boxes:
             img = slide.read_area(box, area_size).image
