@@ -106,6 +106,7 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     t_start = time.time()
     bundle = load_bundle(opts.bundle)
     bundle.require("detector", "cells", "slide_nets")
+    _ = bundle.mpp  # a bundle trained on pictures without a pixel size cannot scan: say so before any slide
     nets = SlideNets.from_bundle(bundle)
     if bundle.synthetic:
         log(f"WARNING: bundle {bundle.name} was trained on synthetic data: demo model, not for diagnosis.")

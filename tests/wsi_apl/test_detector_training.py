@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from tests.conftest import testdata
-from workers.bundle import load_bundle
+from workers.bundle import BundleError, load_bundle
 from workers.detector import DetectorConfig, build_detector
 from wsi_apl.cli import main
 
@@ -62,6 +62,8 @@ def test_propose_edit_train_round_trip(tmp_path):
     assert "18 boxes" in out
     b = load_bundle(bundle)
     assert not b.mpp_known and tuple(b.area_size) == (160, 128)
+    with pytest.raises(BundleError, match="retrain with --mpp"):
+        _ = b.mpp  # no physical scale: such a bundle cannot scan slides
     det = b.part("detector")
     assert det["config"]["mpp_known"] is False
     # anchors follow the annotated cells (24 px boxes) when the pictures have no pixel size
