@@ -43,6 +43,6 @@ def scale_jitter(img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, l
     f = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
     h, w = img.shape[:2]
     nw, nh = max(8, int(round(w * f))), max(8, int(round(h * f)))
-    out = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR))
+    out = np.array(Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR))  # writable, for torch
     b = np.asarray(boxes, np.float32).reshape(-1, 4) * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
     return out, b

@@ -212,7 +212,7 @@ def image_samples(items: list, image_mpp: float | None = None, work_mpp: float |
             w, h = img.size
             img = img.resize((max(1, int(round(w * f))), max(1, int(round(h * f)))), Image.Resampling.LANCZOS)
             boxes = boxes * np.float32(f)
-        arr = np.asarray(img)
+        arr = np.array(img)
         out.append(AreaSample(it.image.stem, it.group, "", arr, boxes, list(it.labels),
                               np.zeros(len(boxes), bool), (0.0, 0.0, float(arr.shape[1]), float(arr.shape[0])),
                               True, {"image": str(it.image)}))
