@@ -120,6 +120,21 @@ def build_detector(cfg: DetectorConfig) -> FasterRCNN:
     return model
 
 
+def capacity(cfg: DetectorConfig, shape: tuple[int, int]) -> int:
+    """Most cells an image of ``shape`` (h, w) can hold: ``cfg.max_detections``, or more for a picture
+    larger than an area, at one cell per (1.5 x a typical cell diameter)² of it."""
+    pitch = 1.5 * cfg.cell_diameters_um[min(1, len(cfg.cell_diameters_um) - 1)] / cfg.mpp
+    return max(cfg.max_detections, int(shape[0] * shape[1] / max(pitch * pitch, 1.0)))
+
+
+def set_capacity(model: FasterRCNN, cfg: DetectorConfig, shape: tuple[int, int]) -> None:
+    """Let the RPN proposals and the detections per image grow with a large picture's capacity."""
+    n = capacity(cfg, shape)
+    model.roi_heads.detections_per_img = n
+    model.rpn._pre_nms_top_n["testing"] = max(4000, 4 * n)
+    model.rpn._post_nms_top_n["testing"] = max(2000, 2 * n)
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """(h, w, 3) uint8 -> (3, h, w) float in [0, 1]."""
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
@@ -135,6 +150,7 @@ def detect(model: FasterRCNN, image: np.ndarray, cfg: DetectorConfig, device: st
     """
     thr = cfg.score_threshold if score_threshold is None else score_threshold
     model.eval()
+    set_capacity(model, cfg, image.shape[:2])
     x = to_tensor(image).to(device)
     use_amp = torch.device(device).type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):

@@ -158,3 +158,15 @@ def test_area_input_is_not_downscaled_at_the_paper_size():
     model = build_detector(cfg).eval()
     images, _ = model.transform([torch.zeros(3, 1920, 2560)])
     assert tuple(images.tensors.shape[-2:]) == (1920, 2560) and images.image_sizes[0] == (1920, 2560)
+
+
+def test_detection_capacity_grows_with_large_pictures():
+    """An area keeps the >= 1000 cap; a picture 25x larger may hold more cells than that."""
+    from workers.detector import capacity, set_capacity
+
+    cfg = DetectorConfig(mpp=0.5)
+    assert capacity(cfg, (384, 512)) == 1000
+    model = build_detector(cfg)
+    set_capacity(model, cfg, (1920, 2560))
+    assert model.roi_heads.detections_per_img > 3000
+    assert model.rpn._post_nms_top_n["testing"] >= 2 * model.roi_heads.detections_per_img
