@@ -137,7 +137,8 @@ def set_capacity(model: FasterRCNN, cfg: DetectorConfig, shape: tuple[int, int])
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """(h, w, 3) uint8 -> (3, h, w) float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    arr = image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
 @torch.inference_mode()

@@ -146,3 +146,11 @@ def _crash_while_writing(results, name):
 
     store._publish = lambda *a: os._exit(3)  # killed after writing everything, before the rename
     _write_group(results, name)
+
+
+def test_coco_metrics_count_every_cell_of_a_dense_image():
+    """1500 cells found exactly: AP and AR are 1 (COCO's default caps would stop at 100 or 1000)."""
+    xs, ys = np.meshgrid(np.arange(50) * 20.0, np.arange(30) * 20.0)
+    gt = np.stack([xs.ravel(), ys.ravel(), xs.ravel() + 12, ys.ravel() + 12], axis=1)
+    m = coco_metrics([(gt, np.linspace(0.99, 0.5, len(gt)), gt)])
+    assert m["AP50"] == pytest.approx(1.0) and m["AR50"] == pytest.approx(1.0)
