@@ -1,11 +1,18 @@
-"""Cell classifiers: one shared backbone, one binary head per finding.
+"""Cell classifiers: one binary head per finding, on one shared backbone or one backbone per head.
 
 Heads: ``myeloblast``, ``promyelocyte``, ``auer_rod`` (more may follow). Each head is 1-3 fully
 connected layers with dropout, as in the paper. Crops have a fixed physical context (``crop_um``
 around the cell centre) resized to ``crop_px``, so a cell's size survives (the paper stretched tight
 boxes to 299x299, which throws size away).
 
-Backbones: ``small`` (a compact CNN for CPUs and the demo).
+Backbones: ``small`` (a compact CNN for CPUs and the demo) and ``xception`` (layer for layer Keras'
+Xception, :mod:`workers.xception`, 299x299 inputs preprocessed like Keras: ``x / 127.5 - 1``).
+With ``separate`` each head has its own backbone: the paper's layout of one network per finding
+(``wsi-apl bundle import-keras`` builds it from Keras models).
+
+Heads are ``Dropout, [Linear(k), ReLU, Dropout] * len(hidden), Linear(1)``: the hidden sizes are
+``head_sizes[head]`` when given (an imported Keras dense stack), else ``head_layers`` times
+``head_hidden``. ``forward`` always returns one logit per head.
 """
 
 from __future__ import annotations
@@ -17,7 +24,12 @@ import torch
 from torch import nn
 
 HEADS = ("myeloblast", "promyelocyte", "auer_rod")
-CLASSIFIER_BACKBONES = ("small",)
+CLASSIFIER_BACKBONES = ("small", "xception")
+# per backbone: input size and normalisation of [0, 1] pixels (xception: Keras' x / 127.5 - 1)
+BACKBONE_DEFAULTS = {
+    "small": {"crop_px": 64, "image_mean": (0.8, 0.7, 0.8), "image_std": (0.2, 0.2, 0.2)},
+    "xception": {"crop_px": 299, "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)},
+}
 
 
 @dataclass
@@ -25,14 +37,30 @@ class CellConfig:
     backbone: str = "small"
     heads: tuple[str, ...] = HEADS
     crop_um: float = 32.0          # physical context around the cell centre
-    crop_px: int = 64              # network input size
+    crop_px: int = 0               # network input size; 0: the backbone's (small 64, xception 299)
     width: int = 32                # channels of the first stage (small backbone)
     head_layers: int = 1           # hidden layers per head (0-2) before the output
     head_hidden: int = 128
     dropout: float = 0.3
     thresholds: dict = field(default_factory=dict)  # head -> probability threshold (hard counts)
-    image_mean: tuple[float, float, float] = (0.8, 0.7, 0.8)
-    image_std: tuple[float, float, float] = (0.2, 0.2, 0.2)
+    image_mean: tuple[float, ...] = ()  # empty: the backbone's normalisation of [0, 1] pixels
+    image_std: tuple[float, ...] = ()
+    separate: bool = False         # one backbone per head (the paper's one network per finding)
+    head_sizes: dict = field(default_factory=dict)  # head -> hidden sizes, overriding head_layers x head_hidden
+
+    def __post_init__(self):
+        if self.backbone not in BACKBONE_DEFAULTS:
+            raise ValueError(f"unknown cell backbone {self.backbone!r}; choose one of {', '.join(CLASSIFIER_BACKBONES)}")
+        d = BACKBONE_DEFAULTS[self.backbone]
+        if not self.crop_px:
+            self.crop_px = d["crop_px"]
+        self.image_mean = tuple(self.image_mean) or d["image_mean"]
+        self.image_std = tuple(self.image_std) or d["image_std"]
+
+    def hidden_sizes(self, head: str) -> list[int]:
+        if head in self.head_sizes:
+            return [int(k) for k in self.head_sizes[head]]
+        return [self.head_hidden] * self.head_layers
 
     @property
     def crop_mpp(self) -> float:
@@ -46,6 +74,7 @@ class CellConfig:
         d["heads"] = list(self.heads)
         d["image_mean"] = list(self.image_mean)
         d["image_std"] = list(self.image_std)
+        d["head_sizes"] = {h: [int(k) for k in v] for h, v in self.head_sizes.items()}
         return d
 
     @classmethod
@@ -80,37 +109,60 @@ class SmallBackbone(nn.Module):
 
 
 class Head(nn.Module):
-    def __init__(self, n_in: int, layers: int, hidden: int, dropout: float):
+    """``Dropout, [Linear, ReLU, Dropout] * layers, Linear(1)``; ``sizes`` (hidden sizes) overrides
+    ``layers`` x ``hidden``. The Linear layers sit at ``net.1``, ``net.4``, ... (``linear_indices``)."""
+
+    def __init__(self, n_in: int, layers: int, hidden: int, dropout: float, sizes: list[int] | None = None):
         super().__init__()
+        sizes = [hidden] * layers if sizes is None else list(sizes)
         mods: list[nn.Module] = [nn.Dropout(dropout)]
         n = n_in
-        for _ in range(layers):
-            mods += [nn.Linear(n, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
-            n = hidden
+        for k in sizes:
+            mods += [nn.Linear(n, k), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            n = k
         mods.append(nn.Linear(n, 1))
         self.net = nn.Sequential(*mods)
+
+    def linear_indices(self) -> list[int]:
+        return [i for i, m in enumerate(self.net) if isinstance(m, nn.Linear)]
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         return self.net(f).squeeze(1)
 
 
+def build_backbone(cfg: CellConfig) -> nn.Module:
+    """A backbone with an ``out_features`` attribute, mapping normalised images to feature vectors."""
+    if cfg.backbone == "xception":
+        from .xception import Xception
+
+        return Xception()
+    return SmallBackbone(cfg.width)
+
+
 class CellClassifier(nn.Module):
-    """Shared backbone, one binary head per finding; ``forward`` returns logits (batch, heads)."""
+    """One binary head per finding on a shared backbone (``backbone``) or, with ``cfg.separate``, on
+    its own backbone (``backbones[head]``); ``forward`` returns logits (batch, heads)."""
 
     def __init__(self, cfg: CellConfig):
         super().__init__()
-        if cfg.backbone != "small":
-            raise ValueError(f"unknown cell backbone {cfg.backbone!r}; choose one of {', '.join(CLASSIFIER_BACKBONES)}")
         self.cfg = cfg
-        self.backbone = SmallBackbone(cfg.width)
-        self.heads = nn.ModuleDict({h: Head(self.backbone.out_features, cfg.head_layers, cfg.head_hidden,
-                                            cfg.dropout) for h in cfg.heads})
+        if cfg.separate:
+            self.backbones = nn.ModuleDict({h: build_backbone(cfg) for h in cfg.heads})
+            n_in = self.backbones[cfg.heads[0]].out_features if cfg.heads else 0
+        else:
+            self.backbone = build_backbone(cfg)
+            n_in = self.backbone.out_features
+        self.heads = nn.ModuleDict({h: Head(n_in, cfg.head_layers, cfg.head_hidden, cfg.dropout,
+                                            cfg.hidden_sizes(h)) for h in cfg.heads})
         self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.image_std).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (batch, 3, crop_px, crop_px) floats in [0, 1]."""
-        f = self.backbone((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        if self.cfg.separate:
+            return torch.stack([self.heads[h](self.backbones[h](x)) for h in self.cfg.heads], dim=1)
+        f = self.backbone(x)
         return torch.stack([self.heads[h](f) for h in self.cfg.heads], dim=1)
 
 
