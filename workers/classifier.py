@@ -171,20 +171,31 @@ def crops_to_tensor(crops: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-@torch.inference_mode()
+#: On a CPU a batch is kept to about this many input pixels (4 crops of 299x299): larger batches
+#: fall out of the caches and run slower per crop (measured on Xception: 0.07 s per crop at 4,
+#: 0.15 s at 32, channels-last).
+CPU_BATCH_PIXELS = 4 * 299 * 299
+
+
 def classify(model: CellClassifier, crops: np.ndarray, device: str | torch.device = "cpu",
              batch_size: int = 256) -> np.ndarray:
-    """Probabilities (n, heads) for crops (n, crop_px, crop_px, 3) uint8, in batches."""
+    """Probabilities (n, heads) for crops (n, crop_px, crop_px, 3) uint8, in batches.
+
+    ``torch.inference_mode``, channels-last memory (about twice as fast on this project's CPUs and
+    on GPUs), bf16 autocast on CUDA; on a CPU the batch is capped by :data:`CPU_BATCH_PIXELS`.
+    """
     model.eval()
     n = len(crops)
     out = np.zeros((n, len(model.cfg.heads)), np.float32)
     dev = torch.device(device)
     use_amp = dev.type == "cuda"
-    for i in range(0, n, batch_size):
-        x = crops_to_tensor(crops[i:i + batch_size]).to(dev)
-        if dev.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(x)
-        out[i:i + batch_size] = torch.sigmoid(logits.float()).cpu().numpy()
+    if dev.type == "cpu":
+        batch_size = max(1, min(batch_size, CPU_BATCH_PIXELS // max(1, model.cfg.crop_px ** 2)))
+    model.to(memory_format=torch.channels_last)  # outside inference mode: the weights stay trainable
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            x = crops_to_tensor(crops[i:i + batch_size]).to(dev).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                logits = model(x)
+            out[i:i + batch_size] = torch.sigmoid(logits.float()).cpu().numpy()
     return out
