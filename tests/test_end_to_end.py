@@ -107,3 +107,19 @@ def test_train_scan_resume(trained):
     assert r3.exit_code == 0
     st = json.loads(r3.output)
     assert st["counts"]["failed"] == 2 and sum(st["counts"].values()) == 7
+
+
+def test_evaluate_cells_on_detected_cells(trained):
+    """`evaluate cells --detected` classifies the detector's boxes matched to the truth, with curves."""
+    root, bundle = trained
+    r = CliRunner().invoke(main, ["evaluate", "cells", "--bundle", str(bundle.path), "--truth", str(root / "cohort"),
+                                  "--detected", "--curves", str(root / "curves"), "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output[r.output.index("{"):])
+    assert m["boxes"] == "detected" and m["missed_by_detector"] >= 0 and m["cells"] > 0
+    for head in ("myeloblast", "promyelocyte", "auer_rod"):
+        h = m["heads"][head]
+        assert {"auroc", "auroc_ci", "auprc", "confusion"} <= set(h)
+        c = h["confusion"]
+        assert c["tp"] + c["fp"] + c["tn"] + c["fn"] == h["n"]
+        assert (root / "curves" / f"{head}.png").stat().st_size > 1000

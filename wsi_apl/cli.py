@@ -407,14 +407,19 @@ def evaluate_detector_cmd(bundle_dir, via, voc, cohort, images, classes, mpp, as
 @evaluate.command("cells")
 @click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--detected", is_flag=True,
+              help="Classify the detector's cells (matched to the truth) instead of the truth boxes.")
+@click.option("--curves", "curves_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write ROC and precision-recall curves per head as PNG into this folder.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def evaluate_cells_cmd(bundle_dir, cohort, as_json, out) -> None:
-    """Per-head AUROC / AUPRC with bootstrap 95 % CI on ground-truth cells."""
+def evaluate_cells_cmd(bundle_dir, cohort, detected, curves_dir, as_json, out) -> None:
+    """Per-head AUROC / AUPRC with bootstrap 95 % CI and the confusion at each head's threshold."""
     from .evaluate import evaluate_cells
     from .train.data import read_cohort
 
-    m = evaluate_cells(bundle_dir, read_cohort(cohort), log=(lambda s: None) if as_json else click.echo)
+    m = evaluate_cells(bundle_dir, read_cohort(cohort), detected=detected, curves_dir=curves_dir,
+                       log=(lambda s: None) if as_json else click.echo)
     _dump(m, as_json, out)
 
 

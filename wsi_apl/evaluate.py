@@ -71,12 +71,38 @@ def evaluate_detector_pictures(bundle_dir: Path, via: Path | None, voc: Path | N
     return _score_images(det, cfg, dev, samples, "image")
 
 
-def evaluate_cells(bundle_dir: Path, entries: list[SlideEntry], log: Callable[[str], None] = print) -> dict:
-    """Per-head AUROC / AUPRC with bootstrap CIs (resampling patients) on ground-truth cell boxes."""
+def detected_samples(samples: list, det, cfg, device) -> tuple[list, int]:
+    """The samples with their *detected* cells instead of the truth boxes: each detection takes the
+    type and Auer-rod label of the truth cell it matches (IoU >= 0.5); an unmatched detection is
+    negative for every head (a spurious box is no myeloblast). Returns (samples, missed truth cells)."""
+    import dataclasses
+
+    from .metrics import match_indices
+
+    out, missed = [], 0
+    for s in samples:
+        boxes, scores, _ = detect(det, s.image, cfg, device)
+        j = match_indices(boxes, scores, s.boxes, 0.5)
+        missed += int(len(s.boxes) - (j >= 0).sum())
+        types = [s.types[k] if k >= 0 else "" for k in j]
+        auer = np.array([bool(s.auer[k]) if k >= 0 else False for k in j], bool)
+        out.append(dataclasses.replace(s, boxes=boxes, types=types, auer=auer))
+    return out, missed
+
+
+def evaluate_cells(bundle_dir: Path, entries: list[SlideEntry], *, detected: bool = False,
+                   curves_dir: Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """Per-head AUROC / AUPRC with bootstrap CIs (resampling patients) and the confusion at each head's
+    threshold. On the ground-truth boxes (the heads alone) or, ``detected``, on the detector's boxes
+    matched to the truth (detector and heads together). ``curves_dir``: ROC / PR curves as PNG."""
     models = load_models(bundle_dir)
     b = models.bundle
     cfg = models.cell_cfg
     samples = sum(collect_samples(entries, _geom(b), log, n_random=0), [])
+    missed = None
+    if detected:
+        samples, missed = detected_samples(samples, models.detector, models.det_cfg, models.device)
+        log(f"  detected cells: {sum(len(s.boxes) for s in samples)}, truth cells missed by the detector: {missed}")
     cs = CellSet.from_samples(samples, cfg.heads)
     crops = cs.crops(cfg.crop_um / b.mpp, cfg.crop_px)
     p = classify(models.cells, crops, models.device)
@@ -85,10 +111,19 @@ def evaluate_cells(bundle_dir: Path, entries: list[SlideEntry], log: Callable[[s
         y = cs.labels[:, j]
         ok = ~np.isnan(y)
         s = binary_summary(y[ok].astype(bool), p[ok, j], cfg.threshold(h), groups=cs.patients[ok], n_boot=300)
+        if curves_dir is not None:
+            from .plots import curves_png
+
+            Path(curves_dir).mkdir(parents=True, exist_ok=True)
+            s["curves_png"] = str(curves_png(y[ok], p[ok, j], Path(curves_dir) / f"{h}.png", h))
         heads[h] = s
         log(f"  {h}: AUROC {s['auroc']:.3f} [{s['auroc_ci'][0]:.3f}, {s['auroc_ci'][1]:.3f}], "
-            f"AUPRC {s['auprc']:.3f} ({s['positives']} positives of {s['n']})")
-    return {"heads": heads, "cells": len(cs), "slides": len(entries)}
+            f"AUPRC {s['auprc']:.3f} ({s['positives']} positives of {s['n']}); at {s['threshold']:.2f}: "
+            + ", ".join(f"{k.upper()} {v}" for k, v in s["confusion"].items()))
+    out = {"heads": heads, "cells": len(cs), "slides": len(entries), "boxes": "detected" if detected else "truth"}
+    if missed is not None:
+        out["missed_by_detector"] = missed
+    return out
 
 
 def _geom(b):

@@ -112,13 +112,17 @@ def threshold_for_sensitivity(y: np.ndarray, s: np.ndarray, target: float) -> fl
 
 def binary_summary(y: np.ndarray, s: np.ndarray, threshold: float | None = None, groups=None,
                    n_boot: int = 1000) -> dict:
-    """AUROC and AUPRC with 95 % CIs; sensitivity / specificity at ``threshold`` if given."""
+    """AUROC and AUPRC with 95 % CIs; sensitivity, specificity and the confusion counts at ``threshold``
+    if given."""
     out = {"n": int(len(y)), "positives": int(np.sum(y)),
            "auroc": auroc(y, s), "auroc_ci": list(bootstrap_ci(auroc, y, s, n_boot, groups=groups)),
            "auprc": auprc(y, s), "auprc_ci": list(bootstrap_ci(auprc, y, s, n_boot, groups=groups))}
     if threshold is not None:
         sens, spec = sens_spec(y, s, threshold)
-        out.update(threshold=float(threshold), sensitivity=sens, specificity=spec)
+        yb, pred = np.asarray(y).astype(bool), np.asarray(s) >= threshold
+        out.update(threshold=float(threshold), sensitivity=sens, specificity=spec,
+                   confusion={"tp": int((pred & yb).sum()), "fp": int((pred & ~yb).sum()),
+                              "tn": int((~pred & ~yb).sum()), "fn": int((~pred & yb).sum())})
     return out
 
 
@@ -139,12 +143,13 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
-def match_detections(pred: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> np.ndarray:
-    """Greedy matching by score: True for predictions that match an unmatched ground-truth box."""
+def match_indices(pred: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """Greedy matching by score: for each prediction the index of the ground-truth box it matches
+    (IoU >= ``iou``, each truth box matched once), or -1."""
     order = np.argsort(-scores)
     ious = box_iou(pred[order], gt)
     used = np.zeros(len(gt), bool)
-    tp = np.zeros(len(pred), bool)
+    out = np.full(len(pred), -1, np.int64)
     for k, i in enumerate(order):
         if len(gt) == 0:
             break
@@ -152,8 +157,31 @@ def match_detections(pred: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: 
         j = int(np.argmax(cand))
         if cand[j] >= iou:
             used[j] = True
-            tp[i] = True
-    return tp
+            out[i] = j
+    return out
+
+
+def match_detections(pred: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """Greedy matching by score: True for predictions that match an unmatched ground-truth box."""
+    return match_indices(pred, scores, gt, iou) >= 0
+
+
+def roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every threshold, from (0, 0) to (1, 1)."""
+    y = np.asarray(y).astype(bool)
+    order = np.argsort(-np.asarray(s, np.float64), kind="mergesort")
+    tp = np.concatenate([[0], np.cumsum(y[order])])
+    fp = np.concatenate([[0], np.cumsum(~y[order])])
+    return fp / max(1, int((~y).sum())), tp / max(1, int(y.sum()))
+
+
+def pr_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at every threshold."""
+    y = np.asarray(y).astype(bool)
+    order = np.argsort(-np.asarray(s, np.float64), kind="mergesort")
+    tp = np.cumsum(y[order])
+    k = np.arange(1, len(y) + 1)
+    return tp / max(1, int(y.sum())), tp / k
 
 
 def coco_metrics(images: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:

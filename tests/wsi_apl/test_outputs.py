@@ -154,3 +154,15 @@ def test_coco_metrics_count_every_cell_of_a_dense_image():
     gt = np.stack([xs.ravel(), ys.ravel(), xs.ravel() + 12, ys.ravel() + 12], axis=1)
     m = coco_metrics([(gt, np.linspace(0.99, 0.5, len(gt)), gt)])
     assert m["AP50"] == pytest.approx(1.0) and m["AR50"] == pytest.approx(1.0)
+
+
+def test_match_indices_and_curves():
+    from wsi_apl.metrics import match_indices, pr_points, roc_points
+
+    gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    pred = np.array([[21, 21, 31, 31], [50, 50, 60, 60], [0, 0, 10, 11]], np.float32)
+    assert match_indices(pred, np.array([0.9, 0.8, 0.7]), gt).tolist() == [1, -1, 0]
+    y, s = np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1])
+    fpr, tpr = roc_points(y, s)
+    assert fpr[0] == 0 and tpr[-1] == 1 and fpr[-1] == 1
+    np.testing.assert_allclose(pr_points(y, s)[1], [1.0, 0.5, 2 / 3, 0.5])
