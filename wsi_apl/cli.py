@@ -217,7 +217,7 @@ def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbo
     """
     from workers.bundle import BundleError, load_bundle
 
-    from .train.data import read_cohort, split_by_patient, split_groups
+    from .train.data import read_cohort, split_by_patient
     from .train.steps import (
         _synthetic,
         collect_samples,
@@ -258,7 +258,9 @@ def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbo
                                            "with --mpp so that they can be resampled to it")
                 work = init_b.mpp
             samples = picture_samples(via, voc, images, _classes(classes), mpp, work, click.echo)
-            tr, va, te = split_groups(samples, (1.0 - val_f - test_fraction, val_f, test_fraction), seed=seed)
+            # by patient (a picture without one is its own group), not stratified: pictures carry no diagnosis
+            tr, va, te = split_by_patient(samples, (1.0 - val_f - test_fraction, val_f, test_fraction), seed=seed,
+                                          stratify=lambda s: "")
             train_s, val_s, test_s = tr, va, te
             bundle = open_or_create(out, picture_geometry(samples, work), synthetic=False)
             source = f"{'via' if via else 'voc'} {via or voc}" + (f" classes {classes}" if classes else "")

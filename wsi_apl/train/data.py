@@ -217,17 +217,3 @@ def image_samples(items: list, image_mpp: float | None = None, work_mpp: float |
                               np.zeros(len(boxes), bool), (0.0, 0.0, float(arr.shape[1]), float(arr.shape[0])),
                               True, {"image": str(it.image)}))
     return out
-
-
-def split_groups(samples: list, fractions: tuple[float, ...], seed: int = 0) -> list[list]:
-    """Split samples by group (patient; a picture without one is its own group), no group in two parts."""
-    rng = np.random.default_rng(seed)
-    groups = sorted({s.patient for s in samples})
-    rng.shuffle(groups)
-    n = len(groups)
-    cuts = np.cumsum([0] + [f * n for f in fractions])
-    assign = {g: min(int(np.searchsorted(cuts[1:], i + 0.5)), len(fractions) - 1) for i, g in enumerate(groups)}
-    parts: list[list] = [[] for _ in fractions]
-    for s in samples:
-        parts[assign[s.patient]].append(s)
-    return parts

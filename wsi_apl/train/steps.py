@@ -204,12 +204,12 @@ def picture_samples(via: Path | None, voc: Path | None, images: Path | None, cla
     """Annotated pictures of a VIA project or a VOC folder as samples, boxes kept for ``classes`` only."""
     from ..annotations import filter_classes, read_via, read_voc
 
-    items = read_via(via, images) if via is not None else read_voc(voc, images)
-    n_all = sum(len(it.boxes) for it in items)
-    items = filter_classes(items, classes)
+    every = read_via(via, images) if via is not None else read_voc(voc, images)
+    n_all = sum(len(it.boxes) for it in every)
+    items = filter_classes(every, classes)
     n = sum(len(it.boxes) for it in items)
     if n == 0:
-        found = sorted({lab for it in (read_via(via, images) if via else read_voc(voc, images)) for lab in it.labels})
+        found = sorted({lab for it in every for lab in it.labels})
         raise ValueError(f"{via or voc}: no boxes left for --classes {','.join(classes or [])} "
                          f"(labels found: {', '.join(found) or 'none'})")
     log(f"  {len(items)} pictures, {n} boxes" + (f" of {n_all} (classes {','.join(classes)})" if classes else ""))
