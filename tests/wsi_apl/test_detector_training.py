@@ -89,6 +89,11 @@ def test_propose_edit_train_round_trip(tmp_path):
                 "--out", tmp_path / "bundle2", "--init", bundle, "--epochs", "1"])
     assert "17 boxes" in out
     assert load_bundle(tmp_path / "bundle2").part("detector")["provenance"]["init"] == str(bundle)
+    # a round with a pixel size cannot continue from a detector that has none (its anchors are pixels)
+    r = CliRunner().invoke(main, ["train", "detector", "--via", str(tmp_path / "edited.json"), "--images",
+                                  str(tmp_path / "imgs"), "--out", str(tmp_path / "bundle3"), "--init", str(bundle),
+                                  "--mpp", "0.5", "--epochs", "1"])
+    assert r.exit_code == 2 and "train both rounds with --mpp or both without" in r.output
 
     # evaluation on annotated pictures: the contract's keys
     out = _run(["evaluate", "detector", "--bundle", tmp_path / "bundle2", "--via", tmp_path / "round0.json",

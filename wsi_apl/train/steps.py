@@ -80,6 +80,11 @@ def step_detector(bundle: ModelBundle, train_s: list, val_s: list, *, backbone: 
     pixels = not bundle.mpp_known
     if init is not None:
         init_cfg = DetectorConfig.from_json(init.part("detector")["config"])
+        if init_cfg.mpp_known == pixels:
+            have = f"{init_cfg.mpp} µm/px" if init_cfg.mpp_known else "its pictures' own pixels (no pixel size)"
+            want = "pictures without a pixel size" if pixels else "a pixel size (--mpp)"
+            raise ValueError(f"{init.path}: its detector works at {have}, this training has {want}: "
+                             "train both rounds with --mpp or both without")
         if init_cfg.backbone != backbone:
             log(f"  --init bundle has a {init_cfg.backbone} detector: using that backbone")
         cfg = DetectorConfig.from_json(init_cfg.to_json())
