@@ -194,9 +194,8 @@ def propose(images_dir: Path, bundle_dir: Path, out: Path, image_mpp: float | No
     Boxes are in the pictures' own pixels (resampled for the detector when both pixel sizes are
     known and back again); each region carries ``label`` "cell" and the detector's ``score``.
     """
-    from PIL import Image
-
     from .annotations import ImageAnnotation, write_via
+    from .train.data import read_picture
 
     bundle = load_bundle(bundle_dir)
     det, cfg, dev = load_detector(bundle)
@@ -207,12 +206,8 @@ def propose(images_dir: Path, bundle_dir: Path, out: Path, image_mpp: float | No
     items, scores = [], []
     total = 0
     for p in pictures:
-        with Image.open(p) as im:
-            img = im.convert("RGB")
-        f = image_mpp / bundle.mpp if (image_mpp and bundle.mpp_known) else 1.0
-        if abs(f - 1.0) > 1e-3:
-            img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.LANCZOS)
-        boxes, sc, _ = detect(det, np.asarray(img), cfg, dev, score_threshold=thr)
+        img, f = read_picture(p, image_mpp, bundle.mpp if bundle.mpp_known else None)
+        boxes, sc, _ = detect(det, img, cfg, dev, score_threshold=thr)
         boxes = boxes / np.float32(f)
         items.append(ImageAnnotation(p, boxes, ["cell"] * len(boxes), [{} for _ in range(len(boxes))], p.stem, {}))
         scores.append(sc)

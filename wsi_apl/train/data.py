@@ -189,30 +189,39 @@ def split_by_patient(entries: list, fractions: tuple[float, ...], seed: int = 0,
     return groups
 
 
+def read_picture(path: Path, image_mpp: float | None = None, work_mpp: float | None = None) -> tuple[np.ndarray, float]:
+    """A picture as RGB uint8, resampled to ``work_mpp`` when both pixel sizes are known and differ.
+
+    Returns (image, factor): multiply the picture's own pixel coordinates by ``factor`` to get the
+    returned image's.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            img = im.convert("RGB")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read this picture ({exc}); convert it to PNG/JPEG/TIFF "
+                         "or remove it from the annotations") from exc
+    f = 1.0
+    if image_mpp and work_mpp and abs(image_mpp / work_mpp - 1.0) > 1e-3:
+        f = image_mpp / work_mpp
+        w, h = img.size
+        img = img.resize((max(1, int(round(w * f))), max(1, int(round(h * f)))), Image.Resampling.LANCZOS)
+    return np.array(img), f
+
+
 def image_samples(items: list, image_mpp: float | None = None, work_mpp: float | None = None) -> list[AreaSample]:
     """Annotated pictures (:class:`wsi_apl.annotations.ImageAnnotation`) as training/evaluation samples.
 
     A picture is used at its own pixels unless both its pixel size (``image_mpp``) and the bundle's
     working resolution (``work_mpp``) are known and differ: then it is resampled to ``work_mpp`` and
-    its boxes with it. The annotation's group (patient) becomes the sample's patient.
+    its boxes with it (:func:`read_picture`). The annotation's group (patient) becomes the sample's patient.
     """
-    from PIL import Image
-
     out = []
     for it in items:
-        try:
-            with Image.open(it.image) as im:
-                img = im.convert("RGB")
-        except OSError as exc:
-            raise ValueError(f"{it.image}: cannot read this picture ({exc}); convert it to PNG/JPEG/TIFF "
-                             "or remove it from the annotations") from exc
-        boxes = np.asarray(it.boxes, np.float32).reshape(-1, 4)
-        if image_mpp and work_mpp and abs(image_mpp / work_mpp - 1.0) > 1e-3:
-            f = image_mpp / work_mpp
-            w, h = img.size
-            img = img.resize((max(1, int(round(w * f))), max(1, int(round(h * f)))), Image.Resampling.LANCZOS)
-            boxes = boxes * np.float32(f)
-        arr = np.array(img)
+        arr, f = read_picture(it.image, image_mpp, work_mpp)
+        boxes = np.asarray(it.boxes, np.float32).reshape(-1, 4) * np.float32(f)
         out.append(AreaSample(it.image.stem, it.group, "", arr, boxes, list(it.labels),
                               np.zeros(len(boxes), bool), (0.0, 0.0, float(arr.shape[1]), float(arr.shape[0])),
                               True, {"image": str(it.image)}))
