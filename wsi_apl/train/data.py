@@ -164,6 +164,12 @@ def area_samples(entry: SlideEntry, area_size: tuple[int, int], area_mpp: float,
         slide.close()
 
 
+def median_box_size(samples: list, default: float) -> float:
+    """Median side (geometric mean of width and height, pixels) of the samples' boxes; ``default`` without boxes."""
+    sizes = [np.sqrt(np.prod(s.boxes[:, 2:] - s.boxes[:, :2], axis=1)) for s in samples if len(s.boxes)]
+    return float(np.median(np.concatenate(sizes))) if sizes else float(default)
+
+
 def split_by_patient(entries: list, fractions: tuple[float, ...], seed: int = 0,
                      key=lambda e: e.patient, stratify=lambda e: e.diagnosis) -> list[list]:
     """Split entries into groups by patient (no patient in two groups), stratified by diagnosis."""

@@ -15,7 +15,7 @@ from workers.detector import DetectorConfig, build_detector, detect, to_tensor
 
 from ..metrics import coco_metrics
 from .augment import flip_rot, scale_jitter, stain_jitter
-from .data import AreaSample
+from .data import AreaSample, median_box_size
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -99,9 +99,7 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
     elif backbone_state is not None:
         model.load_state_dict(backbone_state, strict=False)
     if crop is None:
-        sizes = np.concatenate([np.sqrt(np.prod(s.boxes[:, 2:] - s.boxes[:, :2], axis=1)) for s in train
-                                if len(s.boxes)] or [np.array([20.0])])
-        crop = int(max(384, 4 * float(np.median(sizes))))
+        crop = int(max(384, 4 * median_box_size(train, 20.0)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     usable = [s for s in train if len(s.boxes) > 0] or train

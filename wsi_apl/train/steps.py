@@ -19,7 +19,7 @@ from workers.detector import DetectorConfig
 from ..features import feature_names
 from ..pipeline import analyse_slide_local
 from .cells import CellSet, train_cells
-from .data import SlideEntry, area_samples, image_samples, read_cohort, split_by_patient
+from .data import SlideEntry, area_samples, image_samples, median_box_size, read_cohort, split_by_patient
 from .detector import best_score_threshold, train_detector
 from .enn import train_enn
 
@@ -65,8 +65,7 @@ def anchor_diameters(samples: list, pixels: bool) -> tuple[float, ...]:
     size) half, one, two and four times the median annotated box size in pixels."""
     if not pixels:
         return DetectorConfig.cell_diameters_um
-    sizes = [np.sqrt(np.prod(s.boxes[:, 2:] - s.boxes[:, :2], axis=1)) for s in samples if len(s.boxes)]
-    d = float(np.median(np.concatenate(sizes))) if sizes else 24.0
+    d = median_box_size(samples, 24.0)
     return tuple(round(d * f, 1) for f in (0.5, 1.0, 2.0, 4.0))
 
 
