@@ -1,4 +1,9 @@
-"""Getting a Dask client: an embedded LocalCluster by default, or an existing scheduler.
+"""Getting a Dask client: an embedded LocalCluster by default, an existing scheduler, or SLURM.
+
+- default: a LocalCluster on this machine (one worker per GPU, or CPU workers);
+- ``scheduler="tcp://HOST:PORT"`` or ``"tls://…"`` with a :class:`TlsFiles` for an existing cluster
+  (``dask scheduler`` / ``dask worker`` started by the site);
+- :class:`SlurmOptions` through dask-jobqueue: one worker per GPU, each job asking for its GPUs.
 
 Facts the design respects:
 
@@ -12,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import dask
 from distributed import Client, LocalCluster
@@ -20,10 +26,87 @@ from distributed import Client, LocalCluster
 from .plugin import BundlePlugin
 
 
+class ClusterError(RuntimeError):
+    """A cluster could not be set up as asked (the message says what to change)."""
+
+
+@dataclass
+class TlsFiles:
+    """Certificates for a ``tls://`` scheduler (PEM files, as for ``dask scheduler --tls-*``)."""
+
+    ca_file: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def given(self) -> bool:
+        return any((self.ca_file, self.cert, self.key))
+
+    def security(self):
+        """A ``distributed.Security`` that requires encryption, after checking every file exists."""
+        from distributed.security import Security
+
+        missing = [f"--tls-{n}" for n, v in (("ca-file", self.ca_file), ("cert", self.cert), ("key", self.key))
+                   if v is None]
+        if missing:
+            raise ClusterError("a TLS connection needs --tls-ca-file, --tls-cert and --tls-key; missing: "
+                               + ", ".join(missing))
+        for v in (self.ca_file, self.cert, self.key):
+            if not Path(v).is_file():
+                raise ClusterError(f"{v}: TLS file not found (give the PEM files the site's scheduler uses)")
+        return Security(tls_ca_file=str(self.ca_file), tls_client_cert=str(self.cert),
+                        tls_client_key=str(self.key), require_encryption=True)
+
+
+@dataclass
+class SlurmOptions:
+    """An ephemeral Dask cluster on SLURM through dask-jobqueue.
+
+    Each job runs ``gpus_per_job`` worker processes (one per GPU, each advertising ``GPU=1``), or one
+    CPU worker when ``gpus_per_job`` is 0. ``cores`` and ``memory`` are per job.
+    """
+
+    queue: str | None = None
+    account: str | None = None
+    jobs: int = 1
+    gpus_per_job: int = 1
+    cores: int = 8
+    memory: str = "32GB"
+    walltime: str = "08:00:00"
+    interface: str | None = None
+    extra_directives: list[str] = field(default_factory=list)
+    log_directory: str | None = None
+
+
+def slurm_cluster(opts: SlurmOptions, submit: bool = True):
+    """A ``dask_jobqueue.SLURMCluster`` for ``opts``; ``submit=False`` builds it without calling sbatch."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError as exc:
+        raise ClusterError("--cluster slurm needs dask-jobqueue: pip install 'wsi-apl[slurm]'") from exc
+    if opts.jobs < 1 or opts.gpus_per_job < 0 or opts.cores < 1:
+        raise ClusterError("--slurm-jobs and --slurm-cores must be at least 1, --slurm-gpus at least 0")
+    processes = max(1, opts.gpus_per_job)
+    threads = max(1, opts.cores // processes)
+    directives = list(opts.extra_directives)
+    worker_args = []
+    if opts.gpus_per_job:
+        directives.append(f"--gres=gpu:{opts.gpus_per_job}")
+        worker_args += ["--resources", "GPU=1"]
+    prologue = [f"export OMP_NUM_THREADS={threads}", f"export MKL_NUM_THREADS={threads}"]
+    cluster = SLURMCluster(queue=opts.queue, account=opts.account, cores=opts.cores, processes=processes,
+                           memory=opts.memory, walltime=opts.walltime, interface=opts.interface,
+                           job_extra_directives=directives, worker_extra_args=worker_args,
+                           job_script_prologue=prologue, log_directory=opts.log_directory,
+                           job_name="wsi-apl", scheduler_options={"dashboard_address": "127.0.0.1:0"})
+    if submit:
+        cluster.scale(jobs=opts.jobs)
+    return cluster
+
+
 @dataclass
 class ClusterHandle:
     client: Client
-    cluster: LocalCluster | None
+    cluster: object | None  # LocalCluster, SLURMCluster, or None for a site's scheduler
     dashboard: str
     workers: int
     gpus: int
@@ -45,19 +128,69 @@ def _gpu_count() -> int:
         return 0
 
 
+def loopback_dashboard(cluster) -> str:
+    """The dashboard address a SLURM cluster's scheduler really listens on (loopback; reach it with
+    ``ssh -L``): ``dashboard_link`` names the scheduler's public interface instead."""
+    try:
+        socks = cluster.scheduler.http_server._sockets.values()
+        host, port = next(iter(socks)).getsockname()[:2]
+        return f"http://{host}:{port}/status"
+    except (AttributeError, StopIteration, OSError):
+        return cluster.dashboard_link or ""
+
+
+def _count(client: Client) -> tuple[int, int]:
+    workers = client.scheduler_info().get("workers", {})
+    return len(workers), sum(1 for w in workers.values() if w.get("resources", {}).get("GPU"))
+
+
 def start_cluster(scheduler: str | None = None, n_workers: int | None = None, torch_threads: int | None = None,
-                  memory_limit: str = "auto", security=None) -> ClusterHandle:
-    """Connect to ``scheduler`` (``tcp://`` or ``tls://``) or start a LocalCluster on loopback.
+                  memory_limit: str = "auto", tls: TlsFiles | None = None, slurm: SlurmOptions | None = None,
+                  wait_s: float = 600.0) -> ClusterHandle:
+    """Connect to ``scheduler`` (``tcp://`` or ``tls://``), start SLURM jobs, or a LocalCluster on loopback.
 
     The LocalCluster gets one worker per GPU, or CPU workers (default: one per two cores, at least
-    one) with ``torch_threads`` threads each so the cores are used but not oversubscribed.
+    one) with ``torch_threads`` threads each so the cores are used but not oversubscribed. On SLURM
+    the client waits up to ``wait_s`` for the first worker (jobs may queue).
     """
+    tls = tls or TlsFiles()
+    if scheduler and slurm:
+        raise ClusterError("give either --scheduler or --cluster slurm, not both")
     if scheduler:
-        client = Client(scheduler, security=security, timeout="30s")
-        info = client.scheduler_info()
-        workers = info.get("workers", {})
-        gpus = sum(1 for w in workers.values() if w.get("resources", {}).get("GPU"))
-        return ClusterHandle(client, None, client.dashboard_link or "", len(workers), gpus)
+        if not scheduler.startswith(("tcp://", "tls://")):
+            raise ClusterError(f"{scheduler}: a scheduler address starts with tcp:// or tls://")
+        if scheduler.startswith("tls://") and not tls.given():
+            raise ClusterError(f"{scheduler}: a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key")
+        if tls.given() and not scheduler.startswith("tls://"):
+            raise ClusterError(f"{scheduler}: TLS files given for a plain tcp:// address; use tls://")
+        security = tls.security() if tls.given() else None
+        try:
+            client = Client(scheduler, security=security, timeout="30s")
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(f"{scheduler}: cannot reach the Dask scheduler ({exc}); is 'dask scheduler' "
+                               "running there, and are the TLS files the site's?") from exc
+        workers, _ = _count(client)
+        if not workers:
+            try:
+                client.wait_for_workers(1, timeout=wait_s)
+            except TimeoutError as exc:
+                client.close()
+                raise ClusterError(f"{scheduler}: no Dask worker connected within {wait_s:.0f} s; start "
+                                   "'dask worker' against this scheduler") from exc
+        workers, gpus = _count(client)
+        return ClusterHandle(client, None, client.dashboard_link or "", workers, gpus)
+    if slurm is not None:
+        cluster = slurm_cluster(slurm)
+        client = Client(cluster)
+        try:
+            client.wait_for_workers(1, timeout=wait_s)
+        except TimeoutError as exc:
+            client.close()
+            cluster.close()
+            raise ClusterError(f"no SLURM worker started within {wait_s:.0f} s (jobs still queued? see "
+                               "'squeue'); try again later or ask for fewer resources") from exc
+        workers, gpus = _count(client)
+        return ClusterHandle(client, cluster, loopback_dashboard(cluster), workers, gpus)
     cores = os.cpu_count() or 1
     gpus = _gpu_count()
     if n_workers is None:

@@ -34,6 +34,8 @@ class BundlePlugin(WorkerPlugin):
             torch.set_num_threads(self.torch_threads)
         self._cache = {}
         self._lock = threading.Lock()
+        if self.device == "auto":
+            self.device = worker_device(getattr(worker, "name", None))
 
     def models(self, bundle_id: str):
         from workers.area import load_models
@@ -54,6 +56,31 @@ class BundlePlugin(WorkerPlugin):
                 m = load_models(bundle, self.device)
                 self._cache[bundle_id] = m
             return m
+
+
+def worker_device(name, n_gpus: int | None = None) -> str:
+    """The device of one worker: its own GPU when a node runs one worker per GPU.
+
+    Workers started together on one node (a LocalCluster, or ``dask worker --nworkers N`` in a SLURM
+    job) all see every GPU; each takes GPU ``k mod n`` where ``k`` is the number its name ends with
+    (LocalCluster names workers 0, 1, …; dask-jobqueue ``<job>-0``, ``<job>-1``, …). A site that
+    pins GPUs itself (``CUDA_VISIBLE_DEVICES`` per worker) leaves one GPU visible: ``cuda:0``.
+    """
+    if n_gpus is None:
+        try:
+            import torch
+
+            n_gpus = torch.cuda.device_count()
+        except Exception:  # noqa: BLE001 - a torch without CUDA
+            n_gpus = 0
+    if not n_gpus:
+        return "cpu"
+    digits = ""
+    for ch in reversed(str(name if name is not None else "")):
+        if not ch.isdigit():
+            break
+        digits = ch + digits
+    return f"cuda:{int(digits) % n_gpus if digits else 0}"
 
 
 def _plugin() -> BundlePlugin:

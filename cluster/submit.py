@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,12 +78,29 @@ class TaskWindow:
             else:
                 self._ac.add(fut)
 
-    def results(self) -> Iterator[Done]:
-        """Yield finished tasks (success or error) until nothing is queued or running."""
-        while self._tags or self._queue:
+    def results(self, tick: float | None = None) -> Iterator[Done | None]:
+        """Yield finished tasks (success or error) until nothing is queued or running.
+
+        With ``tick`` (seconds), ``None`` is yielded whenever no task finished for that long, so the
+        caller can look at the clock and the slide folder while long tasks run; the iteration then
+        also goes on while the window is empty (the caller breaks out).
+        """
+        while self._tags or self._queue or tick is not None:
             self._fill()
-            if self._ac is None:
-                return
+            if not self._tags:
+                if tick is None:
+                    return
+                time.sleep(tick)
+                yield None
+                continue
+            if tick is not None:
+                waited = 0.0
+                while not self._ac.has_ready() and waited < tick:
+                    time.sleep(0.05)
+                    waited += 0.05
+                if not self._ac.has_ready():
+                    yield None
+                    continue
             fut: Future = next(self._ac)
             tag = self._tags.pop(fut, None)
             if tag is None:  # cancelled earlier

@@ -37,3 +37,18 @@ def medium_slide(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("medium")
     synth_cohort(out, ["healthy"], seed=5, mpp=0.25, size=(8000, 6000))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny bundle trained on 12 small synthetic slides (3 patients per diagnosis): (root, bundle)."""
+    from wsi_apl.synth.cohort import parse_diagnoses, synth_cohort
+    from wsi_apl.train.steps import Geometry, train_all
+
+    root = tmp_path_factory.mktemp("e2e")
+    cohort = root / "cohort"
+    synth_cohort(cohort, parse_diagnoses("apl:3,aml:3,healthy:3,reactive:3"), seed=31, mpp=0.5, size=(3000, 2250))
+    bundle = train_all(cohort, root / "bundle", geometry=Geometry(0.5, (256, 192)), detector_budget_s=25,
+                       cells_budget_s=12, min_cells=20, max_areas=6, target_cells=0, cell_share=0.34,
+                       log=lambda s: None)
+    return root, bundle

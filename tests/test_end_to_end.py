@@ -18,21 +18,6 @@ from wsi_apl.triage import COLUMNS
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny bundle trained on 12 small synthetic slides (3 patients per diagnosis)."""
-    from wsi_apl.synth.cohort import parse_diagnoses, synth_cohort
-    from wsi_apl.train.steps import Geometry, train_all
-
-    root = tmp_path_factory.mktemp("e2e")
-    cohort = root / "cohort"
-    synth_cohort(cohort, parse_diagnoses("apl:3,aml:3,healthy:3,reactive:3"), seed=31, mpp=0.5, size=(3000, 2250))
-    bundle = train_all(cohort, root / "bundle", geometry=Geometry(0.5, (256, 192)), detector_budget_s=25,
-                       cells_budget_s=12, min_cells=20, max_areas=6, target_cells=0, cell_share=0.34,
-                       log=lambda s: None)
-    return root, bundle
-
-
 def test_train_scan_resume(trained):
     root, bundle = trained
     assert set(bundle.meta["parts"]) == {"detector", "cells", "slide_nets"}

@@ -461,26 +461,73 @@ def evaluate_enn_cmd(bundle_dir, slides_csv, as_json, out) -> None:
 @click.option("--max-areas", type=int, default=12, show_default=True)
 @click.option("--target-cells", type=int, default=500, show_default=True)
 @click.option("--force", is_flag=True, help="Redo slides already analysed with this bundle.")
-@click.option("--scheduler", default=None, help="Use an existing Dask scheduler (tcp://HOST:PORT).")
+@click.option("--scheduler", default=None, help="Use an existing Dask scheduler (tcp://HOST:PORT or tls://HOST:PORT).")
+@click.option("--tls-ca-file", type=click.Path(path_type=Path), default=None, help="CA certificate (PEM) of a tls:// scheduler.")
+@click.option("--tls-cert", type=click.Path(path_type=Path), default=None, help="Client certificate (PEM) for a tls:// scheduler.")
+@click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="Client private key (PEM) for a tls:// scheduler.")
+@click.option("--cluster", "cluster_kind", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+              help="local: an embedded LocalCluster (or --scheduler); slurm: Dask workers as SLURM jobs (dask-jobqueue).")
+@click.option("--slurm-queue", default=None, help="SLURM partition.")
+@click.option("--slurm-account", default=None, help="SLURM account.")
+@click.option("--slurm-jobs", type=click.IntRange(min=1), default=1, show_default=True, help="SLURM jobs to start.")
+@click.option("--slurm-gpus", type=click.IntRange(min=0), default=1, show_default=True,
+              help="GPUs per job (one worker per GPU); 0 for CPU jobs.")
+@click.option("--slurm-cores", type=click.IntRange(min=1), default=8, show_default=True, help="CPU cores per job.")
+@click.option("--slurm-memory", default="32GB", show_default=True, help="Memory per job.")
+@click.option("--slurm-walltime", default="08:00:00", show_default=True, help="Walltime per job.")
 @click.option("--workers", type=int, default=None, help="Workers of the embedded LocalCluster.")
+@click.option("--max-active-slides", type=click.IntRange(min=1), default=None,
+              help="Slides in progress at once (default: twice the workers).")
 @click.option("--cases", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV mapping slide file names to case ids (columns slide, case).")
-def scan(slides_dir, out, bundle_dir, reader, mpp, max_areas, target_cells, force, scheduler, workers, cases) -> None:
+@click.option("--watch", is_flag=True, help="Keep scanning files that appear in the folder (until --deadline or Ctrl-C).")
+@click.option("--deadline", default=None,
+              help="Stop starting slides at this time (HH:MM, the next one; or +MINUTES, +SECONDSs); the rest are not_analysed.")
+@click.option("--settle", "settle_s", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="--watch: seconds a file's size must stay unchanged before it is read.")
+@click.option("--poll", "poll_s", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="--watch: seconds between listings of the folder.")
+@click.option("--on-flag", default=None,
+              help="Command run the moment a slide is flagged, with the slide path, case id and suspicion as arguments.")
+def scan(slides_dir, out, bundle_dir, reader, mpp, max_areas, target_cells, force, scheduler, tls_ca_file, tls_cert,
+         tls_key, cluster_kind, slurm_queue, slurm_account, slurm_jobs, slurm_gpus, slurm_cores, slurm_memory,
+         slurm_walltime, workers, max_active_slides, cases, watch, deadline, settle_s, poll_s, on_flag) -> None:
     """Scan every slide of a folder and write the triage list."""
+    from cluster.client import ClusterError, SlurmOptions, TlsFiles
     from workers.bundle import BundleError
 
     from .ledger import LedgerLocked
-    from .scan import ScanOptions
+    from .scan import ScanOptions, parse_deadline
     from .scan import scan as run_scan
 
+    try:
+        deadline_at = parse_deadline(deadline)
+    except ValueError as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
+    slurm = None
+    if cluster_kind == "slurm":
+        slurm = SlurmOptions(queue=slurm_queue, account=slurm_account, jobs=slurm_jobs, gpus_per_job=slurm_gpus,
+                             cores=slurm_cores, memory=slurm_memory, walltime=slurm_walltime,
+                             log_directory=str(out / "slurm-logs"))
+    if deadline_at is not None:
+        click.echo(f"Deadline: {time.strftime('%Y-%m-%d %H:%M', time.localtime(deadline_at))}")
+    elif watch:
+        click.echo("Watching the folder until Ctrl-C (give --deadline HH:MM to stop in time for the morning list)")
     opts = ScanOptions(slides=slides_dir, out=out, bundle=bundle_dir, reader=reader, mpp=mpp, max_areas=max_areas,
-                       target_cells=target_cells, force=force, scheduler=scheduler, workers=workers, cases=cases)
+                       target_cells=target_cells, force=force, scheduler=scheduler, workers=workers, cases=cases,
+                       max_active_slides=max_active_slides, tls=TlsFiles(tls_ca_file, tls_cert, tls_key),
+                       slurm=slurm, watch=watch, deadline=deadline_at, settle_s=settle_s, poll_s=poll_s,
+                       on_flag=on_flag)
     try:
         summary = run_scan(opts, log=click.echo)
-    except (BundleError, LedgerLocked, FileNotFoundError, ValueError) as exc:
+    except (BundleError, LedgerLocked, FileNotFoundError, ValueError, ClusterError) as exc:
         _echo_err(str(exc))
         sys.exit(2)
     bad = sum(v for k, v in summary["counts"].items() if k in ("failed", "not_analysed", "pending"))
+    if bad:
+        click.echo(f"{bad} slide(s) failed or were not analysed: see the reasons in triage.csv "
+                   f"('wsi-apl status {out}')")
     sys.exit(1 if bad else 0)
 
 

@@ -96,14 +96,18 @@ class Ledger:
         self.db.close()
 
     # -- files ---------------------------------------------------------------------------------
-    def see_file(self, path: str, name: str, fp: str | None, case_id: str = "", error: str | None = None) -> None:
+    def see_file(self, path: str, name: str, fp: str | None, case_id: str = "", error: str | None = None,
+                 status: str | None = None) -> None:
+        """Record a path; ``error`` (a file that failed before it had a fingerprint) makes it failed,
+        ``status`` says otherwise (``not_analysed``: still being written when the scan ended)."""
         now = time.time()
+        status = status or ("failed" if error else None)
         self.db.execute(
             "INSERT INTO files(path, name, fingerprint, case_id, status, error, first_seen, last_seen) "
             "VALUES(?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET name=excluded.name, "
             "fingerprint=excluded.fingerprint, case_id=excluded.case_id, status=excluded.status, "
             "error=excluded.error, last_seen=excluded.last_seen",
-            (path, name, fp, case_id, "failed" if error else None, error, now, now))
+            (path, name, fp, case_id, status, error, now, now))
 
     def mark_file(self, path: str, status: str, error: str | None = None) -> None:
         self.db.execute("UPDATE files SET status=?, error=? WHERE path=?", (status, error, path))
@@ -142,8 +146,11 @@ class Ledger:
                         (error, json.dumps(result) if result else None, time.time(), fp))
 
     def set_not_analysed(self, fp: str, reason: str) -> None:
-        self.db.execute("UPDATE slides SET status='not_analysed', error=? WHERE fingerprint=? AND status "
-                        "NOT IN ('flagged','not_flagged','inconclusive','failed')", (reason, fp))
+        """A slide seen but not analysed in this run (a result from an earlier run is kept)."""
+        self.db.execute(
+            "INSERT INTO slides(fingerprint, status, attempts, error) VALUES(?, 'not_analysed', 0, ?) "
+            "ON CONFLICT(fingerprint) DO UPDATE SET status='not_analysed', error=excluded.error "
+            "WHERE status NOT IN ('flagged','not_flagged','inconclusive','failed')", (fp, reason))
 
     # -- reading -------------------------------------------------------------------------------
     def rows(self) -> list[dict]:
@@ -155,8 +162,8 @@ class Ledger:
         out = []
         for (path, name, fp, case_id, fstatus, ferror, sstatus, serror, result, attempts, started, finished,
              bundle, group) in cur.fetchall():
-            status = fstatus if fstatus == "failed" and not fp else (sstatus or fstatus or "pending")
-            if status == "running":
+            status = (fstatus or "pending") if not fp else (sstatus or fstatus or "pending")
+            if status in ("running", "pending"):  # interrupted, or never started: not a result
                 status = "not_analysed"
             out.append({"path": path, "name": name, "fingerprint": fp, "case": case_id or "", "status": status,
                         "error": ferror or serror, "result": json.loads(result) if result else None,

@@ -2,26 +2,37 @@
 
 For each slide: fingerprint (full SHA-256) → skip if already finished with this bundle → area
 selection on a worker → one task per area on the workers → aggregation, decision and zarr group on
-the client → ``alerts.log`` line when flagged → ledger row. A slide that cannot be read or
-analysed is marked failed with the reason and the batch goes on; ``triage.csv`` is rewritten from
-the ledger at the end whatever happened, so no slide seen tonight is missing from it.
+the client → ``alerts.log`` line and the site's ``--on-flag`` command when flagged → ledger row. A
+slide that cannot be read or analysed is marked failed with the reason and the batch goes on;
+``triage.csv`` is rewritten from the ledger at the end whatever happened, so no slide seen tonight
+is missing from it.
 
 Only a few slides are in progress at once (area tasks of started slides go before new selections),
 so results, alerts and ledger rows arrive slide by slide through the night, and the client holds
 the cell tables of those few slides only.
+
+Overnight mode (``watch``): files that appear in the folder are scanned too, once their size and
+modification time have been still for ``settle_s``; at the ``deadline`` the slides in hand are
+finished and every slide seen but not started gets a ``not_analysed`` row.
 """
 
 from __future__ import annotations
 
 import collections
 import csv
+import datetime as dt
+import os
+import re
+import shlex
+import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.client import register_bundles, start_cluster
+from cluster.client import SlurmOptions, TlsFiles, register_bundles, start_cluster
 from cluster.plugin import area_task, select_task
 from cluster.submit import TaskWindow
 from tile_selector.slide import REFUSED_FORMATS, SLIDE_EXTENSIONS
@@ -54,6 +65,15 @@ class ScanOptions:
     cases: Path | None = None
     max_in_flight: int | None = None
     max_active_slides: int | None = None
+    tls: TlsFiles | None = None
+    slurm: SlurmOptions | None = None
+    watch: bool = False
+    deadline: float | None = None      # epoch seconds (see parse_deadline)
+    settle_s: float = 30.0             # --watch: a file is read once unchanged for this long
+    poll_s: float = 10.0               # --watch: how often the folder is listed
+    on_flag: str | None = None         # the site's command, run once per flagged slide
+    area_retries: int = 1              # an area task that raises is retried this often, then its slide fails
+    stall_s: float = 3600.0            # no task finished for this long while some run: their slides fail
 
 
 @dataclass
@@ -62,11 +82,13 @@ class _SlideJob:
     path: Path
     names: list[Path]
     size: int
+    case: str = ""
     started: float = 0.0
     selection: object = None
     tables: list = field(default_factory=list)
     expected: int = 0
     failed: bool = False
+    finished: bool = False
 
 
 def list_slides(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -92,13 +114,126 @@ def read_cases(path: Path | None) -> dict[str, str]:
     with Path(path).open(newline="") as f:
         reader = csv.DictReader(f)
         if not {"slide", "case"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{path}: needs columns 'slide' and 'case'")
-        return {row["slide"]: row["case"] for row in reader}
+            raise ValueError(f"{path}: needs columns 'slide' and 'case' (one row per slide file name)")
+        return {row["slide"].strip(): row["case"].strip() for row in reader}
+
+
+def parse_deadline(text: str | None, now: float | None = None) -> float | None:
+    """``HH:MM`` (the next such time: 06:30 given at 22:00 is tomorrow morning) or ``+N[s|m|h]``."""
+    if not text:
+        return None
+    now = time.time() if now is None else now
+    m = re.fullmatch(r"\+(\d+(?:\.\d+)?)([smh]?)", text.strip())
+    if m:
+        return now + float(m.group(1)) * {"": 60, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip())
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
+        raise ValueError(f"--deadline {text!r}: give a clock time HH:MM (e.g. 06:30) or +MINUTES (e.g. +90m)")
+    base = dt.datetime.fromtimestamp(now)
+    at = base.replace(hour=int(m.group(1)), minute=int(m.group(2)), second=0, microsecond=0)
+    if at.timestamp() <= now:
+        at += dt.timedelta(days=1)
+    return at.timestamp()
 
 
 def group_name(path: Path, fp: str) -> str:
     stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.stem)
     return f"{stem}-{fp[:8]}"
+
+
+class _Folder:
+    """The slide folder, listed again and again; yields each entry once, when it is ready to read.
+
+    Without ``settle_s`` every entry is ready at once. With it, a file is ready when its size and
+    modification time have not changed for ``settle_s`` (a scanner still writing it is not read).
+    """
+
+    def __init__(self, folder: Path, settle_s: float = 0.0):
+        self.folder = folder
+        self.settle_s = settle_s
+        self.returned: set[Path] = set()
+        self.others: set[Path] = set()
+        self._seen: dict[Path, tuple[int, int, float]] = {}
+
+    def poll(self) -> tuple[list[Path], list[Path]]:
+        """(entries ready now, new non-slide files)."""
+        slides, others = list_slides(self.folder)
+        new_others = [p for p in others if p not in self.others]
+        self.others.update(new_others)
+        now = time.time()
+        ready = []
+        for p in slides:
+            if p in self.returned:
+                continue
+            if self.settle_s <= 0 or not p.is_file():
+                ready.append(p)
+                continue
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            sig = (st.st_size, st.st_mtime_ns)
+            prev = self._seen.get(p)
+            if prev is None or prev[:2] != sig:
+                since = now if now - st.st_mtime < self.settle_s else st.st_mtime
+                self._seen[p] = (*sig, since)
+                prev = self._seen[p]
+            if now - prev[2] >= self.settle_s:
+                ready.append(p)
+        self.returned.update(ready)
+        return ready, new_others
+
+    def unready(self) -> list[Path]:
+        """Slide files seen but never ready (still being written)."""
+        return sorted(p for p in self._seen if p not in self.returned and p.exists())
+
+
+class _Alerts:
+    """``alerts.log`` and the site's ``--on-flag`` command, the moment a slide is flagged.
+
+    The command gets the slide path, the case id and the suspicion as arguments (and as
+    ``WSI_APL_SLIDE``, ``WSI_APL_CASE``, ``WSI_APL_SUSPICION``); it runs in the background with a time
+    limit, and its failure is written to ``alerts.log`` and the terminal, never stops the batch.
+    """
+
+    def __init__(self, out: Path, command: str | None, log: Callable[[str], None], timeout_s: float = 300.0):
+        self.out = out
+        self.argv = shlex.split(command) if command else None
+        self.log = log
+        self.timeout_s = timeout_s
+        self.threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def _write(self, line: str) -> None:
+        with self._lock, open(self.out / "alerts.log", "a", encoding="utf-8") as f:
+            f.write(line)
+
+    def flag(self, job: _SlideJob, result: SlideResult) -> None:
+        now = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._write(f"{now}\tFLAGGED\t{job.path.name}\tcase={job.case}\tsuspicion={result.suspicion:.3f}"
+                    f"\t{DECISION_SUPPORT}\n")
+        if self.argv:
+            t = threading.Thread(target=self._run, args=(job.path, job.case, result.suspicion), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _run(self, path: Path, case: str, score: float) -> None:
+        env = dict(os.environ, WSI_APL_SLIDE=str(path), WSI_APL_CASE=case, WSI_APL_SUSPICION=f"{score:.3f}")
+        try:
+            r = subprocess.run(self.argv + [str(path), case, f"{score:.3f}"], env=env, capture_output=True,
+                               text=True, timeout=self.timeout_s)
+            problem = f"exit status {r.returncode}: {r.stderr.strip()[-300:]}" if r.returncode else ""
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            problem = str(exc)
+        if problem:
+            now = time.strftime("%Y-%m-%d %H:%M:%S")
+            self._write(f"{now}\tON-FLAG FAILED\t{path.name}\t{problem}\n")
+            self.log(f"  WARNING: the --on-flag command failed for {path.name} ({problem}); the flag is in "
+                     "alerts.log and triage.csv")
+
+    def wait(self) -> None:
+        for t in self.threads:
+            t.join(self.timeout_s + 5)
 
 
 def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
@@ -110,47 +245,25 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     nets = SlideNets.from_bundle(bundle)
     if bundle.synthetic:
         log(f"WARNING: bundle {bundle.name} was trained on synthetic data: demo model, not for diagnosis.")
+    few = _few_apl_warning(bundle)
+    if few:
+        log(f"WARNING: {few}")
     cases = read_cases(opts.cases)
-    files, others = list_slides(opts.slides)
+    folder = _Folder(opts.slides, opts.settle_s if opts.watch else 0.0)
     ledger = Ledger(opts.out)
     ledger.lock()
     clean_staging(opts.out)
-    skipped = 0
+    batch = _Batch(opts, bundle, nets, ledger, cases, folder, log)
+    alerts = batch.alerts
     try:
-        jobs: dict[str, _SlideJob] = {}
-        log(f"{len(files)} slide file(s) in {opts.slides}; bundle {bundle.label}")
-        if others:
-            log(f"{len(others)} other file(s) ignored (not slide formats): "
-                + ", ".join(p.name for p in others[:5]) + (" …" if len(others) > 5 else ""))
-        for p in files:
-            case = cases.get(p.name, "")
-            if p.is_dir():
-                ledger.see_file(str(p), p.name, None, case,
-                                error=f"{p}: is a folder, not a slide file (pass the slide file itself)")
-                continue
-            if p.suffix.lower() in UNREADABLE_SLIDE_EXTENSIONS:
-                cause, fix = REFUSED_FORMATS.get(p.suffix.lower(), (f"{p.suffix} slides are not supported",
-                                                                    "export the slide as OME-TIFF or SVS"))
-                ledger.see_file(str(p), p.name, None, case, error=f"{p}: {cause} ({fix})")
-                continue
-            try:
-                fp = fingerprint(p)
-            except OSError as exc:
-                ledger.see_file(str(p), p.name, None, case, error=f"{p}: cannot read the file ({exc})")
-                continue
-            ledger.see_file(str(p), p.name, fp, case)
-            if not opts.force and ledger.is_done(fp, bundle.id):
-                skipped += 1
-                continue
-            if fp in jobs:
-                jobs[fp].names.append(p)
-                continue
-            jobs[fp] = _SlideJob(fp, p, [p], p.stat().st_size)
-        if skipped:
-            log(f"{skipped} slide(s) already analysed with this bundle: skipped (use --force to redo)")
-        if jobs:
-            _run_jobs(jobs, bundle, nets, ledger, opts, log)
+        batch.discover(first=True)
+        if batch.skipped:
+            log(f"{batch.skipped} slide(s) already analysed with this bundle: skipped (use --force to redo)")
+        if batch.jobs or opts.watch:
+            batch.run()
     finally:
+        alerts.wait()
+        batch.close_unfinished()
         # whatever happened above, tonight's list is rewritten from the ledger: every slide seen has a row
         out = write_triage(opts.out, ledger)
         counts: dict[str, int] = {}
@@ -159,7 +272,10 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
         ledger.close()
     elapsed = time.time() - t_start
     summary = {"counts": counts, "seconds": round(elapsed, 1), "triage": str(out),
-               "store": str(opts.out / "cells.zarr"), "skipped": skipped, "bundle": bundle.label}
+               "store": str(opts.out / "cells.zarr"), "skipped": batch.skipped, "bundle": bundle.label,
+               "areas": batch.areas_done, "cells": batch.cells_done, "workers": batch.n_workers,
+               "bytes_to_workers": batch.bytes_submitted, "area_tasks": batch.area_tasks,
+               "stage_seconds": {k: round(v, 3) for k, v in batch.stage_seconds.items()}}
     log("")
     log("Summary: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" in {elapsed:.0f} s")
     log(f"Triage list: {out}")
@@ -169,79 +285,233 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     return summary
 
 
-def _run_jobs(jobs: dict[str, _SlideJob], bundle, nets, ledger: Ledger, opts: ScanOptions,
-              log: Callable[[str], None]) -> None:
-    handle = start_cluster(opts.scheduler, opts.workers)
-    log(f"Dask cluster: {handle.workers} worker(s){' with GPUs' if handle.gpus else ' (CPU)'}; "
-        f"dashboard {handle.dashboard}")
-    run = uuid.uuid4().hex[:8]
-    try:
-        register_bundles(handle, {bundle.id: str(bundle.path.resolve())}, remote=bool(opts.scheduler))
-        window = TaskWindow(handle.client, opts.max_in_flight or max(4, 3 * handle.workers), gpu=handle.gpus > 0)
+def _few_apl_warning(bundle) -> str:
+    n = ((bundle.part("slide_nets") or {}).get("decision") or {}).get("apl_slides")
+    if n is not None and n < 20:
+        return (f"the bundle's flag threshold rests on only {n} APL slide(s) (fewer than 20): its sensitivity is "
+                "uncertain, and every not_flagged row says so")
+    return ""
+
+
+class _Batch:
+    """One scan's slides in flight: discovery, admission, results, deadline."""
+
+    def __init__(self, opts: ScanOptions, bundle, nets, ledger: Ledger, cases: dict[str, str], folder: _Folder,
+                 log: Callable[[str], None]):
+        self.opts, self.bundle, self.nets, self.ledger, self.cases = opts, bundle, nets, ledger, cases
+        self.folder, self.log = folder, log
+        self.alerts = _Alerts(opts.out, opts.on_flag, log)
+        self.jobs: dict[str, _SlideJob] = {}
+        self.waiting: collections.deque[_SlideJob] = collections.deque()
+        self.skipped = 0
+        self.active = 0
+        self.n_done = self.areas_done = self.cells_done = 0
+        self.n_workers = 0
+        self.bytes_submitted = 0
+        self.area_tasks = 0
+        self.stage_seconds: dict[str, float] = collections.defaultdict(float)
+        self.closed = False  # the deadline passed: no new slide is started
+        self.attempts: dict[str, int] = {}
+        self.window: TaskWindow | None = None
+
+    # -- finding slides -----------------------------------------------------------------------
+    def discover(self, first: bool = False) -> int:
+        """Register what is new in the folder; returns the number of new jobs."""
+        ready, others = self.folder.poll()
+        if first:
+            self.log(f"{len(ready)} slide file(s) in {self.opts.slides}; bundle {self.bundle.label}"
+                     + ("; watching for more" if self.opts.watch else ""))
+        if others:
+            self.log(f"{len(others)} other file(s) ignored (not slide formats): "
+                     + ", ".join(p.name for p in others[:5]) + (" …" if len(others) > 5 else ""))
+        n = 0
+        for p in ready:
+            job = self._register(p)
+            if job is not None:
+                self.jobs[job.fp] = job
+                self.waiting.append(job)
+                n += 1
+                if not first:
+                    self.log(f"  new slide: {p.name}")
+        return n
+
+    def _register(self, p: Path) -> _SlideJob | None:
+        led, opts = self.ledger, self.opts
+        case = self.cases.get(p.name, "")
+        if p.is_dir():
+            led.see_file(str(p), p.name, None, case,
+                         error=f"{p}: is a folder, not a slide file (pass the slide file itself)")
+            return None
+        if p.suffix.lower() in UNREADABLE_SLIDE_EXTENSIONS:
+            cause, fix = REFUSED_FORMATS.get(p.suffix.lower(), (f"{p.suffix} slides are not supported",
+                                                                "export the slide as OME-TIFF or SVS"))
+            led.see_file(str(p), p.name, None, case, error=f"{p}: {cause} ({fix})")
+            return None
+        try:
+            fp = fingerprint(p)
+        except OSError as exc:
+            led.see_file(str(p), p.name, None, case, error=f"{p}: cannot read the file ({exc})")
+            return None
+        led.see_file(str(p), p.name, fp, case)
+        if not opts.force and led.is_done(fp, self.bundle.id):
+            self.skipped += 1
+            return None
+        if fp in self.jobs:
+            self.jobs[fp].names.append(p)
+            self.jobs[fp].case = self.jobs[fp].case or case
+            return None
+        return _SlideJob(fp, p, [p], p.stat().st_size, case=case)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> None:
+        opts, bundle = self.opts, self.bundle
+        handle = start_cluster(opts.scheduler, opts.workers, tls=opts.tls, slurm=opts.slurm)
+        self.n_workers = handle.workers
+        self.log(f"Dask cluster: {handle.workers} worker(s){' with GPUs' if handle.gpus else ' (CPU)'}; "
+                 f"dashboard {handle.dashboard}")
+        self.run_id = uuid.uuid4().hex[:8]
+        try:
+            register_bundles(handle, {bundle.id: str(bundle.path.resolve())},
+                             remote=bool(opts.scheduler or opts.slurm))
+            self.window = window = TaskWindow(handle.client, opts.max_in_flight or max(4, 3 * handle.workers),
+                                              gpu=handle.gpus > 0)
+            self.max_active = opts.max_active_slides or max(2, 2 * handle.workers)
+            if opts.deadline is not None and time.time() >= opts.deadline:
+                self._close("the --deadline had passed before this slide was started")
+            self._admit()
+            self.t0 = time.time()
+            last_poll = last_progress = time.time()
+            for done in window.results(tick=1.0):
+                now = time.time()
+                if opts.deadline is not None and now >= opts.deadline and not self.closed:
+                    self._close(f"the --deadline {time.strftime('%H:%M', time.localtime(opts.deadline))} was "
+                                "reached before this slide was started")
+                if done is not None:
+                    last_progress = now
+                    self._on_done(done)
+                elif window.in_flight and now - last_progress > opts.stall_s:
+                    self._stalled(now - last_progress)
+                    last_progress = now
+                if opts.watch and not self.closed and now - last_poll >= opts.poll_s:
+                    last_poll = now
+                    if self.discover():
+                        self._admit()
+                if not window.pending and not self.waiting and (self.closed or not opts.watch):
+                    break
+        finally:
+            if self.window is not None:
+                self.bytes_submitted = self.window.bytes_submitted
+            handle.close()
+
+    def _admit(self) -> None:
+        window, bundle, opts = self.window, self.bundle, self.opts
         selector = {"max_areas": opts.max_areas, "target_cells": opts.target_cells}
-        max_active = opts.max_active_slides or max(2, 2 * handle.workers)
-        waiting = collections.deque(jobs.values())
-        active = 0
-        attempts: dict[str, int] = {}
+        while self.waiting and self.active < self.max_active and not self.closed:
+            job = self.waiting.popleft()
+            self.ledger.start(job.fp, bundle.id, job.size)
+            self.attempts[job.fp] = (self.ledger.slide(job.fp) or {}).get("attempts", 1)
+            job.started = time.time()
+            window.add(("select", job.fp),
+                       f"select-{job.fp[:16]}-{bundle.id[:8]}-{self.run_id}-{self.attempts[job.fp]}",
+                       select_task, str(job.path), bundle.area_size, bundle.mpp, selector, opts.reader, opts.mpp,
+                       retries=opts.area_retries)
+            self.active += 1
 
-        def admit() -> None:
-            nonlocal active
-            while waiting and active < max_active:
-                job = waiting.popleft()
-                ledger.start(job.fp, bundle.id, job.size)
-                attempts[job.fp] = (ledger.slide(job.fp) or {}).get("attempts", 1)
-                job.started = time.time()
-                window.add(("select", job.fp), f"select-{job.fp[:16]}-{bundle.id[:8]}-{run}-{attempts[job.fp]}",
-                           select_task, str(job.path), bundle.area_size, bundle.mpp, selector, opts.reader, opts.mpp)
-                active += 1
-
-        admit()
-        t0 = time.time()
-        n_done = areas_done = cells_done = 0
-        for done in window.results():
-            kind, fp = done.tag[0], done.tag[1]
-            job = jobs[fp]
-            if job.failed:
-                continue
-            finished = False
-            if not done.ok:
+    def _on_done(self, done) -> None:
+        window, bundle, opts = self.window, self.bundle, self.opts
+        kind, fp = done.tag[0], done.tag[1]
+        job = self.jobs[fp]
+        if job.failed:
+            return
+        finished = False
+        if not done.ok:
+            job.failed = True
+            window.cancel(lambda tag, fp=fp: tag[1] == fp)
+            what = "choosing the areas" if kind == "select" else f"area {done.tag[2]}"
+            _finish_failed(job, f"{what}: {done.error}", self.ledger, bundle, opts, self.log)
+            finished = True
+        elif kind == "select":
+            job.selection = sel = done.value
+            self.stage_seconds["select"] += float(sel.timings.get("total", 0.0))
+            job.expected = len(sel.areas) if sel.status == "ok" else 0
+            for a in sel.areas if job.expected else []:
+                window.add(("area", fp, a.index),
+                           f"area-{fp[:16]}-{bundle.id[:8]}-{self.run_id}-{self.attempts[fp]}-{a.index}",
+                           area_task, str(job.path), a.box, a.index, bundle.id, opts.reader, opts.mpp, a.size,
+                           gpu_task=True, front=True, retries=opts.area_retries)
+                self.area_tasks += 1
+            finished = job.expected == 0
+        else:
+            job.tables.append(done.value)
+            for k, v in done.value.timings.items():
+                if k in ("read", "detect", "classify", "measure"):
+                    self.stage_seconds[k] += float(v)
+            self.areas_done += 1
+            self.cells_done += len(done.value)
+            finished = len(job.tables) == job.expected
+        if not finished:
+            return
+        job.finished = True
+        if not job.failed:
+            try:
+                t = time.perf_counter()
+                _finish(job, bundle, self.nets, self.ledger, opts, self.log, self.alerts)
+                self.stage_seconds["write"] += time.perf_counter() - t
+            except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the batch
                 job.failed = True
-                window.cancel(lambda tag, fp=fp: tag[1] == fp)
-                _finish_failed(job, done.error, ledger, bundle, opts, log)
-                finished = True
-            elif kind == "select":
-                job.selection = sel = done.value
-                job.expected = len(sel.areas) if sel.status == "ok" else 0
-                for a in sel.areas if job.expected else []:
-                    window.add(("area", fp, a.index),
-                               f"area-{fp[:16]}-{bundle.id[:8]}-{run}-{attempts[fp]}-{a.index}", area_task,
-                               str(job.path), a.box, a.index, bundle.id, opts.reader, opts.mpp, a.size,
-                               gpu_task=True, front=True)
-                finished = job.expected == 0
-            else:
-                job.tables.append(done.value)
-                areas_done += 1
-                cells_done += len(done.value)
-                finished = len(job.tables) == job.expected
-            if not finished:
-                continue
-            if not job.failed:
-                try:
-                    _finish(job, bundle, nets, ledger, opts, log)
-                except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the batch
-                    job.failed = True
-                    _finish_failed(job, f"could not finish the analysis ({type(exc).__name__}: {exc})", ledger,
-                                   bundle, opts, log)
-            job.selection, job.tables = None, []
-            active -= 1
-            n_done += 1
-            admit()
-            el = max(1e-6, time.time() - t0)
-            eta = (len(jobs) - n_done) * el / n_done
-            log(f"  [{n_done}/{len(jobs)} slides] {areas_done / el:.2f} areas/s, {cells_done / el:.0f} cells/s, "
-                f"{3600 * n_done / el:.0f} slides/h" + (f", ETA {eta / 60:.1f} min" if n_done < len(jobs) else ""))
-    finally:
-        handle.close()
+                _finish_failed(job, f"could not finish the analysis ({type(exc).__name__}: {exc})", self.ledger,
+                               bundle, opts, self.log)
+        job.selection, job.tables = None, []
+        self.active -= 1
+        self.n_done += 1
+        self._admit()
+        el = max(1e-6, time.time() - self.t0)
+        left = len(self.waiting) + self.active
+        eta = left * el / self.n_done
+        self.log(f"  [{self.n_done}/{self.n_done + left} slides] {self.areas_done / el:.2f} areas/s, "
+                 f"{self.cells_done / el:.0f} cells/s, {3600 * self.n_done / el:.0f} slides/h"
+                 + (f", ETA {eta / 60:.1f} min" if left else ""))
+
+    def _stalled(self, idle_s: float) -> None:
+        """No task finished for ``stall_s``: fail the slides in flight rather than wait all night."""
+        why = (f"no worker finished a task for {idle_s / 60:.0f} min (workers gone, or GPU tasks on a cluster "
+               "without GPU workers?)")
+        for job in list(self.jobs.values()):
+            if job.started and not job.finished:
+                job.failed = job.finished = True
+                self.window.cancel(lambda tag, fp=job.fp: tag[1] == fp)
+                _finish_failed(job, why, self.ledger, self.bundle, self.opts, self.log)
+                self.active -= 1
+                self.n_done += 1
+        self._admit()
+
+    def _close(self, reason: str) -> None:
+        """The deadline: slides not started are recorded as not analysed; those in hand are finished."""
+        self.closed = True
+        n = len(self.waiting)
+        while self.waiting:
+            job = self.waiting.popleft()
+            self.ledger.set_not_analysed(job.fp, reason)
+        self.log(f"Deadline reached: {n} slide(s) not started are listed as not_analysed; finishing "
+                 f"{self.active} slide(s) in hand")
+
+    def close_unfinished(self) -> None:
+        """At the end, whatever the cause: every slide seen but without a result says so."""
+        reason = "not analysed before the scan ended; look at this slide yourself"
+        for job in list(self.waiting):
+            self.ledger.set_not_analysed(job.fp, reason)
+        self.waiting.clear()
+        if self.opts.watch:
+            try:
+                late, _ = self.folder.poll()
+            except OSError:
+                late = []
+            for p in late:
+                self.ledger.see_file(str(p), p.name, None, self.cases.get(p.name, ""), status="not_analysed",
+                                     error=f"{p}: appeared after the scan stopped starting slides")
+            for p in self.folder.unready():
+                self.ledger.see_file(str(p), p.name, None, self.cases.get(p.name, ""), status="not_analysed",
+                                     error=f"{p}: the file was still being written when the scan ended")
 
 
 def _provenance(bundle, job: _SlideJob) -> dict:
@@ -267,11 +537,17 @@ def _slide_facts(job: _SlideJob, opts: ScanOptions) -> dict:
     return {k: info[k] for k in SLIDE_ALLOWLIST if k in info}
 
 
-def _finish(job: _SlideJob, bundle, nets, ledger: Ledger, opts: ScanOptions, log) -> None:
+def _finish(job: _SlideJob, bundle, nets, ledger: Ledger, opts: ScanOptions, log, alerts: _Alerts) -> None:
     sel = job.selection
     result, cols, _feats = aggregate(job.path.name, str(job.path), sel, job.tables, bundle, nets)
     result.fingerprint = job.fp
-    result.timings = {"seconds": round(time.time() - job.started, 2)}
+    result.case = job.case
+    stages = collections.Counter()
+    for t in job.tables:
+        stages.update({k: float(v) for k, v in t.timings.items() if k in ("read", "detect", "classify", "measure")})
+    result.timings = {"seconds": round(time.time() - job.started, 2),
+                      "select": round(float(sel.timings.get("total", 0.0)), 3),
+                      **{k: round(v, 3) for k, v in stages.items()}}
     group = group_name(job.path, job.fp)
     attrs = {
         "result": result.to_json(),
@@ -279,11 +555,11 @@ def _finish(job: _SlideJob, bundle, nets, ledger: Ledger, opts: ScanOptions, log
         "rejected": dict(sel.rejected), "candidates": sel.candidates, "qc": sel.qc,
         "selection_status": sel.status, "selection_reason": sel.reason,
         "slide": _slide_facts(job, opts), "provenance": _provenance(bundle, job),
-        "decision_support": DECISION_SUPPORT,
+        "case": job.case, "decision_support": DECISION_SUPPORT,
     }
     write_slide_group(opts.out, group, cols, attrs)
     if result.status == "flagged":
-        _alert(opts.out, job, result)  # before the ledger says done: a crash in between repeats, never loses it
+        alerts.flag(job, result)  # before the ledger says done: a crash in between repeats, never loses it
     ledger.finish(job.fp, result.status, result.to_json(), group)
     extra = f" (suspicion {result.suspicion:.2f})" if result.suspicion is not None else ""
     why = f": {result.reason}" if result.reason else ""
@@ -296,10 +572,3 @@ def _finish_failed(job: _SlideJob, error: str, ledger: Ledger, bundle, opts: Sca
     remove_slide_group(opts.out, group_name(job.path, job.fp))  # an older result must not outlive this failure
     ledger.fail(job.fp, error, result.to_json())
     log(f"  {job.path.name}: failed: {error}")
-
-
-def _alert(out: Path, job: _SlideJob, result: SlideResult) -> None:
-    line = (f"{time.strftime('%Y-%m-%d %H:%M:%S')}\tFLAGGED\t{job.path.name}\tsuspicion={result.suspicion:.3f}"
-            f"\t{DECISION_SUPPORT}\n")
-    with open(out / "alerts.log", "a", encoding="utf-8") as f:
-        f.write(line)

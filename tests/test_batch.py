@@ -1,0 +1,374 @@
+"""The overnight batch on real parts: a killed worker, a killed CLI, the deadline, --on-flag, TLS, SLURM.
+
+Every scan here goes through a real Dask cluster (an embedded LocalCluster, a LocalCluster reached
+by address, or ``dask scheduler`` + ``dask worker`` over TLS) into a real SQLite ledger and zarr
+store, and the results of a disturbed run are compared with an undisturbed one.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from distributed import WorkerPlugin
+
+from wsi_apl.cli import main
+from wsi_apl.store import read_slide_group, slide_groups
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-c", "import sys; from wsi_apl.cli import main; sys.exit(main())"]
+SCAN_ARGS = ["--max-areas", "6", "--target-cells", "0"]
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    """Four small slides (one per diagnosis) whose files are old enough to count as finished."""
+    from wsi_apl.synth.cohort import synth_cohort
+
+    folder = tmp_path_factory.mktemp("night") / "slides"
+    synth_cohort(folder, ["apl", "aml", "healthy", "reactive"], seed=41, mpp=0.5, size=(3000, 2250))
+    for extra in ("labels.csv", "truth"):
+        p = folder / extra
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    old = time.time() - 3600
+    for p in folder.iterdir():
+        os.utime(p, (old, old))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(trained, slides, tmp_path_factory):
+    """An undisturbed scan of ``slides`` (embedded LocalCluster, 2 workers)."""
+    _, bundle = trained
+    out = tmp_path_factory.mktemp("ref") / "results"
+    r = CliRunner().invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path),
+                                  "--workers", "2", *SCAN_ARGS])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _results(out: Path) -> dict[str, dict]:
+    """slide name → status, counted cells and the per-cell probabilities of its zarr group."""
+    res = {}
+    for g in slide_groups(out):
+        cols, attrs = read_slide_group(out, g)
+        r = attrs["result"]
+        res[r["slide"]] = {"status": r["status"], "cells": r["cells"], "n": len(cols["score"]),
+                           "p": np.stack([cols[k] for k in sorted(cols) if k.startswith("p_")], axis=1)}
+    return res
+
+
+def _same_results(a: Path, b: Path) -> None:
+    ra, rb = _results(a), _results(b)
+    assert set(ra) == set(rb)
+    for name in ra:
+        assert ra[name]["status"] == rb[name]["status"], name
+        assert ra[name]["cells"] == rb[name]["cells"] and ra[name]["n"] == rb[name]["n"], name
+        np.testing.assert_allclose(ra[name]["p"], rb[name]["p"], atol=1e-6, err_msg=name)
+
+
+def _ledger(out: Path) -> list[tuple]:
+    """(fingerprint, status, attempts) of every slide, read while a scan may be writing (WAL)."""
+    if not (out / "ledger.sqlite").exists():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{out / 'ledger.sqlite'}?mode=ro", uri=True, timeout=5)
+        try:
+            return db.execute("SELECT fingerprint, status, attempts FROM slides").fetchall()
+        finally:
+            db.close()
+    except sqlite3.OperationalError:  # the scan has not created its tables yet
+        return []
+
+
+# -- a worker dies while it computes an area ---------------------------------------------------------
+
+
+class KillOnce(WorkerPlugin):
+    """Kills its own worker process (SIGKILL) the first time an area task starts executing there."""
+
+    name = "test-kill-once"
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def setup(self, worker):
+        self.worker = worker
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and str(key).startswith("area-") and not os.path.exists(self.flag):
+            with open(self.flag, "w") as f:
+                f.write(f"{key}\t{self.worker.address}\t{os.getpid()}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_worker_killed_while_holding_an_area_task(trained, slides, reference, tmp_path):
+    from cluster.client import start_cluster
+
+    _, bundle = trained
+    handle = start_cluster(n_workers=2, torch_threads=1)
+    try:
+        address = handle.client.scheduler.address
+        pids_before = set(handle.client.run(os.getpid).values())
+        flag = tmp_path / "killed.txt"
+        handle.client.register_plugin(KillOnce(str(flag)))
+        out = tmp_path / "results"
+        r = subprocess.run(CLI + ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path),
+                                  "--scheduler", address, *SCAN_ARGS], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        key, worker, pid = flag.read_text().split("\t")
+        assert key.startswith("area-") and int(pid) in pids_before  # the dead worker held an area task
+        handle.client.wait_for_workers(2, timeout=60)
+        assert int(pid) not in set(handle.client.run(os.getpid).values())  # it really died (and was replaced)
+    finally:
+        handle.close()
+    _same_results(reference, out)
+
+
+# -- the CLI dies (kill -9) with slides in flight ------------------------------------------------------
+
+
+def test_sigkill_mid_batch_then_rerun(trained, slides, reference, tmp_path):
+    _, bundle = trained
+    out = tmp_path / "results"
+    # the reference's workers (2, one torch thread each: the thread count changes the last digits)
+    args = ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--workers", "2",
+            "--max-active-slides", "1", *SCAN_ARGS]
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    finished: set[str] = set()
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            rows = _ledger(out)
+            done = {fp for fp, st, _ in rows if st in ("flagged", "not_flagged", "inconclusive")}
+            running = [fp for fp, st, _ in rows if st == "running"]
+            if done and running:
+                finished = done
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the scan ended before the test could kill it"
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its LocalCluster, as in a power cut
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert finished and running  # killed with one slide finished and another in flight
+    after_kill = {fp: (st, n) for fp, st, n in _ledger(out)}
+
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert f"{len(finished)} slide(s) already analysed with this bundle: skipped" in r.output
+    rows = {fp: (st, n) for fp, st, n in _ledger(out)}
+    for fp in finished:
+        assert rows[fp] == after_kill[fp]  # not redone: same status, still one attempt
+    assert rows[running[0]][1] == 2  # the interrupted slide was redone
+    assert len(slide_groups(out)) == 4  # one group per slide, no duplicates
+    triage = list(csv.DictReader((out / "triage.csv").open()))
+    assert sorted(t["slide"] for t in triage) == sorted(p.name for p in slides.iterdir())
+    _same_results(reference, out)
+
+
+# -- the deadline and files still being written ----------------------------------------------------------
+
+
+def test_deadline_leaves_not_analysed_rows(trained, slides, tmp_path):
+    _, bundle = trained
+    folder = tmp_path / "slides"
+    shutil.copytree(slides, folder, copy_function=shutil.copy2)
+    growing = folder / "being_written.svs"
+    growing.write_bytes(b"II*\x00" + b"\x00" * 100)  # just written: not read until its size is stable
+    out = tmp_path / "results"
+    r = CliRunner().invoke(main, ["scan", str(folder), "--out", str(out), "--bundle", str(bundle.path),
+                                  "--workers", "1", "--max-active-slides", "1", "--watch", "--deadline", "+2s",
+                                  "--settle", "60", "--poll", "0.5", *SCAN_ARGS])
+    assert r.exit_code == 1, r.output  # some slides were not analysed
+    assert "Deadline reached" in r.output
+    rows = {row["slide"]: row for row in csv.DictReader((out / "triage.csv").open())}
+    assert set(rows) == {p.name for p in folder.iterdir()}  # every slide seen has a row
+    assert rows["being_written.svs"]["status"] == "not_analysed"
+    assert "still being written" in rows["being_written.svs"]["reason"]
+    late = [row for name, row in rows.items() if name != "being_written.svs" and row["status"] == "not_analysed"]
+    assert late and all("deadline" in row["reason"] for row in late)
+    assert {row["status"] for row in rows.values()} <= {"flagged", "not_flagged", "inconclusive", "not_analysed"}
+    st = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).output)
+    assert st["counts"]["not_analysed"] == len(late) + 1
+
+
+def test_parse_deadline():
+    from wsi_apl.scan import parse_deadline
+
+    now = dt.datetime(2026, 11, 27, 22, 0).timestamp()
+    assert dt.datetime.fromtimestamp(parse_deadline("06:30", now)) == dt.datetime(2026, 11, 28, 6, 30)
+    assert dt.datetime.fromtimestamp(parse_deadline("23:15", now)) == dt.datetime(2026, 11, 27, 23, 15)
+    assert parse_deadline("+90s", now) == now + 90 and parse_deadline("+2h", now) == now + 7200
+    assert parse_deadline(None) is None
+    with pytest.raises(ValueError, match="HH:MM"):
+        parse_deadline("25:00", now)
+
+
+# -- --on-flag and cases -------------------------------------------------------------------------------
+
+
+def _bundle_flagging_everything(bundle, dest: Path) -> Path:
+    """A copy of ``bundle`` whose rule flags every slide with a counted cell (threshold 0)."""
+    shutil.copytree(bundle.path, dest)
+    meta = json.loads((dest / "bundle.json").read_text())
+    meta["parts"]["slide_nets"]["decision"].update(threshold=0.0, min_cells=1)
+    (dest / "bundle.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_on_flag_runs_once_per_flagged_slide_with_case_ids(trained, slides, tmp_path):
+    _, bundle = trained
+    flagging = _bundle_flagging_everything(bundle, tmp_path / "bundle")
+    cases = tmp_path / "cases.csv"
+    cases.write_text("slide,case\n" + "".join(f"{p.name},=CASE-{i}\n" for i, p in enumerate(sorted(slides.iterdir()))))
+    record = tmp_path / "pager.txt"
+    script = tmp_path / "pager.py"
+    script.write_text("import sys\nopen(sys.argv[1], 'a').write('\\t'.join(sys.argv[2:]) + '\\n')\n")
+    out = tmp_path / "results"
+    r = CliRunner().invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(flagging),
+                                  "--workers", "2", "--cases", str(cases),
+                                  "--on-flag", f"{sys.executable} {script} {record}", *SCAN_ARGS])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader((out / "triage.csv").open()))
+    flagged = {row["path"]: row for row in rows if row["status"] == "flagged"}
+    assert len(flagged) == 4
+    calls = [line.split("\t") for line in record.read_text().splitlines()]
+    assert len(calls) == len(flagged)  # once per flagged slide
+    for path, case, score in calls:
+        assert flagged[path]["case"] == "'" + case  # neutralised in the CSV, given as is to the command
+        assert case.startswith("=CASE-")
+        assert abs(float(score) - float(flagged[path]["suspicion"])) < 1e-3
+    assert len([x for x in (out / "alerts.log").read_text().splitlines() if "\tFLAGGED\t" in x]) == 4
+    for g in slide_groups(out):  # the store carries the case id too
+        _, attrs = read_slide_group(out, g)
+        assert attrs["case"].startswith("=CASE-") and attrs["result"]["case"] == attrs["case"]
+
+
+# -- an existing scheduler over TLS ------------------------------------------------------------------------
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wsi-apl-test")])
+    now = dt.datetime.now(dt.timezone.utc)
+    import ipaddress
+
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_scan_through_a_tls_scheduler(trained, slides, reference, tmp_path):
+    pytest.importorskip("cryptography")
+    _, bundle = trained
+    cert, key = _tls_files(tmp_path)
+    tls = ["--tls-ca-file", str(cert), "--tls-cert", str(cert), "--tls-key", str(key)]
+    port = _free_port()
+    dask = str(Path(sys.executable).parent / "dask")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    sched = subprocess.Popen([dask, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port),
+                              "--no-dashboard", *tls], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([dask, "worker", f"tls://127.0.0.1:{port}", "--nthreads", "1", "--nworkers", "1",
+                               "--no-dashboard", *tls], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        one = tmp_path / "one"
+        one.mkdir()
+        src = sorted(slides.iterdir())[0]
+        shutil.copy2(src, one / src.name)
+        address = f"tls://127.0.0.1:{port}"
+        runner = CliRunner()
+        r = runner.invoke(main, ["scan", str(one), "--out", str(tmp_path / "plain"), "--bundle", str(bundle.path),
+                                 "--scheduler", address, *SCAN_ARGS])
+        assert r.exit_code == 2 and "--tls-ca-file" in r.output  # refused in words, nothing half-done
+        out = tmp_path / "results"
+        deadline = time.time() + 60
+        while True:  # the scheduler and worker take a few seconds to start
+            r = runner.invoke(main, ["scan", str(one), "--out", str(out), "--bundle", str(bundle.path),
+                                     "--scheduler", address, *tls, *SCAN_ARGS])
+            if r.exit_code != 2 or time.time() > deadline:
+                break
+            time.sleep(1)
+        assert r.exit_code == 0, r.output
+        assert "Dask cluster: 1 worker(s)" in r.output
+        ref = _results(reference)[src.name]
+        got = _results(out)[src.name]
+        assert got["status"] == ref["status"] and got["n"] == ref["n"]
+        np.testing.assert_allclose(got["p"], ref["p"], atol=1e-6)
+    finally:
+        for p in (worker, sched):
+            p.terminate()
+        for p in (worker, sched):
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+# -- SLURM: the job script dask-jobqueue would submit ----------------------------------------------------------
+
+
+def test_slurm_job_script_asks_for_gpus_and_threads():
+    pytest.importorskip("dask_jobqueue")
+    from cluster.client import SlurmOptions, slurm_cluster
+
+    from cluster.client import loopback_dashboard
+
+    cluster = slurm_cluster(SlurmOptions(queue="gpu", account="haem", jobs=3, gpus_per_job=2, cores=16,
+                                         memory="64GB", walltime="06:00:00"), submit=False)
+    try:
+        script = cluster.job_script()
+        dashboard = loopback_dashboard(cluster)
+    finally:
+        cluster.close()
+    assert "#SBATCH -p gpu" in script and "#SBATCH -A haem" in script and "#SBATCH -t 06:00:00" in script
+    assert "#SBATCH --gres=gpu:2" in script
+    assert "--nworkers 2" in script and "--resources GPU=1" in script  # one worker per GPU
+    assert "export OMP_NUM_THREADS=8" in script
+    assert dashboard.startswith("http://127.0.0.1:")  # the dashboard is not on every interface
+
+
+def test_each_worker_takes_its_own_gpu():
+    from cluster.plugin import worker_device
+
+    assert worker_device(0, n_gpus=0) == "cpu"
+    assert [worker_device(i, n_gpus=2) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert worker_device("wsi-apl-1234-3", n_gpus=4) == "cuda:3"
+    assert worker_device("tcp://10.0.0.5:4001", n_gpus=1) == "cuda:0"
