@@ -112,3 +112,50 @@ def test_evaluate_cells_on_detected_cells(trained):
         c = h["confusion"]
         assert c["tp"] + c["fp"] + c["tn"] + c["fn"] == h["n"]
         assert (root / "curves" / f"{head}.png").stat().st_size > 1000
+
+
+def test_evaluate_enn_with_oracle_subgroups_and_areas(trained):
+    """`evaluate enn` scans labelled slides and reports both tasks, the oracle, CI coverage and the areas table."""
+    root, bundle = trained
+    r = CliRunner().invoke(main, ["evaluate", "enn", "--bundle", str(bundle.path), "--slides",
+                                  str(root / "cohort" / "labels.csv"), "--max-areas", "4",
+                                  "--curves", str(root / "enn_curves"), "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output[r.output.index("{"):])
+    for task in ("apl_vs_aml", "apl_vs_healthy"):
+        t = m[task]
+        assert {"auroc", "auroc_ci", "auprc", "sensitivity", "specificity", "threshold"} <= set(t)
+        assert t["auroc_ci"][0] <= t["auroc"] <= t["auroc_ci"][1]
+        assert task in m["oracle"] and 0.0 <= m["oracle"][task]["auroc"] <= 1.0
+        assert (root / "enn_curves" / f"{task}.png").stat().st_size > 1000
+        assert m["paper"][task]["auroc"] in (0.8575, 0.9585)
+    assert "not comparable" in m["paper"]["note"]
+    assert m["subgroups"]["reactive"]["slides"] == 3
+    cov = m["ci_coverage"]
+    assert cov["slides"] > 0 and 0.0 <= cov["promyelocyte_in_areas"] <= 1.0
+    assert [row["areas"] for row in m["areas_per_slide"]] == [1, 3, 6, 12]
+    assert m["areas_per_slide"][0]["mean_areas_used"] == 1.0
+    assert m["areas_per_slide"][-1]["mean_areas_used"] <= 4.0  # never more than the scan stored
+
+
+def test_evaluate_enn_reads_a_scan_results_folder(trained, tmp_path):
+    """LABELS.csv may point at slides already scanned: their results are read from the zarr store."""
+    from wsi_apl.synth.cohort import synth_cohort
+
+    root, bundle = trained
+    slides = tmp_path / "slides"
+    synth_cohort(slides, ["apl", "aml", "healthy", "reactive"], seed=35, mpp=0.5, size=(3000, 2250))
+    out = tmp_path / "results"
+    runner = CliRunner()
+    r = runner.invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--workers", "1",
+                             "--max-areas", "3", "--target-cells", "0"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["evaluate", "enn", "--bundle", str(bundle.path), "--slides", str(slides / "labels.csv"),
+                             "--results", str(out), "--json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.output[r.output.index("{"):])
+    assert m["slides"] == 4 and sum(sum(v.values()) for v in m["statuses"].values()) == 4
+    scanned = {row["slide"]: row for row in csv.DictReader((out / "triage.csv").open())}
+    flagged_apl = scanned["slide_0035_000.tiff"]["status"] == "flagged"
+    assert m["triage"]["apl_flagged"] == int(flagged_apl)
+    assert m["areas_per_slide"][-1]["mean_areas_used"] <= 3.0

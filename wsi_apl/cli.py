@@ -303,16 +303,23 @@ def train_cells_cmd(cohort, out, mpp, area, epochs, budget, seed) -> None:
               help="Fewer counted cells: inconclusive.")
 @click.option("--max-areas", type=int, default=12, show_default=True)
 @click.option("--target-cells", type=int, default=500, show_default=True)
+@click.option("--trials", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Optuna trials per net (depth, learning rate, weight decay, epochs), inside each training fold.")
 @click.option("--seed", type=int, default=0)
-def train_enn_cmd(slides_csv, bundle_dir, target_sensitivity, min_cells, max_areas, target_cells, seed) -> None:
-    """Train the slide-level nets on features the bundle computes from labelled slides."""
+def train_enn_cmd(slides_csv, bundle_dir, target_sensitivity, min_cells, max_areas, target_cells, trials,
+                  seed) -> None:
+    """Train the slide-level nets on features the bundle computes from labelled slides.
+
+    The slides should be patients the bundle's cell models never saw (their features must look like
+    a scan's)."""
     from workers.bundle import load_bundle
 
     from .train.data import read_labels
     from .train.steps import step_enn
 
     step_enn(load_bundle(bundle_dir), read_labels(slides_csv), target_sensitivity=target_sensitivity,
-             min_cells=min_cells, max_areas=max_areas, target_cells=target_cells, seed=seed, log=click.echo)
+             min_cells=min_cells, max_areas=max_areas, target_cells=target_cells, seed=seed, trials=trials,
+             log=click.echo)
 
 
 @train.command("all")
@@ -427,23 +434,43 @@ def evaluate_cells_cmd(bundle_dir, cohort, detected, curves_dir, as_json, out) -
 
 @evaluate.command("enn")
 @click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--slides", "slides_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--slides", "slides_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="LABELS.csv: slide, patient, diagnosis[, path]; a synthetic cohort's truth/ is used when present.")
+@click.option("--results", "results_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Read the slides' results from this 'wsi-apl scan' output instead of scanning them here.")
+@click.option("--max-areas", type=int, default=12, show_default=True, help="Areas per slide when scanning here.")
+@click.option("--target-cells", type=int, default=0, show_default=True,
+              help="Stop choosing areas at this many expected cells (0: up to --max-areas).")
+@click.option("--curves", "curves_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write ROC / PR curves of both nets as PNG into this folder.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def evaluate_enn_cmd(bundle_dir, slides_csv, as_json, out) -> None:
-    """Scan labelled slides and report AUROC / AUPRC of both tasks and the triage decision."""
+def evaluate_enn_cmd(bundle_dir, slides_csv, results_dir, max_areas, target_cells, curves_dir, as_json, out) -> None:
+    """Both slide-level nets and the triage decision on labelled slides, with an oracle and subgroups."""
     from .evaluate import evaluate_enn
     from .train.data import read_labels
 
-    m = evaluate_enn(bundle_dir, read_labels(slides_csv), log=(lambda s: None) if as_json else click.echo)
+    m = evaluate_enn(bundle_dir, read_labels(slides_csv), max_areas=max_areas, target_cells=target_cells,
+                     results=results_dir, curves_dir=curves_dir, log=(lambda s: None) if as_json else click.echo)
     if not as_json:
         for task in ("apl_vs_aml", "apl_vs_healthy"):
             if task in m:
                 t = m[task]
+                o = (m.get("oracle") or {}).get(task)
                 click.echo(f"{task}: AUROC {t['auroc']:.3f} [{t['auroc_ci'][0]:.3f}, {t['auroc_ci'][1]:.3f}], "
-                           f"AUPRC {t['auprc']:.3f}")
+                           f"AUPRC {t['auprc']:.3f}; at the stored threshold {t['threshold']:.3f}: sensitivity "
+                           f"{t['sensitivity']:.2f}, specificity {t['specificity']:.2f}"
+                           + (f"; oracle AUROC {o['auroc']:.3f}" if o else "")
+                           + f"; paper {m['paper'][task]['auroc']:.4f}")
         click.echo(f"triage: {json.dumps(m['triage'])}")
-        click.echo("Synthetic slides, not real patients: not comparable with the paper's figures.")
+        click.echo(f"subgroups: {json.dumps(m['subgroups'])}")
+        if "ci_coverage" in m:
+            click.echo(f"CI coverage: {json.dumps(m['ci_coverage'])}")
+        for row in m["areas_per_slide"]:
+            click.echo(f"  {row['areas']:>2} area(s) per slide (mean {row['mean_areas_used']:.1f} used): "
+                       + ", ".join(f"{t} AUROC {row[t]:.3f}" for t in ("apl_vs_aml", "apl_vs_healthy")
+                                   if row.get(t) is not None))
+        click.echo(m["paper"]["note"])
     _dump(m, as_json, out)
 
 

@@ -7,15 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tile_selector.select import SelectorConfig
 from workers.area import load_detector, load_models
 from workers.bundle import load_bundle
 from workers.classifier import classify
 from workers.detector import detect
 
-from .enn import SlideNets
 from .metrics import binary_summary, coco_metrics, match_detections
-from .pipeline import analyse_slide_local
 from .train.cells import CellSet
 from .train.data import SlideEntry, area_samples
 from .train.steps import collect_samples
@@ -132,21 +129,22 @@ def _geom(b):
     return Geometry(mpp=b.mpp, area=b.area_size)
 
 
-def evaluate_enn(bundle_dir: Path, entries: list[SlideEntry], *, max_areas: int = 12, target_cells: int = 500,
+def evaluate_enn(bundle_dir: Path, entries: list[SlideEntry], *, max_areas: int = 12, target_cells: int = 0,
+                 results: Path | None = None, curves_dir: Path | None = None,
                  log: Callable[[str], None] = print) -> dict:
-    """Scan labelled slides in-process and score both tasks and the triage decision."""
+    """Score both tasks and the triage decision on labelled slides: scanned here, or read from the
+    results folder of ``wsi-apl scan`` (``results``). See :mod:`wsi_apl.slide_eval`."""
+    from .slide_eval import evaluate_rows, results_rows, scan_rows
+
     bundle = load_bundle(bundle_dir)
-    models = load_models(bundle)
-    nets = SlideNets.from_bundle(bundle)
-    rows = []
-    for e in entries:
-        res, _cols, _feats, _sel = analyse_slide_local(e.path, models, nets, SelectorConfig(max_areas, target_cells))
-        rows.append((e, res))
-        log(f"  {e.slide} ({e.diagnosis}): {res.status}"
-            + (f", suspicion {res.suspicion:.2f}" if res.suspicion is not None else "")
-            + (f" ({res.reason})" if res.reason else ""))
-    return summarise_slide_results([(e.diagnosis, e.patient, r.to_json()) for e, r in rows],
-                                   bundle.part("slide_nets").get("decision", {}))
+    bundle.require("detector", "cells", "slide_nets")
+    if results is not None:
+        rows = results_rows(results, entries, log=log)
+    else:
+        rows = scan_rows(bundle, entries, max_areas=max_areas, target_cells=target_cells, log=log)
+    out = evaluate_rows(rows, bundle, curves_dir=curves_dir)
+    out["bundle"] = bundle.label
+    return out
 
 
 def summarise_slide_results(rows: list[tuple[str, str, dict]], decision: dict) -> dict:
@@ -155,6 +153,7 @@ def summarise_slide_results(rows: list[tuple[str, str, dict]], decision: dict) -
     for dx, _p, r in rows:
         out["statuses"].setdefault(dx, {}).setdefault(r["status"], 0)
         out["statuses"][dx][r["status"]] += 1
+    thresholds = decision.get("thresholds") or {}
     for task, pos, neg, key in (("apl_vs_aml", ("apl",), ("aml",), "p_apl_vs_aml"),
                                 ("apl_vs_healthy", ("apl",), ("healthy", "reactive"), "p_apl_vs_healthy")):
         sel = [(dx, p, r) for dx, p, r in rows if dx in pos + neg and r.get(key) is not None]
@@ -163,7 +162,9 @@ def summarise_slide_results(rows: list[tuple[str, str, dict]], decision: dict) -
         y = np.array([dx in pos for dx, _, _ in sel])
         s = np.array([r[key] for _, _, r in sel])
         groups = np.array([p for _, p, _ in sel])
-        out[task] = binary_summary(y, s, 0.5, groups=groups, n_boot=500)
+        # sensitivity / specificity at the net's stored threshold (chosen on out-of-fold predictions)
+        out[task] = binary_summary(y, s, float(thresholds.get(task, 0.5)), groups=groups, n_boot=500)
+        out[task]["without_score"] = sum(dx in pos + neg for dx, _, _ in rows) - len(sel)
     scored = [(dx, r) for dx, _p, r in rows]
     apl = [r for dx, r in scored if dx == "apl"]
     non = [r for dx, r in scored if dx != "apl"]

@@ -63,5 +63,13 @@ def slide_features(cols: dict[str, np.ndarray], heads: list[str], thresholds: di
         lo, hi = (float(np.percentile(col, 2.5)), float(np.percentile(col, 97.5))) if len(col) else (np.nan, np.nan)
         ratios[h] = {"value": float(feats[k]), "ci_low": lo, "ci_high": hi,
                      "count": int(np.sum(p[h] >= thresholds.get(h, 0.5))) if len(areas) else 0}
+    blast = None
+    blast_heads = [h for h in ("myeloblast", "promyelocyte") if h in p]
+    if len(areas) and blast_heads:
+        # blasts and blast equivalents (APL promyelocytes count as blasts, WHO): either head at its threshold
+        is_blast = np.zeros(len(areas), bool)
+        for h in blast_heads:
+            is_blast |= p[h] >= thresholds.get(h, 0.5)
+        blast = round(100.0 * float(is_blast.mean()), 2)
     return {"features": feats, "names": feature_names(heads), "ratios": ratios, "cells": int(keep.sum()),
-            "areas": int(len(uniq)), "boot": boot}
+            "areas": int(len(uniq)), "boot": boot, "blast_percent": blast}

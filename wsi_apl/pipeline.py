@@ -40,6 +40,7 @@ class SlideResult:
     ratios: dict = field(default_factory=dict)
     cells: int = 0
     areas: int = 0
+    blast_percent: float | None = None
     mean_focus: float | None = None
     qc: list[str] = field(default_factory=list)
     bundle: str = ""
@@ -86,6 +87,7 @@ def aggregate(name: str, path: str, selection: Selection, tables: list[CellTable
         return result, cols, None
     feats = slide_features(cols, heads, thresholds_of(bundle))
     result.cells = feats["cells"]
+    result.blast_percent = feats.get("blast_percent")
     result.ratios = {h: {k: (None if v is None or (isinstance(v, float) and not np.isfinite(v)) else v)
                          for k, v in r.items()} for h, r in feats["ratios"].items()}
     if nets is None:

@@ -21,7 +21,7 @@ COLUMNS = ["rank", "case", "slide", "path", "status", "suspicion", "p_apl_vs_aml
            "myeloblast_ratio", "myeloblast_ci_low", "myeloblast_ci_high",
            "auer_rod_ratio", "auer_rod_ci_low", "auer_rod_ci_high",
            "cells", "areas", "mean_focus", "qc", "bundle", "scanned_at",
-           "reason", "suspicion_ci_low", "suspicion_ci_high", "fingerprint", "note"]
+           "reason", "suspicion_ci_low", "suspicion_ci_high", "blast_percent", "fingerprint", "note"]
 
 _ORDER = {"flagged": 0, "inconclusive": 1, "failed": 2, "not_analysed": 3, "pending": 3, "not_flagged": 4}
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -60,6 +60,7 @@ def triage_rows(ledger: Ledger) -> list[dict]:
             "mean_focus": res.get("mean_focus"), "qc": " | ".join(res.get("qc", []) or []),
             "bundle": res.get("bundle") or "", "scanned_at": res.get("scanned_at") or "",
             "reason": reason, "fingerprint": r["fingerprint"] or "", "note": DECISION_SUPPORT,
+            "blast_percent": res.get("blast_percent"),
         }
         ci = res.get("suspicion_ci") or [None, None]
         row["suspicion_ci_low"], row["suspicion_ci_high"] = ci[0], ci[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -70,10 +71,54 @@ def grouped_folds(diagnoses: np.ndarray, patients: np.ndarray, k: int, seed: int
     return [np.flatnonzero(folds == f) for f in range(k)]
 
 
+DEFAULT_PARAMS = {"hidden": 0, "lr": 0.05, "weight_decay": 1e-3, "epochs": 600}
+
+
+def _fit(Z: np.ndarray, y: np.ndarray, params: dict, seed: int) -> SlideNet:
+    return fit_net(Z, y, int(params["hidden"]), epochs=int(params["epochs"]), lr=float(params["lr"]),
+                   weight_decay=float(params["weight_decay"]), seed=seed)
+
+
+def search_params(Z: np.ndarray, y: np.ndarray, groups: np.ndarray, trials: int, seed: int = 0) -> dict:
+    """Optuna search of one net's depth, learning rate, weight decay and epochs, scored by the AUROC of
+    patient-grouped inner cross-validation on the slides given (the training folds only)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    k = int(min(3, len(set(groups[y > 0.5])), len(set(groups[y < 0.5]))))
+    if k < 2 or trials < 1:
+        return dict(DEFAULT_PARAMS)
+    folds = grouped_folds(np.where(y > 0.5, "pos", "neg"), groups, k, seed)
+
+    def objective(trial) -> float:
+        params = {"hidden": trial.suggest_categorical("hidden", [0, 4, 16]),
+                  "lr": trial.suggest_float("lr", 3e-3, 0.2, log=True),
+                  "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-1, log=True),
+                  "epochs": trial.suggest_int("epochs", 100, 700, step=200)}
+        z = np.full(len(y), np.nan)
+        for f, test in enumerate(folds):
+            train = np.setdiff1d(np.arange(len(y)), test)
+            if len(np.unique(y[train])) < 2:
+                continue
+            z[test] = _logits(_fit(Z[train], y[train], params, seed + f), Z[test])
+        ok = np.isfinite(z)
+        return auroc(y[ok] > 0.5, z[ok]) if len(np.unique(y[ok])) == 2 else 0.5
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.enqueue_trial(dict(DEFAULT_PARAMS))  # the paper's net is always among the candidates
+    study.optimize(objective, n_trials=trials)
+    return {**DEFAULT_PARAMS, **study.best_params, "inner_auroc": float(study.best_value)}
+
+
 def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: list[str], *,
               target_sensitivity: float = 0.95, min_cells: int = 200, hidden: int = 0, seed: int = 0,
-              log: Callable[[str], None] = print) -> tuple[dict, dict, dict, dict]:
-    """Fit both nets; returns ``(tensors, config, decision, metrics)`` for the bundle's slide_nets part."""
+              trials: int = 0, log: Callable[[str], None] = print) -> tuple[dict, dict, dict, dict]:
+    """Fit both nets; returns ``(tensors, config, decision, metrics)`` for the bundle's slide_nets part.
+
+    Patient-grouped stratified cross-validation gives out-of-fold predictions, on which the
+    calibration and the thresholds are chosen. With ``trials``, an Optuna search runs inside each
+    training fold (never seeing that fold's test slides) and once more on all slides for the final nets.
+    """
     dx = np.asarray(diagnoses)
     pats = np.asarray(patients)
     X = np.asarray(X, np.float64)
@@ -95,6 +140,8 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
     Z = (X - mean) / std
     folds = grouped_folds(dx, pats, k, seed)
     oof = {t: np.full(len(X), np.nan) for t in TASKS}
+    base = {**DEFAULT_PARAMS, "hidden": hidden}
+    fold_params: dict[str, list] = {t: [] for t in TASKS}
     for f, test_idx in enumerate(folds):
         train_mask = np.ones(len(X), bool)
         train_mask[test_idx] = False
@@ -103,19 +150,23 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
             y = np.isin(dx[m], pos).astype(np.float32)
             if len(np.unique(y)) < 2:
                 continue
-            net = fit_net(Z[m], y, hidden, seed=seed + f)
+            params = search_params(Z[m], y, pats[m], trials, seed + f) if trials else base
+            fold_params[task].append(params)
+            net = _fit(Z[m], y, params, seed + f)
             oof[task][test_idx] = _logits(net, Z[test_idx])
     calibration, metrics = {}, {"folds": k, "slides": int(len(X)), "apl_slides": int(is_apl.sum()),
-                                "apl_patients": n_apl_pat}
-    oof_prob = {}
+                                "apl_patients": n_apl_pat, "trials": trials}
+    oof_prob, net_thresholds = {}, {}
     for task, (pos, neg) in TASKS.items():
         m = np.isin(dx, pos + neg) & np.isfinite(oof[task])
         y = np.isin(dx[m], pos)
         a, b = platt(oof[task][m], y.astype(np.float32))
         calibration[task] = [a, b]
         oof_prob[task] = 1.0 / (1.0 + np.exp(-(a * oof[task] + b)))
+        net_thresholds[task] = threshold_for_sensitivity(y, oof_prob[task][m], target_sensitivity)
         metrics[task] = {"oof_auroc": auroc(y, oof[task][m]), "oof_auprc": auprc(y, oof[task][m]),
-                         "slides": int(m.sum()), "positives": int(y.sum())}
+                         "slides": int(m.sum()), "positives": int(y.sum()),
+                         "threshold": float(net_thresholds[task]), "fold_params": fold_params[task]}
         log(f"  {task}: out-of-fold AUROC {metrics[task]['oof_auroc']:.3f} on {int(m.sum())} slides")
     s = suspicion({t: np.nan_to_num(oof_prob[t], nan=0.0) for t in TASKS})
     thr = threshold_for_sensitivity(is_apl, s, target_sensitivity)
@@ -123,15 +174,22 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
     metrics["suspicion_oof"] = summary
     log(f"  suspicion (APL vs all others), out-of-fold: AUROC {summary['auroc']:.3f}, threshold {thr:.3f} "
         f"gives sensitivity {summary['sensitivity']:.2f}, specificity {summary['specificity']:.2f}")
-    tensors = {}
+    tensors, hidden_of = {}, {}
     for task, (pos, neg) in TASKS.items():
         m = np.isin(dx, pos + neg)
-        net = fit_net(Z[m], np.isin(dx[m], pos).astype(np.float32), hidden, seed=seed)
+        y = np.isin(dx[m], pos).astype(np.float32)
+        params = search_params(Z[m], y, pats[m], trials, seed) if trials else base
+        if trials:
+            log(f"  {task}: search chose {json.dumps({k: round(v, 5) for k, v in params.items()})}")
+        metrics[task]["params"] = params
+        hidden_of[task] = int(params["hidden"])
+        net = _fit(Z[m], y, params, seed)
         for kname, v in net.state_dict().items():
             tensors[f"{task}.{kname}"] = v
     config = {"features": list(names), "mean": mean.tolist(), "std": std.tolist(),
-              "hidden": {t: hidden for t in TASKS}, "calibration": calibration}
-    decision = {"threshold": float(thr), "target_sensitivity": target_sensitivity, "min_cells": int(min_cells),
+              "hidden": hidden_of, "calibration": calibration}
+    decision = {"threshold": float(thr), "thresholds": {t: float(v) for t, v in net_thresholds.items()},
+                "target_sensitivity": target_sensitivity, "min_cells": int(min_cells),
                 "apl_slides": int(is_apl.sum()), "non_apl_slides": int((~is_apl).sum()),
                 "oof_sensitivity": summary["sensitivity"], "oof_specificity": summary["specificity"],
                 "rule": "flagged if suspicion >= threshold; inconclusive if too few cells or the suspicion's "

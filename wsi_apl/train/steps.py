@@ -160,14 +160,14 @@ def slide_feature_table(bundle: ModelBundle, entries: list[SlideEntry], *, max_a
 
 
 def step_enn(bundle: ModelBundle, entries: list[SlideEntry], *, target_sensitivity: float = 0.95,
-             min_cells: int = 200, max_areas: int = 12, target_cells: int = 500, seed: int = 0,
+             min_cells: int = 200, max_areas: int = 12, target_cells: int = 500, seed: int = 0, trials: int = 0,
              log: Callable[[str], None] = print) -> dict:
     log(f"Computing slide features with the bundle's detector and heads on {len(entries)} slides")
     X, extra = slide_feature_table(bundle, entries, max_areas=max_areas, target_cells=target_cells, log=log)
     log("Training the slide-level nets (APL vs AML, APL vs healthy/reactive)")
     tensors, config, decision, metrics = train_enn(
         X, [e.diagnosis for e in entries], [e.patient for e in entries], feature_names(bundle.heads),
-        target_sensitivity=target_sensitivity, min_cells=min_cells, seed=seed, log=log)
+        target_sensitivity=target_sensitivity, min_cells=min_cells, seed=seed, trials=trials, log=log)
     save_part(bundle, "slide_nets", tensors, config=config, metrics=metrics, decision=decision,
               provenance={"slides": [e.slide for e in entries], "seed": seed})
     return metrics
