@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 from . import __version__
 from .pipeline import DECISION_SUPPORT
@@ -273,25 +274,64 @@ def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbo
 
 
 @train.command("cells")
-@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A synthetic cohort (labels.csv + truth/): every true cell is a labelled cell.")
+@click.option("--cells", "cells_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV of labelled cells: image, x0, y0, x1, y1, one 1/0 column per head (empty: unlabelled)[, patient].")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="--cells: folder of the pictures (default: the CSV's folder).")
+@click.option("--image-mpp", type=float, default=None, help="--cells: the pictures' µm per pixel (default: --mpp).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
 @click.option("--mpp", type=float, default=0.5, show_default=True)
 @click.option("--area", default="640x480", show_default=True)
+@click.option("--backbone", type=click.Choice(["small", "xception"]), default="small", show_default=True,
+              help="small: fast, for CPUs and the demo; xception: the paper's (299x299 inputs; slow on a CPU).")
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Start the backbone from these weights (safetensors or torch state dict of the same architecture).")
+@click.option("--folds", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Patient-grouped cross-validation folds first (3 as in the paper; 0: none).")
+@click.option("--trials", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Optuna trials over head depth, dropout and learning rate.")
 @click.option("--epochs", type=int, default=40, show_default=True)
-@click.option("--budget", type=float, default=None, help="Training time budget in seconds.")
+@click.option("--budget", type=float, default=None, help="Training time budget in seconds (all trials and folds).")
 @click.option("--seed", type=int, default=0)
-def train_cells_cmd(cohort, out, mpp, area, epochs, budget, seed) -> None:
+def train_cells_cmd(cohort, cells_csv, images, image_mpp, out, mpp, area, backbone, backbone_weights, folds, trials,
+                    epochs, budget, seed) -> None:
     """Train the cell classifier heads (myeloblast, promyelocyte, auer_rod) from labelled cells."""
-    from .train.data import read_cohort, split_by_patient
-    from .train.steps import _synthetic, collect_samples, open_or_create, step_cells
+    from workers.classifier import CellConfig
 
+    from .train.cells import patient_folds, read_cells_csv, subset
+    from .train.data import read_cohort, split_by_patient
+    from .train.steps import _synthetic, collect_samples, open_or_create, step_cells, step_cells_from
+
+    if (cohort is None) == (cells_csv is None):
+        raise click.UsageError("give exactly one of --truth COHORT or --cells CELLS.csv")
     geo = _geometry(mpp, area)
-    entries = read_cohort(cohort)
-    tr, va = split_by_patient(entries, (0.8, 0.2), seed=seed)
-    bundle = open_or_create(out, geo, _synthetic(entries))
-    train_s = sum(collect_samples(tr, geo, click.echo, seed=seed), [])
-    val_s = sum(collect_samples(va, geo, click.echo, n_random=0, seed=seed), [])
-    step_cells(bundle, train_s, val_s, epochs=epochs, budget_s=budget, seed=seed, log=click.echo)
+    kw = dict(backbone=backbone, backbone_weights=backbone_weights, trials=trials, folds=folds, epochs=epochs,
+              budget_s=budget, seed=seed, log=click.echo)
+    try:
+        if cohort is not None:
+            entries = read_cohort(cohort)
+            tr, va = split_by_patient(entries, (0.8, 0.2), seed=seed)
+            bundle = open_or_create(out, geo, _synthetic(entries))
+            train_s = sum(collect_samples(tr, geo, click.echo, seed=seed), [])
+            val_s = sum(collect_samples(va, geo, click.echo, n_random=0, seed=seed), [])
+            step_cells(bundle, train_s, val_s, **kw)
+            return
+        cells = read_cells_csv(cells_csv, images, CellConfig().heads, image_mpp or mpp, mpp)
+        if len(np.unique(cells.patients)) < 2:
+            raise ValueError(f"{cells_csv}: the cells come from one picture/patient; a validation split needs two "
+                             "(add a 'patient' column or more pictures)")
+        val_idx = patient_folds(cells.patients, 5 if len(np.unique(cells.patients)) >= 5 else 2, seed)[0]
+        mask = np.zeros(len(cells), bool)
+        mask[val_idx] = True
+        click.echo(f"{cells_csv}: {len(cells)} labelled cells in {len(cells.images)} pictures, "
+                   f"{len(np.unique(cells.patients))} patients; {int(mask.sum())} validation cells (other patients)")
+        bundle = open_or_create(out, geo, False)
+        step_cells_from(bundle, subset(cells, ~mask), subset(cells, mask), source=str(cells_csv), **kw)
+    except (ValueError, FileNotFoundError) as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
 
 
 @train.command("enn")

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,11 +90,18 @@ def _augment_batch(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, *, epochs: int = 30,
                 time_budget_s: float | None = None, batch_size: int = 128, lr: float = 2e-3,
                 weight_decay: float = 1e-4, patience: int = 6, seed: int = 0,
-                log: Callable[[str], None] = print, device: str = "cpu") -> tuple[CellClassifier, dict]:
-    """Multi-label training with class balancing; keeps the epoch with the best mean validation AUROC."""
+                log: Callable[[str], None] = print, device: str = "cpu",
+                backbone_weights: Path | None = None) -> tuple[CellClassifier, dict]:
+    """Multi-label training with class balancing; keeps the epoch with the best mean validation AUROC.
+
+    Labels may be NaN (not labelled): the loss ignores them. ``backbone_weights``: start the backbone
+    from a file on disk (transfer learning, as in the paper) instead of from scratch."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = CellClassifier(cfg).to(device)
+    model = CellClassifier(cfg)
+    if backbone_weights is not None:
+        load_backbone_weights(model, backbone_weights)
+    model = model.to(device)
     heads = cfg.heads
     context_px = cfg.crop_um / area_mpp
     y = train.labels
@@ -177,3 +185,177 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, 
     return model, {"best_epoch": best_epoch, "val_auroc": best_auc, "history": history,
                    "train_cells": n, "val_cells": len(val), "seconds": round(time.time() - t0, 1),
                    "positives": {h: int(pos[j]) for j, h in enumerate(heads)}}
+
+
+# -- labelled cells from a CSV ------------------------------------------------------------------
+
+_TRUE = {"1", "1.0", "true", "yes", "y", "pos", "positive", "x"}
+_FALSE = {"0", "0.0", "false", "no", "n", "neg", "negative"}
+
+
+def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], image_mpp: float | None,
+                   work_mpp: float | None) -> CellSet:
+    """Labelled cells from a CSV: ``image, x0, y0, x1, y1`` (the picture's pixels), one column per head
+    with 1/0 (yes/no, true/false; empty: not labelled, ignored by the loss), optional ``patient`` (the
+    cross-validation group; default: the picture).
+
+    Pictures are found under ``images`` (default: the CSV's folder) and resampled to ``work_mpp`` when
+    ``image_mpp`` is known; the boxes with them.
+    """
+    import csv
+
+    from .data import read_picture
+
+    path = Path(path)
+    root = Path(images) if images is not None else path.parent
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        cols = set(reader.fieldnames or [])
+        need = {"image", "x0", "y0", "x1", "y1"}
+        if not need <= cols:
+            raise ValueError(f"{path}: needs columns {', '.join(sorted(need))} (missing: "
+                             f"{', '.join(sorted(need - cols))})")
+        have = [h for h in heads if h in cols]
+        if not have:
+            raise ValueError(f"{path}: no label column for any head ({', '.join(heads)}); add a column per "
+                             "finding with 1/0 (empty when not labelled)")
+        rows = list(reader)
+    by_image: dict[str, list[tuple[int, dict]]] = {}
+    for i, r in enumerate(rows, start=2):
+        by_image.setdefault(r["image"].strip(), []).append((i, r))
+    images_out, idx, centres, labels, patients = [], [], [], [], []
+    for k, (name, items) in enumerate(sorted(by_image.items())):
+        pic = root / name
+        if not pic.exists():
+            raise FileNotFoundError(f"{path}: picture {name!r} not found in {root} (give --images DIR)")
+        img, fac = read_picture(pic, image_mpp, work_mpp)
+        images_out.append(img)
+        for line, r in items:
+            try:
+                x0, y0, x1, y1 = (float(r[c]) * fac for c in ("x0", "y0", "x1", "y1"))
+            except ValueError as exc:
+                raise ValueError(f"{path}, line {line}: the box is not numbers ({exc})") from exc
+            y = np.full(len(heads), np.nan, np.float32)
+            for j, h in enumerate(heads):
+                v = str(r.get(h, "") or "").strip().lower()
+                if v in _TRUE:
+                    y[j] = 1.0
+                elif v in _FALSE:
+                    y[j] = 0.0
+                elif v:
+                    raise ValueError(f"{path}, line {line}: {h}={r[h]!r} is not a label (use 1, 0 or leave empty)")
+            centres.append(((x0 + x1) / 2, (y0 + y1) / 2))
+            idx.append(k)
+            labels.append(y)
+            patients.append((r.get("patient") or "").strip() or name)
+    return CellSet(images_out, np.asarray(idx, int), np.asarray(centres, np.float32).reshape(-1, 2),
+                   np.asarray(labels, np.float32).reshape(-1, len(heads)), np.asarray(patients))
+
+
+def subset(cells: CellSet, mask: np.ndarray) -> CellSet:
+    """The cells where ``mask`` is true (pictures shared, not copied)."""
+    return CellSet(cells.images, cells.area_idx[mask], cells.centres[mask], cells.labels[mask], cells.patients[mask])
+
+
+def patient_folds(patients: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
+    """``k`` folds of cell indices, no patient in two folds (patients shuffled, dealt round-robin by size)."""
+    rng = np.random.default_rng(seed)
+    uniq, counts = np.unique(patients, return_counts=True)
+    order = rng.permutation(len(uniq))
+    order = order[np.argsort(-counts[order], kind="stable")]
+    load = np.zeros(k)
+    fold_of = {}
+    for i in order:
+        f = int(np.argmin(load))
+        fold_of[uniq[i]] = f
+        load[f] += counts[i]
+    fold = np.array([fold_of[p] for p in patients])
+    return [np.flatnonzero(fold == f) for f in range(k)]
+
+
+def cross_validate(cells: CellSet, cfg: CellConfig, area_mpp: float, *, folds: int = 3, epochs: int = 30,
+                   time_budget_s: float | None = None, seed: int = 0, log: Callable[[str], None] = print,
+                   **kw) -> dict:
+    """Patient-grouped ``folds``-fold cross-validation: out-of-fold AUROC per head (and per fold)."""
+    k = int(min(folds, len(np.unique(cells.patients))))
+    if k < 2:
+        raise ValueError("cross-validation needs cells of at least two patients")
+    oof = np.full(cells.labels.shape, np.nan, np.float32)
+    per_fold = []
+    for f, test in enumerate(patient_folds(cells.patients, k, seed)):
+        train_mask = np.ones(len(cells), bool)
+        train_mask[test] = False
+        tr, te = subset(cells, train_mask), subset(cells, ~train_mask)
+        fcfg = copy.deepcopy(cfg)
+        budget = time_budget_s / (k + 1) if time_budget_s else None
+        model, info = train_cells(tr, te, fcfg, area_mpp, epochs=epochs, time_budget_s=budget, seed=seed + f,
+                                  log=lambda s: None, **kw)
+        oof[test] = classify(model, te.crops(fcfg.crop_um / area_mpp, fcfg.crop_px), "cpu")
+        per_fold.append(info["val_auroc"])
+        log(f"  fold {f + 1}/{k}: " + ", ".join(f"{h} {v:.3f}" for h, v in info["val_auroc"].items()))
+    out = {"folds": k, "per_fold": per_fold, "oof_auroc": {}}
+    for j, h in enumerate(cfg.heads):
+        ok = ~np.isnan(cells.labels[:, j])
+        out["oof_auroc"][h] = auroc(cells.labels[ok, j], oof[ok, j]) if ok.any() else float("nan")
+    return out
+
+
+def search_heads(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, *, trials: int,
+                 epochs: int = 30, time_budget_s: float | None = None, seed: int = 0,
+                 log: Callable[[str], None] = print, **kw) -> tuple[CellClassifier, dict, CellConfig]:
+    """Optuna search of head depth (1-3 layers, as in the paper), dropout and learning rate, scored by
+    the mean validation AUROC; returns the best trial's model, info and config."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    best: dict = {}
+    budget = time_budget_s / trials if time_budget_s else None
+
+    def objective(trial) -> float:
+        c = copy.deepcopy(cfg)
+        c.head_layers = trial.suggest_int("head_layers", 0, 2)  # hidden layers: 1-3 fully connected in all
+        c.dropout = trial.suggest_float("dropout", 0.0, 0.6)
+        lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
+        model, info = train_cells(train, val, c, area_mpp, epochs=epochs, time_budget_s=budget, lr=lr,
+                                  seed=seed + trial.number, log=lambda s: None, **kw)
+        score = float(np.nanmean(list(info["val_auroc"].values())))
+        log(f"  trial {trial.number + 1}/{trials}: {c.head_layers + 1} FC layer(s), dropout {c.dropout:.2f}, "
+            f"lr {lr:.4f}: mean validation AUROC {score:.3f}")
+        if not best or score > best["score"]:
+            best.update(score=score, model=model, info=info, cfg=c, params=dict(trial.params))
+        return score
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.enqueue_trial({"head_layers": cfg.head_layers, "dropout": cfg.dropout, "lr": 2e-3})
+    study.optimize(objective, n_trials=trials)
+    info = dict(best["info"])
+    info["search"] = {"best": best["params"], "trials": trials, "best_mean_auroc": best["score"]}
+    return best["model"], info, best["cfg"]
+
+
+def load_backbone_weights(model: CellClassifier, path: Path) -> str:
+    """Start the backbone from weights the site has on disk (safetensors or a torch state dict; keys as
+    in our backbone, with or without a ``backbone.`` prefix, e.g. the cells part of another bundle or
+    an imported Keras Xception). Returns a note for the bundle's provenance."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    own = model.state_dict()
+    mapped = {}
+    for k, v in state.items():
+        for cand in (k, f"backbone.{k}", k.removeprefix("module.")):
+            if cand in own and cand.startswith("backbone") and own[cand].shape == v.shape:
+                mapped[cand] = v
+                break
+    n_bb = sum(1 for k in own if k.startswith("backbone"))
+    if not mapped or len(mapped) < 0.9 * n_bb:
+        raise ValueError(f"{path}: only {len(mapped)} of the {n_bb} backbone tensors match this backbone "
+                         f"({model.cfg.backbone}); give weights of the same architecture")
+    model.load_state_dict(mapped, strict=False)
+    return f"{path.name} ({len(mapped)} backbone tensors)"

@@ -18,7 +18,7 @@ from workers.detector import DetectorConfig
 
 from ..features import feature_names
 from ..pipeline import analyse_slide_local
-from .cells import CellSet, train_cells
+from .cells import CellSet, cross_validate, search_heads, train_cells
 from .data import SlideEntry, area_samples, image_samples, median_box_size, read_cohort, split_by_patient
 from .detector import best_score_threshold, train_detector
 from .enn import train_enn
@@ -124,17 +124,51 @@ def step_detector(bundle: ModelBundle, train_s: list, val_s: list, *, backbone: 
 
 
 def step_cells(bundle: ModelBundle, train_s: list, val_s: list, *, epochs: int = 40, budget_s: float | None = None,
-               seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    cfg = CellConfig()
-    tr = CellSet.from_samples(train_s, cfg.heads)
-    va = CellSet.from_samples(val_s, cfg.heads)
-    log(f"Training the cell classifier ({len(tr)} training cells, {len(va)} validation cells; positives "
-        + ", ".join(f"{h} {int(np.nansum(tr.labels[:, j]))}" for j, h in enumerate(cfg.heads)) + ")")
-    model, info = train_cells(tr, va, cfg, bundle.mpp, epochs=epochs, time_budget_s=budget_s, seed=seed, log=log)
-    metrics = {"validation_auroc": info["val_auroc"], "best_epoch": info["best_epoch"], "seconds": info["seconds"],
-               "train_cells": info["train_cells"], "val_cells": info["val_cells"], "positives": info["positives"]}
+               seed: int = 0, log: Callable[[str], None] = print, **kw) -> dict:
+    """The cell heads from training/validation areas with ground truth (see :func:`step_cells_from`)."""
+    heads = CellConfig().heads
+    return step_cells_from(bundle, CellSet.from_samples(train_s, heads), CellSet.from_samples(val_s, heads),
+                           epochs=epochs, budget_s=budget_s, seed=seed, log=log, **kw)
+
+
+def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, backbone: str = "small",
+                    backbone_weights: Path | None = None, trials: int = 0, folds: int = 0, epochs: int = 40,
+                    budget_s: float | None = None, seed: int = 0, source: str = "truth",
+                    log: Callable[[str], None] = print) -> dict:
+    """Train the cell heads and store them in the bundle.
+
+    ``folds``: first a patient-grouped cross-validation (out-of-fold AUROC per head, stored in the
+    metrics); ``trials``: an Optuna search of head depth, dropout and learning rate on the validation
+    split; ``backbone_weights``: transfer learning from weights on disk (recorded in the bundle).
+    """
+    cfg = CellConfig(backbone=backbone)
+    log(f"Training the cell classifier ({backbone} backbone, {len(tr)} training cells, {len(va)} validation cells; "
+        "positives " + ", ".join(f"{h} {int(np.nansum(tr.labels[:, j]))}" for j, h in enumerate(cfg.heads)) + ")")
+    kw = {"backbone_weights": backbone_weights}
+    metrics: dict = {}
+    if folds and folds > 1:
+        log(f"  {folds}-fold cross-validation by patient")
+        both = CellSet(tr.images + va.images, np.concatenate([tr.area_idx, va.area_idx + len(tr.images)]),
+                       np.concatenate([tr.centres, va.centres]), np.concatenate([tr.labels, va.labels]),
+                       np.concatenate([tr.patients, va.patients]))
+        cv = cross_validate(both, cfg, bundle.mpp, folds=folds, epochs=epochs, time_budget_s=budget_s, seed=seed,
+                            log=log, **kw)
+        metrics["cross_validation"] = cv
+        log("  cross-validated (out-of-fold) AUROC " + ", ".join(f"{h} {v:.3f}" for h, v in cv["oof_auroc"].items()))
+    if trials and trials > 1:
+        model, info, cfg = search_heads(tr, va, cfg, bundle.mpp, trials=trials, epochs=epochs, time_budget_s=budget_s,
+                                        seed=seed, log=log, **kw)
+        metrics["search"] = info["search"]
+    else:
+        model, info = train_cells(tr, va, cfg, bundle.mpp, epochs=epochs, time_budget_s=budget_s, seed=seed, log=log,
+                                  **kw)
+    metrics.update({"validation_auroc": info["val_auroc"], "best_epoch": info["best_epoch"], "seconds": info["seconds"],
+                    "train_cells": info["train_cells"], "val_cells": info["val_cells"], "positives": info["positives"]})
+    note = "none (from scratch)"
+    if backbone_weights is not None:
+        note = Path(backbone_weights).name
     save_part(bundle, "cells", model.state_dict(), config=cfg.to_json(), metrics=metrics,
-              provenance={"backbone_weights": "none (from scratch)", "seed": seed})
+              provenance={"backbone_weights": note, "seed": seed, "source": source, "trials": trials, "folds": folds})
     log("  cells: validation AUROC " + ", ".join(f"{h} {v:.3f}" for h, v in info["val_auroc"].items())
         + "; thresholds " + ", ".join(f"{h} {v:.2f}" for h, v in cfg.thresholds.items()))
     return metrics
