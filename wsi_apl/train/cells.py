@@ -98,6 +98,8 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, 
     from a file on disk (transfer learning, as in the paper) instead of from scratch."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    if cfg.backbone == "xception":
+        batch_size = min(batch_size, 16)  # 299x299 inputs: activations of a larger batch do not fit a CPU's memory
     model = CellClassifier(cfg)
     if backbone_weights is not None:
         load_backbone_weights(model, backbone_weights)

@@ -94,7 +94,7 @@ def search_params(Z: np.ndarray, y: np.ndarray, groups: np.ndarray, trials: int,
         params = {"hidden": trial.suggest_categorical("hidden", [0, 4, 16]),
                   "lr": trial.suggest_float("lr", 3e-3, 0.2, log=True),
                   "weight_decay": trial.suggest_float("weight_decay", 1e-5, 1e-1, log=True),
-                  "epochs": trial.suggest_int("epochs", 100, 700, step=200)}
+                  "epochs": trial.suggest_int("epochs", 100, 700, step=100)}
         z = np.full(len(y), np.nan)
         for f, test in enumerate(folds):
             train = np.setdiff1d(np.arange(len(y)), test)
