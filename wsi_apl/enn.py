@@ -14,6 +14,10 @@ probabilities: high only when the slide looks like APL against both comparisons.
   interval reaches it (a borderline slide: someone must look);
 - ``flagged`` when the suspicion is at or above the threshold (chosen on out-of-fold predictions for
   the target sensitivity, default 0.95);
+- ``inconclusive`` also when the slide is not flagged but its blasts and blast equivalents (cells at
+  the myeloblast or promyelocyte threshold) reach ``blast_inconclusive_percent`` (default 20 %, the
+  WHO count for acute leukaemia): an acute leukaemia without the APL pattern, where the
+  microgranular APL variant cannot be excluded by morphology;
 - ``not_flagged`` otherwise. ``not_flagged`` never excludes APL: it is decision support.
 """
 
@@ -24,6 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+#: Blasts and blast equivalents (per 100 counted cells) from which a slide that is not flagged is
+#: inconclusive rather than not_flagged (WHO: 20 % blasts make an acute leukaemia).
+DEFAULT_BLAST_CUTOFF = 20.0
 
 TASKS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "apl_vs_aml": (("apl",), ("aml",)),
@@ -130,5 +138,11 @@ def decide(features: dict, nets: SlideNets, rule: dict) -> Decision:
         return Decision("flagged", s, (lo, hi), p1, p2, [])
     if hi >= thr:
         reasons.append(f"borderline: suspicion {s:.2f}, its 95% interval reaches the flag threshold {thr:.2f}")
+        return Decision("inconclusive", s, (lo, hi), p1, p2, reasons)
+    blasts = features.get("blast_percent")
+    cutoff = float(rule.get("blast_inconclusive_percent", DEFAULT_BLAST_CUTOFF))
+    if blasts is not None and blasts >= cutoff:
+        reasons.append(f"{blasts:.0f}% blasts and blast equivalents (acute leukaemia?) without the APL pattern: "
+                       "the microgranular APL variant cannot be excluded by morphology")
         return Decision("inconclusive", s, (lo, hi), p1, p2, reasons)
     return Decision("not_flagged", s, (lo, hi), p1, p2, [])

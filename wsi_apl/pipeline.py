@@ -63,8 +63,11 @@ class SlideResult:
 
 
 
-def _finite(v: float | None, digits: int = 4) -> float | None:
-    return round(float(v), digits) if v is not None and np.isfinite(v) else None
+def _finite(v: float | None, digits: int | None = None) -> float | None:
+    """A finite float (probabilities are kept unrounded: rounding ties near 0 and 1 would change ranks)."""
+    if v is None or not np.isfinite(v):
+        return None
+    return float(v) if digits is None else round(float(v), digits)
 
 
 def thresholds_of(bundle: ModelBundle) -> dict[str, float]:

@@ -61,3 +61,37 @@ def test_fewer_folds_said_aloud_with_two_patients():
     said = []
     _, _, _, metrics = enn_mod.train_enn(X, dx, pats, feature_names(HEADS), log=said.append)
     assert metrics["folds"] == 2 and any("only 2 folds" in s for s in said)
+
+
+def test_aml_like_apl_goes_to_the_blast_rule_not_to_the_threshold():
+    """One APL slide that looks like AML (microgranular, to the cell models) must not drag the flag
+    threshold down to the healthy marrows: it is left to the blast rule (inconclusive)."""
+    X, dx, pats = _cohort(n_per=8, seed=2)
+    blasts = np.where(np.isin(dx, ["apl", "aml"]), 60.0, 5.0)
+    X[0] = X[len(dx) // 4 + 1]  # APL patient 0 with the features of an AML slide
+    _, _, dec_plain, _ = enn_mod.train_enn(X, dx, pats, feature_names(HEADS), min_cells=50, log=lambda s: None)
+    said = []
+    _, _, dec, m = enn_mod.train_enn(X, dx, pats, feature_names(HEADS), min_cells=50, blasts=blasts, log=said.append)
+    assert dec["apl_slides_caught_by_blast_rule"] == 1 and any("look like AML" in s for s in said)
+    assert dec["threshold"] > dec_plain["threshold"]
+    assert m["suspicion_oof"]["apl_flagged_or_blast_rule"] == 1.0
+
+
+def test_decide_sends_blast_rich_slides_to_an_expert():
+    import torch
+
+    from wsi_apl.enn import SlideNets, decide
+
+    net = enn_mod.SlideNet(6)
+    with torch.no_grad():
+        for prm in net.parameters():
+            prm.zero_()
+        net.net[0].bias.fill_(-8.0)  # every slide: very unlikely APL
+    nets = SlideNets(feature_names(HEADS), np.zeros(6), np.ones(6), {"apl_vs_aml": net, "apl_vs_healthy": net},
+                     {"apl_vs_aml": (1.0, 0.0), "apl_vs_healthy": (1.0, 0.0)})
+    feats = {"features": np.full(6, 0.1), "cells": 400, "boot": None}
+    rule = {"threshold": 0.5, "min_cells": 100}
+    assert decide({**feats, "blast_percent": 5.0}, nets, rule).status == "not_flagged"
+    d = decide({**feats, "blast_percent": 45.0}, nets, rule)
+    assert d.status == "inconclusive" and "microgranular" in d.reasons[0]
+    assert decide({**feats, "blast_percent": 45.0}, nets, {**rule, "blast_inconclusive_percent": 50}).status == "not_flagged"

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..enn import TASKS, SlideNet, suspicion
+from ..enn import DEFAULT_BLAST_CUTOFF, TASKS, SlideNet, suspicion
 from ..metrics import auprc, auroc, binary_summary, threshold_for_sensitivity
 
 
@@ -112,12 +112,20 @@ def search_params(Z: np.ndarray, y: np.ndarray, groups: np.ndarray, trials: int,
 
 def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: list[str], *,
               target_sensitivity: float = 0.95, min_cells: int = 200, hidden: int = 0, seed: int = 0,
-              trials: int = 0, log: Callable[[str], None] = print) -> tuple[dict, dict, dict, dict]:
+              trials: int = 0, blasts: np.ndarray | None = None, blast_cutoff: float = DEFAULT_BLAST_CUTOFF,
+              log: Callable[[str], None] = print) -> tuple[dict, dict, dict, dict]:
     """Fit both nets; returns ``(tensors, config, decision, metrics)`` for the bundle's slide_nets part.
 
     Patient-grouped stratified cross-validation gives out-of-fold predictions, on which the
     calibration and the thresholds are chosen. With ``trials``, an Optuna search runs inside each
     training fold (never seeing that fold's test slides) and once more on all slides for the final nets.
+
+    ``blasts`` (per slide, % of counted cells at the myeloblast or promyelocyte threshold): APL slides
+    that the APL-vs-AML net takes for AML out of fold (p < 0.5) and whose blasts reach ``blast_cutoff``
+    are sent to an expert by the blast rule (inconclusive) whatever the threshold; the flag threshold
+    is chosen for the target sensitivity on the other APL slides, so that a few AML-like APL slides
+    (the microgranular variant, to cell models that cannot see it) do not drag it down to where most
+    healthy marrows would be flagged.
     """
     dx = np.asarray(diagnoses)
     pats = np.asarray(patients)
@@ -126,6 +134,7 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
     if not ok.all():
         log(f"  {int((~ok).sum())} slide(s) without features (no cells) left out of training")
     X, dx, pats = X[ok], dx[ok], pats[ok]
+    blasts = np.asarray(blasts, np.float64)[ok] if blasts is not None else np.zeros(len(X))
     is_apl = dx == "apl"
     n_apl_pat = len(set(pats[is_apl]))
     n_neg_pat = min(len(set(pats[np.isin(dx, neg)])) for _, neg in TASKS.values())
@@ -169,8 +178,16 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
                          "threshold": float(net_thresholds[task]), "fold_params": fold_params[task]}
         log(f"  {task}: out-of-fold AUROC {metrics[task]['oof_auroc']:.3f} on {int(m.sum())} slides")
     s = suspicion({t: np.nan_to_num(oof_prob[t], nan=0.0) for t in TASKS})
-    thr = threshold_for_sensitivity(is_apl, s, target_sensitivity)
+    caught = is_apl & (np.nan_to_num(oof_prob["apl_vs_aml"], nan=0.0) < 0.5) & (blasts >= blast_cutoff)
+    if not is_apl[~caught].any():  # every APL slide AML-like: choose on all of them
+        caught[:] = False
+    if caught.any():
+        log(f"  {int(caught.sum())} APL slide(s) look like AML to the cell models (blast rule: inconclusive); "
+            "the flag threshold is chosen on the other APL slides")
+    thr = threshold_for_sensitivity(is_apl[~caught], s[~caught], target_sensitivity)
     summary = binary_summary(is_apl, s, thr, groups=pats, n_boot=500)
+    triage_hit = (s >= thr) | (blasts >= blast_cutoff)
+    summary["apl_flagged_or_blast_rule"] = float(triage_hit[is_apl].mean()) if is_apl.any() else None
     metrics["suspicion_oof"] = summary
     log(f"  suspicion (APL vs all others), out-of-fold: AUROC {summary['auroc']:.3f}, threshold {thr:.3f} "
         f"gives sensitivity {summary['sensitivity']:.2f}, specificity {summary['specificity']:.2f}")
@@ -189,9 +206,11 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
     config = {"features": list(names), "mean": mean.tolist(), "std": std.tolist(),
               "hidden": hidden_of, "calibration": calibration}
     decision = {"threshold": float(thr), "thresholds": {t: float(v) for t, v in net_thresholds.items()},
+                "blast_inconclusive_percent": float(blast_cutoff), "apl_slides_caught_by_blast_rule": int(caught.sum()),
                 "target_sensitivity": target_sensitivity, "min_cells": int(min_cells),
                 "apl_slides": int(is_apl.sum()), "non_apl_slides": int((~is_apl).sum()),
                 "oof_sensitivity": summary["sensitivity"], "oof_specificity": summary["specificity"],
-                "rule": "flagged if suspicion >= threshold; inconclusive if too few cells or the suspicion's "
-                        "95% interval reaches the threshold; otherwise not_flagged (which never excludes APL)"}
+                "rule": "flagged if suspicion >= threshold; inconclusive if too few cells, if the suspicion's "
+                        "95% interval reaches the threshold, or if blasts and blast equivalents reach "
+                        "blast_inconclusive_percent; otherwise not_flagged (which never excludes APL)"}
     return tensors, config, decision, metrics

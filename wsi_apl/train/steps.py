@@ -187,7 +187,7 @@ def slide_feature_table(bundle: ModelBundle, entries: list[SlideEntry], *, max_a
         if feats is not None:
             X[i] = feats["features"]
         extra.append({"slide": e.slide, "cells": res.cells, "areas": res.areas, "selection": sel.status,
-                      "reason": sel.reason})
+                      "reason": sel.reason, "blast_percent": feats.get("blast_percent") if feats else None})
         log(f"  features {i + 1}/{len(entries)}: {e.slide} ({e.diagnosis}) {res.cells} cells in {res.areas} areas "
             f"({time.time() - t0:.0f} s)")
     return X, extra
@@ -201,7 +201,8 @@ def step_enn(bundle: ModelBundle, entries: list[SlideEntry], *, target_sensitivi
     log("Training the slide-level nets (APL vs AML, APL vs healthy/reactive)")
     tensors, config, decision, metrics = train_enn(
         X, [e.diagnosis for e in entries], [e.patient for e in entries], feature_names(bundle.heads),
-        target_sensitivity=target_sensitivity, min_cells=min_cells, seed=seed, trials=trials, log=log)
+        target_sensitivity=target_sensitivity, min_cells=min_cells, seed=seed, trials=trials,
+        blasts=np.array([x["blast_percent"] if x["blast_percent"] is not None else np.nan for x in extra]), log=log)
     save_part(bundle, "slide_nets", tensors, config=config, metrics=metrics, decision=decision,
               provenance={"slides": [e.slide for e in entries], "seed": seed})
     return metrics
