@@ -10,10 +10,12 @@ probabilities: high only when the slide looks like APL against both comparisons.
 (stored in the bundle with the numbers it rests on):
 
 - ``inconclusive`` when the selector found no usable area (with its reason), or fewer counted cells
-  than ``min_cells``, or when the suspicion is below the flag threshold but its 95 % bootstrap
-  interval reaches it (a borderline slide: someone must look);
-- ``flagged`` when the suspicion is at or above the threshold (chosen on out-of-fold predictions for
-  the target sensitivity, default 0.95);
+  than ``min_cells``;
+- ``flagged`` when each net's probability reaches that net's threshold (APL against AML *and*
+  against healthy marrow; each threshold chosen on out-of-fold predictions for the target
+  sensitivity, default 0.95). Bundles without per-net thresholds use one threshold on the suspicion.
+  A slide not flagged whose bootstrap resamples are flagged in 2.5 % or more is ``inconclusive``
+  (borderline);
 - ``inconclusive`` also when the slide is not flagged but its blasts and blast equivalents (cells at
   the myeloblast or promyelocyte threshold) reach ``blast_inconclusive_percent`` (default 20 %, the
   WHO count for acute leukaemia): an acute leukaemia without the APL pattern, where the
@@ -109,6 +111,15 @@ class Decision:
     reasons: list[str]
 
 
+def flags(probs: dict[str, np.ndarray], rule: dict) -> np.ndarray:
+    """Which slides the rule flags: each net at or above its own threshold (APL against AML *and*
+    against healthy marrow); a bundle without per-net thresholds uses the suspicion threshold."""
+    per_net = rule.get("thresholds")
+    if per_net:
+        return np.logical_and.reduce([np.asarray(probs[t]) >= float(per_net[t]) for t in TASKS])
+    return suspicion(probs) >= float(rule["threshold"])
+
+
 def decide(features: dict, nets: SlideNets, rule: dict) -> Decision:
     """Apply the bundle's decision ``rule`` to one slide's features (see the module docstring)."""
     X = features["features"][None, :]
@@ -116,13 +127,15 @@ def decide(features: dict, nets: SlideNets, rule: dict) -> Decision:
     s = float(suspicion(probs)[0])
     boot = features.get("boot")
     lo, hi = s, s
+    boot_flagged = 0.0
     if boot is not None and len(boot):
         ok = np.all(np.isfinite(boot), axis=1)
         if ok.any():
-            sb = suspicion(nets.predict(boot[ok]))
+            pb = nets.predict(boot[ok])
+            sb = suspicion(pb)
             lo, hi = float(np.percentile(sb, 2.5)), float(np.percentile(sb, 97.5))
+            boot_flagged = float(np.mean(flags(pb, rule)))
     p1, p2 = float(probs["apl_vs_aml"][0]), float(probs["apl_vs_healthy"][0])
-    thr = float(rule["threshold"])
     min_cells = max(1, int(rule.get("min_cells", 200)))
     reasons = []
     if features["cells"] == 0 or not np.all(np.isfinite(features["features"])):
@@ -134,10 +147,11 @@ def decide(features: dict, nets: SlideNets, rule: dict) -> Decision:
         return Decision("inconclusive", s, (lo, hi), p1, p2, reasons)
     if not np.isfinite(s):
         return Decision("inconclusive", s, (lo, hi), p1, p2, ["the slide-level nets gave no result"])
-    if s >= thr:
+    if bool(flags(probs, rule)[0]):
         return Decision("flagged", s, (lo, hi), p1, p2, [])
-    if hi >= thr:
-        reasons.append(f"borderline: suspicion {s:.2f}, its 95% interval reaches the flag threshold {thr:.2f}")
+    if boot_flagged >= 0.025:
+        reasons.append(f"borderline: not flagged, but {100 * boot_flagged:.0f}% of the bootstrap resamples of its "
+                       "cells would be (the 95% interval reaches the flag)")
         return Decision("inconclusive", s, (lo, hi), p1, p2, reasons)
     blasts = features.get("blast_percent")
     cutoff = float(rule.get("blast_inconclusive_percent", DEFAULT_BLAST_CUTOFF))
