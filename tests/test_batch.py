@@ -224,10 +224,11 @@ def test_parse_deadline():
 
 
 def _bundle_flagging_everything(bundle, dest: Path) -> Path:
-    """A copy of ``bundle`` whose rule flags every slide with a counted cell (threshold 0)."""
+    """A copy of ``bundle`` whose rule flags every slide with a counted cell (thresholds 0)."""
     shutil.copytree(bundle.path, dest)
     meta = json.loads((dest / "bundle.json").read_text())
-    meta["parts"]["slide_nets"]["decision"].update(threshold=0.0, min_cells=1)
+    meta["parts"]["slide_nets"]["decision"].update(threshold=0.0, min_cells=1,
+                                                   thresholds={"apl_vs_aml": 0.0, "apl_vs_healthy": 0.0})
     (dest / "bundle.json").write_text(json.dumps(meta))
     return dest
 
