@@ -70,6 +70,19 @@ def _finite(v: float | None, digits: int | None = None) -> float | None:
     return float(v) if digits is None else round(float(v), digits)
 
 
+#: A flag threshold resting on fewer APL slides than this is warned about.
+MIN_APL_SLIDES = 20
+
+
+def few_apl_slides(rule: dict) -> str:
+    """The warning for a decision rule whose thresholds rest on fewer than MIN_APL_SLIDES APL slides, or ''."""
+    n = int(rule.get("apl_slides", 0) or 0)
+    if n >= MIN_APL_SLIDES:
+        return ""
+    return (f"the flag threshold rests on only {n} APL slide(s) (fewer than {MIN_APL_SLIDES}): its sensitivity is "
+            "uncertain; treat not_flagged with extra caution")
+
+
 def thresholds_of(bundle: ModelBundle) -> dict[str, float]:
     """Each head's probability threshold for hard counts."""
     return dict(bundle.part("cells")["config"].get("thresholds", {}))
@@ -105,9 +118,8 @@ def aggregate(name: str, path: str, selection: Selection, tables: list[CellTable
     result.p_apl_vs_aml = _finite(d.p_apl_vs_aml)
     result.p_apl_vs_healthy = _finite(d.p_apl_vs_healthy)
     result.reason = "; ".join(d.reasons)
-    if rule.get("apl_slides", 0) < 20 and d.status == "not_flagged":
-        result.qc.append(f"the flag threshold rests on only {rule.get('apl_slides', 0)} APL slides: "
-                         "treat not_flagged with extra caution")
+    if d.status == "not_flagged" and few_apl_slides(rule):
+        result.qc.append(few_apl_slides(rule))
     return result, cols, feats
 
 

@@ -40,7 +40,7 @@ from workers.bundle import load_bundle
 
 from .enn import SlideNets
 from .ledger import Ledger, fingerprint
-from .pipeline import DECISION_SUPPORT, SlideResult, aggregate
+from .pipeline import DECISION_SUPPORT, SlideResult, aggregate, few_apl_slides
 from .store import SLIDE_ALLOWLIST, clean_staging, remove_slide_group, write_slide_group
 from .triage import write_triage
 
@@ -245,7 +245,7 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     nets = SlideNets.from_bundle(bundle)
     if bundle.synthetic:
         log(f"WARNING: bundle {bundle.name} was trained on synthetic data: demo model, not for diagnosis.")
-    few = _few_apl_warning(bundle)
+    few = few_apl_slides((bundle.part("slide_nets") or {}).get("decision") or {})
     if few:
         log(f"WARNING: {few}")
     cases = read_cases(opts.cases)
@@ -283,14 +283,6 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     if bundle.synthetic:
         log("The bundle is a demo model trained on synthetic data: not for diagnosis.")
     return summary
-
-
-def _few_apl_warning(bundle) -> str:
-    n = ((bundle.part("slide_nets") or {}).get("decision") or {}).get("apl_slides")
-    if n is not None and n < 20:
-        return (f"the bundle's flag threshold rests on only {n} APL slide(s) (fewer than 20): its sensitivity is "
-                "uncertain, and every not_flagged row says so")
-    return ""
 
 
 class _Batch:
