@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from . import __version__
 from .pipeline import DECISION_SUPPORT
@@ -300,7 +299,7 @@ def train_cells_cmd(cohort, cells_csv, images, image_mpp, out, mpp, area, backbo
     """Train the cell classifier heads (myeloblast, promyelocyte, auer_rod) from labelled cells."""
     from workers.classifier import CellConfig
 
-    from .train.cells import patient_folds, read_cells_csv, subset
+    from .train.cells import read_cells_csv, split_cells
     from .train.data import read_cohort, split_by_patient
     from .train.steps import _synthetic, collect_samples, open_or_create, step_cells, step_cells_from
 
@@ -319,16 +318,11 @@ def train_cells_cmd(cohort, cells_csv, images, image_mpp, out, mpp, area, backbo
             step_cells(bundle, train_s, val_s, **kw)
             return
         cells = read_cells_csv(cells_csv, images, CellConfig().heads, image_mpp or mpp, mpp)
-        if len(np.unique(cells.patients)) < 2:
-            raise ValueError(f"{cells_csv}: the cells come from one picture/patient; a validation split needs two "
-                             "(add a 'patient' column or more pictures)")
-        val_idx = patient_folds(cells.patients, 5 if len(np.unique(cells.patients)) >= 5 else 2, seed)[0]
-        mask = np.zeros(len(cells), bool)
-        mask[val_idx] = True
+        tr, va = split_cells(cells, seed, source=cells_csv)
         click.echo(f"{cells_csv}: {len(cells)} labelled cells in {len(cells.images)} pictures, "
-                   f"{len(np.unique(cells.patients))} patients; {int(mask.sum())} validation cells (other patients)")
+                   f"{len(set(cells.patients))} patients; {len(va)} validation cells (other patients)")
         bundle = open_or_create(out, geo, False)
-        step_cells_from(bundle, subset(cells, ~mask), subset(cells, mask), source=str(cells_csv), **kw)
+        step_cells_from(bundle, tr, va, source=str(cells_csv), **kw)
     except (ValueError, FileNotFoundError) as exc:
         _echo_err(str(exc))
         sys.exit(2)

@@ -435,9 +435,8 @@ class _Batch:
             finished = job.expected == 0
         else:
             job.tables.append(done.value)
-            for k, v in done.value.timings.items():
-                if k in ("read", "detect", "classify", "measure"):
-                    self.stage_seconds[k] += float(v)
+            for k, v in _area_stages(done.value).items():
+                self.stage_seconds[k] += v
             self.areas_done += 1
             self.cells_done += len(done.value)
             finished = len(job.tables) == job.expected
@@ -506,6 +505,14 @@ class _Batch:
                                      error=f"{p}: the file was still being written when the scan ended")
 
 
+AREA_STAGES = ("read", "detect", "classify", "measure")
+
+
+def _area_stages(table) -> dict[str, float]:
+    """Worker seconds per stage of one area's cell table."""
+    return {k: float(v) for k, v in table.timings.items() if k in AREA_STAGES}
+
+
 def _provenance(bundle, job: _SlideJob) -> dict:
     import numpy
     import torch
@@ -536,7 +543,7 @@ def _finish(job: _SlideJob, bundle, nets, ledger: Ledger, opts: ScanOptions, log
     result.case = job.case
     stages = collections.Counter()
     for t in job.tables:
-        stages.update({k: float(v) for k, v in t.timings.items() if k in ("read", "detect", "classify", "measure")})
+        stages.update(_area_stages(t))
     result.timings = {"seconds": round(time.time() - job.started, 2),
                       "select": round(float(sel.timings.get("total", 0.0)), 3),
                       **{k: round(v, 3) for k, v in stages.items()}}

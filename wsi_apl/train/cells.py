@@ -259,6 +259,18 @@ def subset(cells: CellSet, mask: np.ndarray) -> CellSet:
     return CellSet(cells.images, cells.area_idx[mask], cells.centres[mask], cells.labels[mask], cells.patients[mask])
 
 
+def split_cells(cells: CellSet, seed: int = 0, source: object = "the cells") -> tuple[CellSet, CellSet]:
+    """(training, validation) cells with no patient in both: one of five patient folds (two with
+    fewer than five patients) is the validation set."""
+    n_pat = len(np.unique(cells.patients))
+    if n_pat < 2:
+        raise ValueError(f"{source}: the cells come from one picture/patient; a validation split needs two "
+                         "(add a 'patient' column or more pictures)")
+    mask = np.zeros(len(cells), bool)
+    mask[patient_folds(cells.patients, 5 if n_pat >= 5 else 2, seed)[0]] = True
+    return subset(cells, ~mask), subset(cells, mask)
+
+
 def patient_folds(patients: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
     """``k`` folds of cell indices, no patient in two folds (patients shuffled, dealt round-robin by size)."""
     rng = np.random.default_rng(seed)
