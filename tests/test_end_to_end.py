@@ -159,3 +159,37 @@ def test_evaluate_enn_reads_a_scan_results_folder(trained, tmp_path):
     flagged_apl = scanned["slide_0035_000.tiff"]["status"] == "flagged"
     assert m["triage"]["apl_flagged"] == int(flagged_apl)
     assert m["areas_per_slide"][-1]["mean_areas_used"] <= 3.0
+
+
+def test_faggot_head_added_to_a_trained_bundle_then_scanned(trained, tmp_path):
+    """``train cells --truth --heads ...,faggot_cell`` on a bundle with slide-level nets: the bundle gets
+    the fourth head (the generator's faggot flags are its labels), the nets keep deciding on the heads
+    they were trained on, and a real scan stores the new head's probability for every cell."""
+    root, bundle = trained
+    b = tmp_path / "bundle"
+    shutil.copytree(bundle.path, b)
+    runner = CliRunner()
+    r = runner.invoke(main, ["train", "cells", "--truth", str(root / "cohort"), "--out", str(b), "--mpp", "0.5",
+                             "--area", "256x192", "--heads", "myeloblast,promyelocyte,auer_rod,faggot_cell",
+                             "--epochs", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "retrain them" in r.output  # the nets were trained on three heads
+    from workers.bundle import load_bundle
+
+    nb = load_bundle(b)
+    assert nb.heads == ["myeloblast", "promyelocyte", "auer_rod", "faggot_cell"] and nb.has("slide_nets")
+    assert "faggot_cell" in nb.part("cells")["metrics"]["positives"]
+    from wsi_apl.synth.cohort import synth_cohort
+
+    slides = tmp_path / "slides"
+    synth_cohort(slides, ["apl"], seed=34, mpp=0.5, size=(3000, 2250))
+    out = tmp_path / "results"
+    r = runner.invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(b), "--workers", "1",
+                             "--max-areas", "4", "--target-cells", "0"])
+    assert r.exit_code == 0, r.output
+    row, = list(csv.DictReader((out / "triage.csv").open()))
+    assert row["status"] in ("flagged", "not_flagged", "inconclusive") and "retrain" not in row["reason"]
+    assert row["p_apl_vs_aml"] != ""  # the nets decided, on the features of their own three heads
+    cols, attrs = read_slide_group(out, slide_groups(out)[0])
+    assert "p_faggot_cell" in cols and len(cols["p_faggot_cell"]) == len(cols["p_auer_rod"]) > 0
+    assert "faggot_cell" in attrs["result"]["ratios"]

@@ -108,11 +108,19 @@ def load_models(bundle: ModelBundle | str | Path, device: str = "auto") -> Loade
     det = build_detector(det_cfg)
     det.load_state_dict(bundle.load_tensors("detector"))
     det.to(dev).eval()
+    cls, cell_cfg, _ = load_cells(bundle, dev)
+    return LoadedModels(bundle, det, det_cfg, cls, cell_cfg, dev)
+
+
+def load_cells(bundle: ModelBundle, device: str | torch.device = "auto"):
+    """The bundle's cell classifier alone: (model, config, device)."""
+    bundle.require("cells")
+    dev = device if isinstance(device, torch.device) else pick_device(device)
     cell_cfg = CellConfig.from_json(bundle.part("cells")["config"])
     cls = CellClassifier(cell_cfg)
     cls.load_state_dict(bundle.load_tensors("cells"))
     cls.to(dev).eval()
-    return LoadedModels(bundle, det, det_cfg, cls, cell_cfg, dev)
+    return cls, cell_cfg, dev
 
 
 def analyse_image(image: np.ndarray, models: LoadedModels) -> tuple[np.ndarray, np.ndarray, np.ndarray,

@@ -1,6 +1,7 @@
 """Cell classifiers: one binary head per finding, on one shared backbone or one backbone per head.
 
-Heads: ``myeloblast``, ``promyelocyte``, ``auer_rod`` (more may follow). Each head is 1-3 fully
+Heads: ``myeloblast``, ``promyelocyte``, ``auer_rod`` by default; ``faggot_cell`` (a bundle of Auer
+rods) where the labels have it. Each head is 1-3 fully
 connected layers with dropout, as in the paper. Crops have a fixed physical context (``crop_um``
 around the cell centre) resized to ``crop_px``, so a cell's size survives (the paper stretched tight
 boxes to 299x299, which throws size away).
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 HEADS = ("myeloblast", "promyelocyte", "auer_rod")
+#: Every finding a head can be trained for (faggot_cell: where the labels have it).
+KNOWN_HEADS = (*HEADS, "faggot_cell")
 CLASSIFIER_BACKBONES = ("small", "xception")
 # per backbone: input size and normalisation of [0, 1] pixels (xception: Keras' x / 127.5 - 1)
 BACKBONE_DEFAULTS = {

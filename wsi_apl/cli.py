@@ -277,9 +277,14 @@ def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbo
               help="A synthetic cohort (labels.csv + truth/): every true cell is a labelled cell.")
 @click.option("--cells", "cells_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV of labelled cells: image, x0, y0, x1, y1, one 1/0 column per head (empty: unlabelled)[, patient].")
+@click.option("--via", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="VIA project (2 or 3): each region a cell, its attributes the labels (type; auer_rod, faggot_cell "
+                   "as yes/no or checkbox); file attribute 'patient' groups the pictures.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="--cells: folder of the pictures (default: the CSV's folder).")
-@click.option("--image-mpp", type=float, default=None, help="--cells: the pictures' µm per pixel (default: --mpp).")
+              help="--cells/--via: folder of the pictures (default: next to the CSV / project).")
+@click.option("--image-mpp", type=float, default=None, help="--cells/--via: the pictures' µm per pixel (default: --mpp).")
+@click.option("--heads", "heads_opt", default="myeloblast,promyelocyte,auer_rod", show_default=True,
+              help="Heads to train, comma-separated; faggot_cell too where the labels have it.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
 @click.option("--mpp", type=float, default=0.5, show_default=True)
 @click.option("--area", default="640x480", show_default=True)
@@ -294,20 +299,27 @@ def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbo
 @click.option("--epochs", type=int, default=40, show_default=True)
 @click.option("--budget", type=float, default=None, help="Training time budget in seconds (all trials and folds).")
 @click.option("--seed", type=int, default=0)
-def train_cells_cmd(cohort, cells_csv, images, image_mpp, out, mpp, area, backbone, backbone_weights, folds, trials,
-                    epochs, budget, seed) -> None:
-    """Train the cell classifier heads (myeloblast, promyelocyte, auer_rod) from labelled cells."""
-    from workers.classifier import CellConfig
+def train_cells_cmd(cohort, cells_csv, via, images, image_mpp, heads_opt, out, mpp, area, backbone, backbone_weights,
+                    folds, trials, epochs, budget, seed) -> None:
+    """Train the cell classifier heads (myeloblast, promyelocyte, auer_rod; faggot_cell) from labelled cells."""
+    import numpy as np
 
-    from .train.cells import read_cells_csv, split_cells
+    from workers.classifier import KNOWN_HEADS
+
+    from .train.cells import head_key, read_labelled_cells, split_cells
     from .train.data import read_cohort, split_by_patient
     from .train.steps import _synthetic, collect_samples, open_or_create, step_cells, step_cells_from
 
-    if (cohort is None) == (cells_csv is None):
-        raise click.UsageError("give exactly one of --truth COHORT or --cells CELLS.csv")
+    if sum(x is not None for x in (cohort, cells_csv, via)) != 1:
+        raise click.UsageError("give exactly one of --truth COHORT, --cells CELLS.csv or --via PROJECT.json")
+    heads = tuple(dict.fromkeys(head_key(h) for h in heads_opt.split(",") if h.strip()))
+    unknown = [h for h in heads if h not in KNOWN_HEADS]
+    if not heads or unknown:
+        raise click.UsageError(f"--heads: unknown head(s) {', '.join(unknown) or '(none given)'}; choose from "
+                               f"{', '.join(KNOWN_HEADS)}")
     geo = _geometry(mpp, area)
-    kw = dict(backbone=backbone, backbone_weights=backbone_weights, trials=trials, folds=folds, epochs=epochs,
-              budget_s=budget, seed=seed, log=click.echo)
+    kw = dict(heads=heads, backbone=backbone, backbone_weights=backbone_weights, trials=trials, folds=folds,
+              epochs=epochs, budget_s=budget, seed=seed, log=click.echo)
     try:
         if cohort is not None:
             entries = read_cohort(cohort)
@@ -317,12 +329,15 @@ def train_cells_cmd(cohort, cells_csv, images, image_mpp, out, mpp, area, backbo
             val_s = sum(collect_samples(va, geo, click.echo, n_random=0, seed=seed), [])
             step_cells(bundle, train_s, val_s, **kw)
             return
-        cells = read_cells_csv(cells_csv, images, CellConfig().heads, image_mpp or mpp, mpp)
-        tr, va = split_cells(cells, seed, source=cells_csv)
-        click.echo(f"{cells_csv}: {len(cells)} labelled cells in {len(cells.images)} pictures, "
-                   f"{len(set(cells.patients))} patients; {len(va)} validation cells (other patients)")
+        source = via or cells_csv
+        cells = read_labelled_cells(cells_csv, via, images, heads, image_mpp or mpp, mpp)
+        tr, va = split_cells(cells, seed, source=source)
+        click.echo(f"{source}: {len(cells)} labelled cells in {len(cells.images)} pictures, "
+                   f"{len(set(cells.patients))} patients; {len(va)} validation cells (other patients); labelled "
+                   + ", ".join(f"{h} {int(np.sum(~np.isnan(cells.labels[:, j])))} "
+                               f"({int(np.nansum(cells.labels[:, j]))} positive)" for j, h in enumerate(heads)))
         bundle = open_or_create(out, geo, False)
-        step_cells_from(bundle, tr, va, source=str(cells_csv), **kw)
+        step_cells_from(bundle, tr, va, source=str(source), **kw)
     except (ValueError, FileNotFoundError) as exc:
         _echo_err(str(exc))
         sys.exit(2)
@@ -449,20 +464,43 @@ def evaluate_detector_cmd(bundle_dir, via, voc, cohort, images, classes, mpp, as
 
 @evaluate.command("cells")
 @click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
-@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--truth", "cohort", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A labelled cohort (labels.csv + truth/).")
+@click.option("--cells", "cells_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV of labelled cells on pictures (as for 'wsi-apl train cells --cells').")
+@click.option("--via", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="VIA project whose region attributes label the cells (as for 'wsi-apl train cells --via').")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="--cells/--via: folder of the pictures (default: next to the CSV / project).")
+@click.option("--image-mpp", type=float, default=None,
+              help="--cells/--via: the pictures' µm per pixel (resampled to the bundle's; default: own pixels).")
 @click.option("--detected", is_flag=True,
-              help="Classify the detector's cells (matched to the truth) instead of the truth boxes.")
+              help="--truth: classify the detector's cells (matched to the truth) instead of the truth boxes.")
 @click.option("--curves", "curves_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write ROC and precision-recall curves per head as PNG into this folder.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def evaluate_cells_cmd(bundle_dir, cohort, detected, curves_dir, as_json, out) -> None:
+def evaluate_cells_cmd(bundle_dir, cohort, cells_csv, via, images, image_mpp, detected, curves_dir, as_json,
+                       out) -> None:
     """Per-head AUROC / AUPRC with bootstrap 95 % CI and the confusion at each head's threshold."""
-    from .evaluate import evaluate_cells
+    from workers.bundle import BundleError
+
+    from .evaluate import evaluate_cells, evaluate_labelled_cells
     from .train.data import read_cohort
 
-    m = evaluate_cells(bundle_dir, read_cohort(cohort), detected=detected, curves_dir=curves_dir,
-                       log=(lambda s: None) if as_json else click.echo)
+    if sum(x is not None for x in (cohort, cells_csv, via)) != 1:
+        raise click.UsageError("give exactly one of --truth COHORT, --cells CELLS.csv or --via PROJECT.json")
+    if detected and cohort is None:
+        raise click.UsageError("--detected needs --truth (the detector's cells are matched to the truth)")
+    log = (lambda s: None) if as_json else click.echo
+    try:
+        if cohort is not None:
+            m = evaluate_cells(bundle_dir, read_cohort(cohort), detected=detected, curves_dir=curves_dir, log=log)
+        else:
+            m = evaluate_labelled_cells(bundle_dir, cells_csv, via, images, image_mpp, curves_dir, log=log)
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
     _dump(m, as_json, out)
 
 

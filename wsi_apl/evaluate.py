@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.area import load_detector, load_models
+from workers.area import load_cells, load_detector, load_models
 from workers.bundle import load_bundle
 from workers.classifier import classify
 from workers.detector import detect
@@ -101,12 +101,46 @@ def evaluate_cells(bundle_dir: Path, entries: list[SlideEntry], *, detected: boo
         samples, missed = detected_samples(samples, models.detector, models.det_cfg, models.device)
         log(f"  detected cells: {sum(len(s.boxes) for s in samples)}, truth cells missed by the detector: {missed}")
     cs = CellSet.from_samples(samples, cfg.heads)
-    crops = cs.crops(cfg.crop_um / b.mpp, cfg.crop_px)
-    p = classify(models.cells, crops, models.device)
+    out = _head_summaries(models.cells, cfg, models.device, cs, b.mpp, curves_dir, log)
+    out.update({"slides": len(entries), "boxes": "detected" if detected else "truth"})
+    if missed is not None:
+        out["missed_by_detector"] = missed
+    return out
+
+
+def evaluate_labelled_cells(bundle_dir: Path, cells_csv: Path | None, via: Path | None, images: Path | None,
+                            image_mpp: float | None, curves_dir: Path | None = None,
+                            log: Callable[[str], None] = print) -> dict:
+    """Per-head AUROC / AUPRC of the bundle's heads on labelled cells of pictures (a cells CSV or a VIA
+    project, as for ``wsi-apl train cells``); heads without any label there are left out."""
+    from .train.cells import read_labelled_cells
+
+    b = load_bundle(bundle_dir)
+    model, cfg, dev = load_cells(b)
+    work = b.mpp if b.mpp_known and image_mpp else None
+    if b.mpp_known and image_mpp is None:
+        log(f"  note: the bundle works at {b.mpp} µm/px and the pictures' pixel size is unknown: they are read at "
+            "their own pixels (give --image-mpp to resample them)")
+    cs = read_labelled_cells(cells_csv, via, images, cfg.heads, image_mpp, work)
+    out = _head_summaries(model, cfg, dev, cs, work or (b.mpp if b.mpp_known else 1.0), curves_dir, log)
+    out.update({"pictures": len(cs.images), "boxes": "labelled", "source": str(via or cells_csv)})
+    return out
+
+
+def _head_summaries(model, cfg, device, cs: CellSet, mpp: float, curves_dir: Path | None,
+                    log: Callable[[str], None]) -> dict:
+    """Classify ``cs`` (pictures at ``mpp`` µm/px) and summarise each head that has labels: AUROC /
+    AUPRC with patient-bootstrap CIs, the confusion at the head's threshold, curves as PNG when
+    ``curves_dir``."""
+    crops = cs.crops(cfg.crop_um / mpp, cfg.crop_px)
+    p = classify(model, crops, device)
     heads = {}
     for j, h in enumerate(cfg.heads):
         y = cs.labels[:, j]
         ok = ~np.isnan(y)
+        if not ok.any():
+            log(f"  {h}: no labelled cells")
+            continue
         s = binary_summary(y[ok].astype(bool), p[ok, j], cfg.threshold(h), groups=cs.patients[ok], n_boot=300)
         if curves_dir is not None:
             from .plots import curves_png
@@ -117,10 +151,7 @@ def evaluate_cells(bundle_dir: Path, entries: list[SlideEntry], *, detected: boo
         log(f"  {h}: AUROC {s['auroc']:.3f} [{s['auroc_ci'][0]:.3f}, {s['auroc_ci'][1]:.3f}], "
             f"AUPRC {s['auprc']:.3f} ({s['positives']} positives of {s['n']}); at {s['threshold']:.2f}: "
             + ", ".join(f"{k.upper()} {v}" for k, v in s["confusion"].items()))
-    out = {"heads": heads, "cells": len(cs), "slides": len(entries), "boxes": "detected" if detected else "truth"}
-    if missed is not None:
-        out["missed_by_detector"] = missed
-    return out
+    return {"heads": heads, "cells": len(cs)}
 
 
 def _geom(b):

@@ -231,7 +231,8 @@ def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mp
             "regions": [{"shape_attributes": {"name": "rect", "x": c["box"][0], "y": c["box"][1],
                                               "width": round(c["box"][2] - c["box"][0], 1),
                                               "height": round(c["box"][3] - c["box"][1], 1)},
-                         "region_attributes": {"type": c["type"], "auer_rod": {"1": True} if c["auer_rod"] else {}}}
+                         "region_attributes": {"type": c["type"], "auer_rod": {"1": True} if c["auer_rod"] else {},
+                                               "faggot_cell": {"1": True} if c["faggot"] else {}}}
                         for c in cells],
         }
         records.append(SlideRecord(name, patient, diagnosis, path.name, f"truth/{name}.json"))
@@ -251,7 +252,9 @@ def _write_via(path: Path, meta: dict) -> None:
             "region": {"type": {"type": "dropdown", "description": "cell type",
                                 "options": {t: t for t in NUCLEATED_TYPES}, "default_options": {}},
                        "auer_rod": {"type": "checkbox", "description": "Auer rod(s)",
-                                    "options": {"1": "yes"}, "default_options": {}}},
+                                    "options": {"1": "yes"}, "default_options": {}},
+                       "faggot_cell": {"type": "checkbox", "description": "faggot cell (bundle of Auer rods)",
+                                       "options": {"1": "yes"}, "default_options": {}}},
             "file": {"patient": {"type": "text", "description": "patient (pseudonym)", "default_value": ""},
                      "diagnosis": {"type": "text", "description": "slide diagnosis", "default_value": ""}}},
         "_via_data_format_version": "2.0.10",

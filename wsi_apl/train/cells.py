@@ -19,13 +19,31 @@ from ..metrics import auroc
 from .augment import stain_jitter
 from .data import AreaSample
 
+#: Exponent of the label-pattern balancing of training draws (0.5: square-root sampling).
+BALANCE = 0.5
 
-def head_labels(types: list[str], auer: np.ndarray, heads: tuple[str, ...]) -> np.ndarray:
-    """(n, heads) float labels; NaN where a head has no label for a cell."""
+
+def pattern_weights(labels: np.ndarray, balance: float) -> np.ndarray:
+    """Draw probabilities (n,) summing to 1: ``count(pattern) ** -balance`` per cell, where a cell's
+    pattern is its row of head labels (1, 0 or unlabelled)."""
+    if len(labels) == 0:
+        return np.zeros(0)
+    key = np.nan_to_num(labels, nan=2.0).astype(np.int8)
+    _, inv, counts = np.unique(key, axis=0, return_inverse=True, return_counts=True)
+    w = counts[inv.reshape(-1)].astype(np.float64) ** -float(balance)
+    return w / w.sum()
+
+
+def head_labels(types: list[str], auer: np.ndarray, heads: tuple[str, ...],
+                faggot: np.ndarray | None = None) -> np.ndarray:
+    """(n, heads) float labels from the truth; NaN where a head has no label for a cell (faggot_cell
+    without faggot flags)."""
     y = np.zeros((len(types), len(heads)), np.float32)
     for j, h in enumerate(heads):
         if h == "auer_rod":
             y[:, j] = auer.astype(np.float32)
+        elif h == "faggot_cell":
+            y[:, j] = np.nan if faggot is None else faggot.astype(np.float32)
         else:
             y[:, j] = np.array([t == h for t in types], np.float32)
     return y
@@ -51,7 +69,7 @@ class CellSet:
             c = np.stack([(s.boxes[:, 0] + s.boxes[:, 2]) / 2, (s.boxes[:, 1] + s.boxes[:, 3]) / 2], axis=1)
             centres.append(c)
             idx.append(np.full(len(c), k))
-            labels.append(head_labels(s.types, s.auer, heads))
+            labels.append(head_labels(s.types, s.auer, heads, s.faggot))
             patients += [s.patient] * len(c)
         if not centres:
             return cls(images, np.zeros(0, int), np.zeros((0, 2)), np.zeros((0, len(heads))), np.zeros(0))
@@ -91,11 +109,16 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, 
                 time_budget_s: float | None = None, batch_size: int = 128, lr: float = 2e-3,
                 weight_decay: float = 1e-4, patience: int = 6, seed: int = 0,
                 log: Callable[[str], None] = print, device: str = "cpu",
-                backbone_weights: Path | None = None) -> tuple[CellClassifier, dict]:
+                backbone_weights: Path | None = None,
+                balance: float = BALANCE) -> tuple[CellClassifier, dict]:
     """Multi-label training with class balancing; keeps the epoch with the best mean validation AUROC.
 
     Labels may be NaN (not labelled): the loss ignores them. ``backbone_weights``: start the backbone
-    from a file on disk (transfer learning, as in the paper) instead of from scratch."""
+    from a file on disk (transfer learning, as in the paper) instead of from scratch.
+    ``balance``: each epoch draws its cells with probability proportional to ``count ** -balance`` of
+    their label pattern (e.g. myeloblast with Auer rods, promyelocyte without), so a rare combination
+    is not learned as a shortcut of a common one (0: every cell once per epoch); the loss weights are
+    set for the cells actually drawn."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     if cfg.backbone == "xception":
@@ -107,29 +130,32 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, 
     heads = cfg.heads
     context_px = cfg.crop_um / area_mpp
     y = train.labels
+    draw = pattern_weights(y, balance)
     pos = np.nansum(y, axis=0)
-    neg = np.sum(~np.isnan(y), axis=0) - pos
-    pos_weight = torch.tensor(np.clip(neg / np.maximum(pos, 1.0), 1.0, 30.0), dtype=torch.float32, device=device)
+    w_pos = np.nansum(y * draw[:, None], axis=0)
+    w_neg = np.nansum((1 - y) * draw[:, None], axis=0)
+    pos_weight = torch.tensor(np.clip(w_neg / np.maximum(w_pos, 1e-9), 1.0, 30.0), dtype=torch.float32, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     val_crops = val.crops(context_px, cfg.crop_px) if len(val) else None
     t0 = time.time()
     best_score, best_state, best_epoch = -1.0, copy.deepcopy(model.state_dict()), 0
     history = []
     stale = 0
-    n = len(train)
-    if n == 0:
+    if len(train) == 0:
         raise ValueError("no labelled cells to train on")
+    n = len(train)  # cells per epoch
     steps_total = epochs * math.ceil(n / batch_size)
     step = 0
     for epoch in range(epochs):
         model.train()
-        crops = train.crops(context_px, cfg.crop_px, rng, jitter_px=1.5 / area_mpp, scale_jitter=0.06)
+        seen = rng.choice(n, n, p=draw) if balance else np.arange(n)
+        crops = train.crops(context_px, cfg.crop_px, rng, jitter_px=1.5 / area_mpp, scale_jitter=0.06, indices=seen)
         order = rng.permutation(n)
         losses = []
         for bi in range(0, n, batch_size):
             idx = order[bi:bi + batch_size]
             x = crops_to_tensor(_augment_batch(crops[idx], rng)).to(device)
-            t = torch.from_numpy(y[idx]).to(device)
+            t = torch.from_numpy(y[seen[idx]]).to(device)
             frac = step / max(1, steps_total)
             if time_budget_s:
                 frac = max(frac, (time.time() - t0) / time_budget_s)
@@ -173,19 +199,32 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, 
     model.load_state_dict(best_state)
     model.eval()
     # thresholds: predicted prevalence on validation equals the true prevalence (unbiased ratios)
+    # (a head without positives among the validation cells takes its threshold from the training cells)
     thresholds = {}
     best_auc = {}
-    if val_crops is not None:
-        p = classify(model, val_crops, device)
-        for j, h in enumerate(heads):
-            ok = ~np.isnan(val.labels[:, j])
-            prev = float(np.mean(val.labels[ok, j])) if ok.any() else 0.0
-            thresholds[h] = float(np.quantile(p[ok, j], 1.0 - prev)) if ok.any() and 0 < prev < 1 else 0.5
-            thresholds[h] = float(np.clip(thresholds[h], 0.05, 0.95))
-            best_auc[h] = auroc(val.labels[ok, j], p[ok, j])
+    threshold_source = {}
+    p_val = classify(model, val_crops, device) if val_crops is not None else np.zeros((0, len(heads)))
+    p_train = None
+    for j, h in enumerate(heads):
+        labels, p = val.labels[:, j] if len(val) else np.zeros(0), p_val[:, j]
+        ok = ~np.isnan(labels)
+        best_auc[h] = auroc(labels[ok], p[ok]) if ok.any() else float("nan")
+        threshold_source[h] = "validation"
+        if not (ok.any() and 0 < float(np.mean(labels[ok])) < 1):
+            if p_train is None:
+                p_train = classify(model, train.crops(context_px, cfg.crop_px), device)
+            labels, p = train.labels[:, j], p_train[:, j]
+            ok = ~np.isnan(labels)
+            threshold_source[h] = "training (no positive validation cell)"
+        prev = float(np.mean(labels[ok])) if ok.any() else 0.0
+        thresholds[h] = float(np.quantile(p[ok], 1.0 - prev)) if ok.any() and 0 < prev < 1 else 0.5
+        thresholds[h] = float(np.clip(thresholds[h], 0.05, 0.95))
+    if val_crops is None:
+        best_auc = {}
     cfg.thresholds = thresholds
     return model, {"best_epoch": best_epoch, "val_auroc": best_auc, "history": history,
                    "train_cells": n, "val_cells": len(val), "seconds": round(time.time() - t0, 1),
+                   "balance": balance, "threshold_source": threshold_source,
                    "positives": {h: int(pos[j]) for j, h in enumerate(heads)}}
 
 
@@ -213,11 +252,12 @@ def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], imag
     with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or [])
+        column = {head_key(c): c for c in cols}  # head -> the CSV's spelling
         need = {"image", "x0", "y0", "x1", "y1"}
         if not need <= cols:
             raise ValueError(f"{path}: needs columns {', '.join(sorted(need))} (missing: "
                              f"{', '.join(sorted(need - cols))})")
-        have = [h for h in heads if h in cols]
+        have = [h for h in heads if h in column]
         if not have:
             raise ValueError(f"{path}: no label column for any head ({', '.join(heads)}); add a column per "
                              "finding with 1/0 (empty when not labelled)")
@@ -239,19 +279,112 @@ def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], imag
                 raise ValueError(f"{path}, line {line}: the box is not numbers ({exc})") from exc
             y = np.full(len(heads), np.nan, np.float32)
             for j, h in enumerate(heads):
-                v = str(r.get(h, "") or "").strip().lower()
+                v = str(r.get(column.get(h, h), "") or "").strip().lower()
                 if v in _TRUE:
                     y[j] = 1.0
                 elif v in _FALSE:
                     y[j] = 0.0
                 elif v:
-                    raise ValueError(f"{path}, line {line}: {h}={r[h]!r} is not a label (use 1, 0 or leave empty)")
+                    raise ValueError(f"{path}, line {line}: {column[h]}={r[column[h]]!r} is not a label "
+                                     "(use 1, 0 or leave empty)")
             centres.append(((x0 + x1) / 2, (y0 + y1) / 2))
             idx.append(k)
             labels.append(y)
             patients.append((r.get("patient") or "").strip() or name)
     return CellSet(images_out, np.asarray(idx, int), np.asarray(centres, np.float32).reshape(-1, 2),
                    np.asarray(labels, np.float32).reshape(-1, len(heads)), np.asarray(patients))
+
+
+#: Other spellings of the heads in label columns and VIA attributes (after lower case, spaces and
+#: hyphens to underscores).
+HEAD_ALIASES = {"auer": "auer_rod", "auer_rods": "auer_rod", "auerrod": "auer_rod", "faggot": "faggot_cell",
+                "faggot_cells": "faggot_cell", "fagot_cell": "faggot_cell", "myeloblasts": "myeloblast",
+                "promyelocytes": "promyelocyte"}
+#: Heads that are cell types: a region whose type/label names another cell type is negative for them.
+TYPE_HEADS = ("myeloblast", "promyelocyte")
+
+
+def head_key(name: str) -> str:
+    """A label column / attribute / cell type name in the heads' spelling (``Auer rods`` -> ``auer_rod``)."""
+    k = str(name).strip().lower().replace("-", "_").replace(" ", "_")
+    return HEAD_ALIASES.get(k, k)
+
+
+def _via_checkboxes(path: Path) -> set[str]:
+    """Names of the region attributes a VIA project declares as checkboxes (unticked means no)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    out = set()
+    if isinstance(data, dict) and isinstance(data.get("_via_attributes"), dict):  # VIA 2
+        for name, spec in (data["_via_attributes"].get("region") or {}).items():
+            if isinstance(spec, dict) and spec.get("type") == "checkbox":
+                out.add(head_key(name))
+    if isinstance(data, dict) and isinstance(data.get("attribute"), dict):  # VIA 3: type 2 is a checkbox
+        for spec in data["attribute"].values():
+            if isinstance(spec, dict) and spec.get("type") == 2 and spec.get("anchor_id") != "FILE1_Z0_XY0":
+                out.add(head_key(spec.get("aname", "")))
+    return out
+
+
+def read_via_cells(path: Path, images: Path | None, heads: tuple[str, ...], image_mpp: float | None,
+                   work_mpp: float | None) -> CellSet:
+    """Labelled cells from a VIA project (VIA 2 or 3): every region is a cell, its region attributes
+    the labels. A head is labelled by an attribute of its name (``auer_rod``, ``Auer rod``,
+    ``faggot_cell``...: yes/no, 1/0, a ticked or unticked checkbox); the cell-type heads (myeloblast,
+    promyelocyte) also by the region's type/label attribute (its type: 1; another type: 0). Anything
+    else is not labelled (ignored by the loss). The patient is the file attribute ``patient`` (else
+    the picture)."""
+    from ..annotations import LABEL_KEYS, read_via
+    from .data import read_picture
+
+    path = Path(path)
+    items = read_via(path, images)
+    checkbox = _via_checkboxes(path)
+    images_out, idx, centres, labels, patients = [], [], [], [], []
+    for it in items:
+        if len(it.boxes) == 0:
+            continue
+        img, fac = read_picture(it.image, image_mpp, work_mpp)
+        images_out.append(img)
+        for i, box in enumerate(np.asarray(it.boxes, np.float64) * fac):
+            attrs = {head_key(a): str(v).strip() for a, v in it.attributes[i].items()}
+            label = next((attrs[k] for k in LABEL_KEYS if attrs.get(k)), it.labels[i])
+            label = head_key(label) if label else ""
+            y = np.full(len(heads), np.nan, np.float32)
+            for j, h in enumerate(heads):
+                if h in attrs:
+                    v = attrs[h].lower()
+                    if v in _TRUE or (v and h in checkbox and v not in _FALSE):
+                        y[j] = 1.0
+                    elif v in _FALSE or (not v and h in checkbox):
+                        y[j] = 0.0
+                    elif v:
+                        raise ValueError(f"{path}: {it.image.name}, region {i + 1}: {h}={attrs[h]!r} is not a label "
+                                         "(use yes/no, 1/0 or a checkbox)")
+                elif h in TYPE_HEADS and label:
+                    y[j] = float(label == h)
+            centres.append(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
+            idx.append(len(images_out) - 1)
+            labels.append(y)
+            patients.append(it.group)
+    cells = CellSet(images_out, np.asarray(idx, int), np.asarray(centres, np.float32).reshape(-1, 2),
+                    np.asarray(labels, np.float32).reshape(-1, len(heads)), np.asarray(patients))
+    if len(cells) == 0 or np.all(np.isnan(cells.labels)):
+        raise ValueError(f"{path}: no region carries a label for any head ({', '.join(heads)}); give each cell a "
+                         "type attribute and/or a yes/no (checkbox) attribute per finding, e.g. auer_rod")
+    return cells
+
+
+def read_labelled_cells(cells_csv: Path | None, via: Path | None, images: Path | None, heads: tuple[str, ...],
+                        image_mpp: float | None, work_mpp: float | None) -> CellSet:
+    """Labelled cells from a CSV (:func:`read_cells_csv`) or a VIA project (:func:`read_via_cells`)."""
+    if via is not None:
+        return read_via_cells(via, images, heads, image_mpp, work_mpp)
+    return read_cells_csv(cells_csv, images, heads, image_mpp, work_mpp)
 
 
 def subset(cells: CellSet, mask: np.ndarray) -> CellSet:

@@ -85,13 +85,14 @@ class AreaSample:
     box_l0: tuple[float, float, float, float]
     selected: bool = True        # chosen by the selector (False: random smear area)
     extra: dict = field(default_factory=dict)
+    faggot: np.ndarray | None = None  # (n,) bool: faggot cell (bundle of Auer rods); None: not labelled
 
 
 def _truth_in_area(truth: dict, box_l0, size, types: tuple[str, ...] | None, min_visible: float = 0.5):
     x0, y0, x1, y1 = box_l0
     sx = size[0] / (x1 - x0)
     sy = size[1] / (y1 - y0)
-    boxes, kinds, auer = [], [], []
+    boxes, kinds, auer, faggot = [], [], [], []
     for c in truth["cells"]:
         if types is not None and c["type"] not in types:
             continue
@@ -105,7 +106,8 @@ def _truth_in_area(truth: dict, box_l0, size, types: tuple[str, ...] | None, min
         boxes.append([(cx0 - x0) * sx, (cy0 - y0) * sy, (cx1 - x0) * sx, (cy1 - y0) * sy])
         kinds.append(c["type"])
         auer.append(bool(c.get("auer_rod", False)))
-    return (np.asarray(boxes, np.float32).reshape(-1, 4), kinds, np.asarray(auer, bool))
+        faggot.append(bool(c.get("faggot", False)))
+    return (np.asarray(boxes, np.float32).reshape(-1, 4), kinds, np.asarray(auer, bool), np.asarray(faggot, bool))
 
 
 def random_smear_boxes(truth: dict, slide_dims: tuple[int, int], box_px0: tuple[float, float], n: int,
@@ -156,9 +158,9 @@ def area_samples(entry: SlideEntry, area_size: tuple[int, int], area_mpp: float,
         out = []
         for box, selected in boxes:
             img = slide.read_area(box, area_size).image
-            b, kinds, auer = _truth_in_area(truth, box, area_size, types)
+            b, kinds, auer, faggot = _truth_in_area(truth, box, area_size, types)
             out.append(AreaSample(entry.slide, entry.patient, entry.diagnosis, img, b, kinds, auer,
-                                  tuple(float(v) for v in box), selected))
+                                  tuple(float(v) for v in box), selected, faggot=faggot))
         return out
     finally:
         slide.close()

@@ -123,15 +123,16 @@ def step_detector(bundle: ModelBundle, train_s: list, val_s: list, *, backbone: 
     return metrics
 
 
-def step_cells(bundle: ModelBundle, train_s: list, val_s: list, *, epochs: int = 40, budget_s: float | None = None,
-               seed: int = 0, log: Callable[[str], None] = print, **kw) -> dict:
+def step_cells(bundle: ModelBundle, train_s: list, val_s: list, *, heads: tuple[str, ...] = HEADS, epochs: int = 40,
+               budget_s: float | None = None, seed: int = 0, log: Callable[[str], None] = print, **kw) -> dict:
     """The cell heads from training/validation areas with ground truth (see :func:`step_cells_from`)."""
-    heads = CellConfig().heads
+    heads = tuple(heads)
     return step_cells_from(bundle, CellSet.from_samples(train_s, heads), CellSet.from_samples(val_s, heads),
-                           epochs=epochs, budget_s=budget_s, seed=seed, log=log, **kw)
+                           heads=heads, epochs=epochs, budget_s=budget_s, seed=seed, log=log, **kw)
 
 
-def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, backbone: str = "small",
+def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tuple[str, ...] = HEADS,
+                    backbone: str = "small",
                     backbone_weights: Path | None = None, trials: int = 0, folds: int = 0, epochs: int = 40,
                     budget_s: float | None = None, seed: int = 0, source: str = "truth",
                     log: Callable[[str], None] = print) -> dict:
@@ -141,7 +142,13 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, backbone: 
     metrics); ``trials``: an Optuna search of head depth, dropout and learning rate on the validation
     split; ``backbone_weights``: transfer learning from weights on disk (recorded in the bundle).
     """
-    cfg = CellConfig(backbone=backbone)
+    cfg = CellConfig(backbone=backbone, heads=tuple(heads))
+    if tr.labels.shape[1] != len(cfg.heads):
+        raise ValueError(f"the cells carry {tr.labels.shape[1]} label columns for {len(cfg.heads)} heads")
+    for j, h in enumerate(cfg.heads):
+        if np.nansum(tr.labels[:, j]) == 0:
+            log(f"  warning: no training cell is labelled positive for {h}: that head learns nothing; label some, "
+                "or leave it out (--heads)")
     log(f"Training the cell classifier ({backbone} backbone, {len(tr)} training cells, {len(va)} validation cells; "
         "positives " + ", ".join(f"{h} {int(np.nansum(tr.labels[:, j]))}" for j, h in enumerate(cfg.heads)) + ")")
     kw = {"backbone_weights": backbone_weights}
@@ -163,10 +170,18 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, backbone: 
         model, info = train_cells(tr, va, cfg, bundle.mpp, epochs=epochs, time_budget_s=budget_s, seed=seed, log=log,
                                   **kw)
     metrics.update({"validation_auroc": info["val_auroc"], "best_epoch": info["best_epoch"], "seconds": info["seconds"],
-                    "train_cells": info["train_cells"], "val_cells": info["val_cells"], "positives": info["positives"]})
+                    "train_cells": info["train_cells"], "val_cells": info["val_cells"], "positives": info["positives"],
+                    "threshold_source": info["threshold_source"], "balance": info["balance"]})
     note = "none (from scratch)"
     if backbone_weights is not None:
         note = Path(backbone_weights).name
+    if list(cfg.heads) != bundle.heads:
+        bundle = create_bundle(bundle.path, name=bundle.name, mpp=bundle.meta.get("mpp"), area_size=bundle.area_size,
+                               heads=list(cfg.heads), synthetic=bundle.synthetic,
+                               description=bundle.meta.get("description", ""))
+        if bundle.has("slide_nets"):
+            log(f"  note: the bundle's heads are now {', '.join(cfg.heads)}; its slide-level nets were trained on "
+                "other heads: retrain them (wsi-apl train enn)")
     save_part(bundle, "cells", model.state_dict(), config=cfg.to_json(), metrics=metrics,
               provenance={"backbone_weights": note, "seed": seed, "source": source, "trials": trials, "folds": folds})
     log("  cells: validation AUROC " + ", ".join(f"{h} {v:.3f}" for h, v in info["val_auroc"].items())
