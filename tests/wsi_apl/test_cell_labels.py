@@ -131,6 +131,11 @@ def test_evaluate_cells_from_csv(frames, tmp_path):
     assert set(m["heads"]) == {"promyelocyte", "auer_rod"}
     s = m["heads"]["promyelocyte"]
     assert s["positives"] == sum(row["Promyelocyte"] for row in rows)
+    # the Auer-rod head among promyelocytes only: does it see rods, or the cell type?
+    within = m["heads"]["auer_rod"]["auroc_within"]["promyelocyte"]
+    assert within["n"] == s["positives"]
+    assert within["positives"] == sum(row["Promyelocyte"] and row["auer rods"] for row in rows) > 0
+    assert "myeloblast" not in m["heads"]["auer_rod"]["auroc_within"]  # not a head of this bundle
     assert 0.0 <= s["auroc_ci"][0] <= s["auroc"] <= s["auroc_ci"][1] <= 1.0
 
 
