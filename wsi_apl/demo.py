@@ -65,7 +65,8 @@ def run_demo(out: Path, quick: bool = False, log: Callable[[str], None] = print)
               for e in test_entries]
     slide_summary = summarise_slide_results(scored, bundle.part("slide_nets").get("decision", {}))
     report = {"detector": {k: det[k] for k in ("AP50", "AP", "AR50", "AR", "images")},
-              "cells": {h: {"auroc": v["auroc"], "auroc_ci": v["auroc_ci"]} for h, v in cells["heads"].items()},
+              "cells": {h: {"auroc": v["auroc"], "auroc_ci": v["auroc_ci"], "auroc_within": v.get("auroc_within", {})}
+                        for h, v in cells["heads"].items()},
               "slides": slide_summary, "scan": summary, "seconds": round(time.time() - t0, 1),
               "training_seconds": round(t_train - t0, 1), "bundle": bundle.label}
     (out / "demo_report.json").write_text(json.dumps(report, indent=2, default=float))
@@ -73,7 +74,9 @@ def run_demo(out: Path, quick: bool = False, log: Callable[[str], None] = print)
     log("Accuracy reached on the held-out synthetic cohort (synthetic slides, not patients):")
     log(f"  cell detector: AP@0.5 {det['AP50']:.3f}, AP@0.5:0.95 {det['AP']:.3f} on {det['images']} areas")
     for h, v in cells["heads"].items():
-        log(f"  {h} head: AUROC {v['auroc']:.3f} (95% CI {v['auroc_ci'][0]:.3f}-{v['auroc_ci'][1]:.3f})")
+        log(f"  {h} head: AUROC {v['auroc']:.3f} (95% CI {v['auroc_ci'][0]:.3f}-{v['auroc_ci'][1]:.3f})"
+            + ("; within " + ", ".join(f"{t}s {w['auroc']:.3f}" for t, w in v["auroc_within"].items())
+               if v.get("auroc_within") else ""))
     tri = slide_summary["triage"]
     log(f"  slide call: {tri['apl_flagged']}/{tri['apl_total']} APL slides flagged "
         f"({tri['apl_inconclusive']} inconclusive), {tri['non_apl_flagged']}/{tri['non_apl_total']} non-APL flagged")
