@@ -18,12 +18,6 @@ def feature_names(heads: list[str]) -> list[str]:
     return [f"{kind}_{h}" for h in heads for kind in FEATURE_KINDS]
 
 
-def heads_of(names: list[str]) -> list[str]:
-    """The heads behind feature names (inverse of :func:`feature_names`)."""
-    prefix = f"{FEATURE_KINDS[0]}_"
-    return [n[len(prefix):] for n in names if n.startswith(prefix)]
-
-
 def _features_of(p: dict[str, np.ndarray], heads: list[str], thresholds: dict[str, float]) -> np.ndarray:
     n = len(next(iter(p.values()))) if p else 0
     out = []

@@ -17,7 +17,7 @@ from workers.area import CellTable, LoadedModels, process_area
 from workers.bundle import ModelBundle
 
 from .enn import SlideNets, decide
-from .features import heads_of, slide_features
+from .features import slide_features
 
 DECISION_SUPPORT = ("Decision support only: an expert must review every slide; "
                     "not_flagged does not exclude APL.")
@@ -110,14 +110,17 @@ def aggregate(name: str, path: str, selection: Selection, tables: list[CellTable
         result.reason = "the bundle has no slide-level nets (train them with 'wsi-apl train enn')"
         return result, cols, feats
     rule = bundle.part("slide_nets").get("decision", {})
-    net_heads = heads_of(nets.names)
-    if net_heads != list(heads):
-        # the cell heads changed after the nets were trained (e.g. a faggot_cell head added)
-        if not set(net_heads) <= set(heads):
-            result.reason = (f"the slide-level nets were trained on the heads {', '.join(net_heads)}, the cell "
-                             f"model has {', '.join(heads)}: retrain them (wsi-apl train enn)")
+    if nets.names != feats["names"]:
+        # the cell heads changed after the nets were trained (e.g. a faggot_cell head added): the nets
+        # decide on the features they know
+        missing = [n for n in nets.names if n not in feats["names"]]
+        if missing:
+            result.reason = (f"the slide-level nets need features the cell model does not give ({', '.join(missing)}): "
+                             "retrain them (wsi-apl train enn)")
             return result, cols, feats
-        d = decide(slide_features(cols, net_heads, thresholds_of(bundle)), nets, rule)
+        idx = [feats["names"].index(n) for n in nets.names]
+        d = decide(dict(feats, features=feats["features"][idx], boot=feats["boot"][:, idx], names=list(nets.names)),
+                   nets, rule)
     else:
         d = decide(feats, nets, rule)
     result.status = d.status
