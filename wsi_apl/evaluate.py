@@ -12,7 +12,7 @@ from workers.bundle import load_bundle
 from workers.classifier import classify
 from workers.detector import detect
 
-from .metrics import binary_summary, coco_metrics, match_detections
+from .metrics import auroc, binary_summary, coco_metrics, match_detections
 from .train.cells import CellSet
 from .train.data import SlideEntry, area_samples
 from .train.steps import collect_samples
@@ -60,10 +60,7 @@ def evaluate_detector_pictures(bundle_dir: Path, via: Path | None, voc: Path | N
 
     bundle = load_bundle(bundle_dir)
     det, cfg, dev = load_detector(bundle)
-    if bundle.mpp_known and image_mpp is None:
-        log(f"  note: the bundle works at {bundle.mpp} µm/px and the pictures' pixel size is unknown: they are "
-            "read at their own pixels (give --mpp to resample them)")
-    work = bundle.mpp if bundle.mpp_known and image_mpp else None
+    work = _picture_mpp(bundle, image_mpp, "--mpp", log)
     samples = picture_samples(via, voc, images, classes, image_mpp, work, log)
     return _score_images(det, cfg, dev, samples, "image")
 
@@ -117,14 +114,20 @@ def evaluate_labelled_cells(bundle_dir: Path, cells_csv: Path | None, via: Path 
 
     b = load_bundle(bundle_dir)
     model, cfg, dev = load_cells(b)
-    work = b.mpp if b.mpp_known and image_mpp else None
-    if b.mpp_known and image_mpp is None:
-        log(f"  note: the bundle works at {b.mpp} µm/px and the pictures' pixel size is unknown: they are read at "
-            "their own pixels (give --image-mpp to resample them)")
+    work = _picture_mpp(b, image_mpp, "--image-mpp", log)
     cs = read_labelled_cells(cells_csv, via, images, cfg.heads, image_mpp, work)
     out = _head_summaries(model, cfg, dev, cs, work or (b.mpp if b.mpp_known else 1.0), curves_dir, log)
     out.update({"pictures": len(cs.images), "boxes": "labelled", "source": str(via or cells_csv)})
     return out
+
+
+def _picture_mpp(bundle, image_mpp: float | None, option: str, log: Callable[[str], None]) -> float | None:
+    """The resolution pictures are resampled to: the bundle's when both pixel sizes are known, else
+    None (their own pixels, said aloud when the bundle has one)."""
+    if bundle.mpp_known and image_mpp is None:
+        log(f"  note: the bundle works at {bundle.mpp} µm/px and the pictures' pixel size is unknown: they are "
+            f"read at their own pixels (give {option} to resample them)")
+    return bundle.mpp if bundle.mpp_known and image_mpp else None
 
 
 def _head_summaries(model, cfg, device, cs: CellSet, mpp: float, curves_dir: Path | None,
@@ -162,7 +165,6 @@ def _head_summaries(model, cfg, device, cs: CellSet, mpp: float, curves_dir: Pat
 def _within_types(cs: CellSet, heads: tuple[str, ...], j: int, p: np.ndarray) -> dict:
     """AUROC of finding head ``j`` (Auer rod, faggot cell) among the cells of one labelled type only
     (myeloblasts, promyelocytes): a head that ranks by cell type scores about 0.5 here."""
-    from .metrics import auroc
     from .train.cells import TYPE_HEADS
 
     if heads[j] in TYPE_HEADS:

@@ -130,8 +130,9 @@ def aggregate(name: str, path: str, selection: Selection, tables: list[CellTable
     result.p_apl_vs_aml = _finite(d.p_apl_vs_aml)
     result.p_apl_vs_healthy = _finite(d.p_apl_vs_healthy)
     result.reason = "; ".join(d.reasons)
-    if d.status == "not_flagged" and few_apl_slides(rule):
-        result.qc.append(few_apl_slides(rule))
+    few = few_apl_slides(rule) if d.status == "not_flagged" else ""
+    if few:
+        result.qc.append(few)
     return result, cols, feats
 
 

@@ -234,6 +234,19 @@ _TRUE = {"1", "1.0", "true", "yes", "y", "pos", "positive", "x"}
 _FALSE = {"0", "0.0", "false", "no", "n", "neg", "negative"}
 
 
+def label_value(text: str, checkbox: bool = False) -> float:
+    """1.0, 0.0 or NaN (not labelled) from a label's text; ``checkbox``: a VIA checkbox, where any
+    ticked option is yes and nothing ticked is no. Raises ValueError for text that is no label."""
+    v = str(text or "").strip().lower()
+    if v in _TRUE or (v and checkbox and v not in _FALSE):
+        return 1.0
+    if v in _FALSE or (not v and checkbox):
+        return 0.0
+    if v:
+        raise ValueError(f"{text!r} is not a label")
+    return float("nan")
+
+
 def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], image_mpp: float | None,
                    work_mpp: float | None) -> CellSet:
     """Labelled cells from a CSV: ``image, x0, y0, x1, y1`` (the picture's pixels), one column per head
@@ -279,14 +292,11 @@ def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], imag
                 raise ValueError(f"{path}, line {line}: the box is not numbers ({exc})") from exc
             y = np.full(len(heads), np.nan, np.float32)
             for j, h in enumerate(heads):
-                v = str(r.get(column.get(h, h), "") or "").strip().lower()
-                if v in _TRUE:
-                    y[j] = 1.0
-                elif v in _FALSE:
-                    y[j] = 0.0
-                elif v:
+                try:
+                    y[j] = label_value(r.get(column.get(h, h), ""))
+                except ValueError:
                     raise ValueError(f"{path}, line {line}: {column[h]}={r[column[h]]!r} is not a label "
-                                     "(use 1, 0 or leave empty)")
+                                     "(use 1, 0 or leave empty)") from None
             centres.append(((x0 + x1) / 2, (y0 + y1) / 2))
             idx.append(k)
             labels.append(y)
@@ -357,14 +367,11 @@ def read_via_cells(path: Path, images: Path | None, heads: tuple[str, ...], imag
             y = np.full(len(heads), np.nan, np.float32)
             for j, h in enumerate(heads):
                 if h in attrs:
-                    v = attrs[h].lower()
-                    if v in _TRUE or (v and h in checkbox and v not in _FALSE):
-                        y[j] = 1.0
-                    elif v in _FALSE or (not v and h in checkbox):
-                        y[j] = 0.0
-                    elif v:
+                    try:
+                        y[j] = label_value(attrs[h], h in checkbox)
+                    except ValueError:
                         raise ValueError(f"{path}: {it.image.name}, region {i + 1}: {h}={attrs[h]!r} is not a label "
-                                         "(use yes/no, 1/0 or a checkbox)")
+                                         "(use yes/no, 1/0 or a checkbox)") from None
                 elif h in TYPE_HEADS and label:
                     y[j] = float(label == h)
             centres.append(((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))

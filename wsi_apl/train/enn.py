@@ -8,7 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..enn import DEFAULT_BLAST_CUTOFF, TASKS, SlideNet, suspicion
+from ..enn import DEFAULT_BLAST_CUTOFF, TASKS, SlideNet, flags, suspicion
 from ..metrics import auprc, auroc, binary_summary, threshold_for_sensitivity
 
 
@@ -189,7 +189,7 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
         m = np.isin(dx, pos + neg) & np.isfinite(oof_prob[task]) & ~caught
         net_thresholds[task] = threshold_for_sensitivity(np.isin(dx[m], pos), oof_prob[task][m], target_sensitivity)
         metrics[task]["threshold"] = float(net_thresholds[task])
-    flagged = np.logical_and.reduce([np.nan_to_num(oof_prob[t], nan=0.0) >= net_thresholds[t] for t in TASKS])
+    flagged = flags({t: np.nan_to_num(oof_prob[t], nan=0.0) for t in TASKS}, {"thresholds": net_thresholds})
     summary = binary_summary(is_apl, s, thr, groups=pats, n_boot=500)
     summary["rule_sensitivity"] = float(flagged[is_apl].mean()) if is_apl.any() else None
     summary["rule_specificity"] = float((~flagged[~is_apl]).mean()) if (~is_apl).any() else None
