@@ -58,6 +58,9 @@ def test_train_scan_resume(trained):
     for row in analysed:
         assert row["status"] in ("flagged", "not_flagged", "inconclusive"), row
         assert row["note"] == DECISION_SUPPORT and "not for diagnosis" in row["bundle"]
+        # the heads look at 0.25 µm/px: the 0.5 µm/px slides say their crops were coarser, the frame does not
+        coarse = "coarser than the 0.25 µm/px the cell heads" in row["qc"]
+        assert coarse == (row["slide"] != "camera_frame.png"), row
     # the copy is the same file: analysed once, reported under both names
     assert by_name["copy_of_apl.tiff"]["fingerprint"] == by_name["slide_0032_000.tiff"]["fingerprint"]
     assert by_name["copy_of_apl.tiff"]["status"] == by_name["slide_0032_000.tiff"]["status"]

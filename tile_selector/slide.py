@@ -162,19 +162,22 @@ class Slide:
             arr = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(arr[..., :3])
 
-    def read_area(self, box: tuple[float, float, float, float], out_size: tuple[int, int]) -> AreaRead:
+    def read_area(self, box: tuple[float, float, float, float], out_size: tuple[int, int], *,
+                  upsample: bool = False) -> AreaRead:
         """Pixels of a level-0 ``box`` resampled to ``out_size`` (w, h), antialiased.
 
         The level just finer than needed is read and downsampled. A request finer than level 0
-        by more than 25 % raises :class:`ResolutionTooCoarse`. Parts of the box outside the slide
-        are padded with white and reported as ``outside_fraction``.
+        by more than 25 % raises :class:`ResolutionTooCoarse`, or with ``upsample`` gets level 0
+        enlarged (the cell crops' second read: a 20x scan gives them no rod detail, but its cells
+        are still classified). Parts of the box outside the slide are padded with white and
+        reported as ``outside_fraction``.
         """
         x0, y0, x1, y1 = (float(v) for v in box)
         ow, oh = int(out_size[0]), int(out_size[1])
         if x1 <= x0 or y1 <= y0 or ow <= 0 or oh <= 0:
             raise ValueError(f"empty area {box} -> {out_size}")
         scale = min((x1 - x0) / ow, (y1 - y0) / oh)  # level-0 px per output px
-        if scale < 1.0 / UPSAMPLE_TOLERANCE:
+        if scale < 1.0 / UPSAMPLE_TOLERANCE and not upsample:
             asked = self.mpp * scale
             raise ResolutionTooCoarse(
                 self.path, f"slide resolution {self.mpp:.3f} µm/px is coarser than the {asked:.3f} µm/px asked "

@@ -38,6 +38,7 @@ class CellTable:
     crops: np.ndarray           # (n, GALLERY_PX, GALLERY_PX, 3) uint8, for galleries
     timings: dict[str, float] = field(default_factory=dict)
     outside_fraction: float = 0.0
+    crop_source_mpp: float = 0.0  # µm/px of the pixels the crops were cut from (coarser than asked: a 20x scan)
 
     def __len__(self) -> int:
         return int(len(self.score))
@@ -123,28 +124,41 @@ def load_cells(bundle: ModelBundle, device: str | torch.device = "auto"):
     return cls, cell_cfg, dev
 
 
-def analyse_image(image: np.ndarray, models: LoadedModels) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                   dict[str, np.ndarray], dict, np.ndarray, dict]:
+def analyse_image(image: np.ndarray, models: LoadedModels, cell_image: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], dict, np.ndarray, dict]:
     """Detect, crop, classify and measure the cells of one area image at the bundle mpp.
 
-    Returns ``(boxes_px, scores, cut, probs, morph, gallery_crops, timings)``.
+    ``cell_image``: the same area at the cells' finer pixel size (:func:`cell_read`), which the crops
+    are cut from; default: ``image``. Returns ``(boxes_px, scores, cut, probs, morph, gallery_crops,
+    timings)``, boxes in ``image`` pixels.
     """
     t0 = time.perf_counter()
     boxes, scores, cut = detect(models.detector, image, models.det_cfg, models.device)
     t1 = time.perf_counter()
     cfg = models.cell_cfg
-    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1) \
+    src = image if cell_image is None else cell_image
+    scale = np.array([src.shape[1] / image.shape[1], src.shape[0] / image.shape[0]], np.float32)
+    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1) * scale \
         if len(boxes) else np.zeros((0, 2), np.float32)
-    context_px = cfg.crop_um / models.bundle.mpp
-    crops = extract_crops(image, centres, context_px, cfg.crop_px)
+    context_px = cfg.crop_um / models.bundle.mpp * float(scale.mean())
+    crops = extract_crops(src, centres, context_px, cfg.crop_px)
     p = classify(models.cells, crops, models.device) if len(crops) else np.zeros((0, len(cfg.heads)), np.float32)
     probs = {h: p[:, i] for i, h in enumerate(cfg.heads)}
     t2 = time.perf_counter()
     morph = morphometrics(crops, cfg.crop_mpp)
-    gallery = extract_crops(image, centres, context_px, GALLERY_PX)
+    gallery = extract_crops(src, centres, context_px, GALLERY_PX)
     t3 = time.perf_counter()
     timings = {"detect": t1 - t0, "classify": t2 - t1, "measure": t3 - t2}
     return boxes, scores, cut, probs, morph, gallery, timings
+
+
+def cell_read(cfg: CellConfig, area_mpp: float, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The pixel size of an area's second read for the cell crops, or None when the crops are cut from
+    the detector's pixels (crops no finer than ``area_mpp``; bundles before finer crops)."""
+    f = area_mpp / cfg.cell_mpp(area_mpp)
+    if f < 1.01:
+        return None
+    return int(round(size[0] * f)), int(round(size[1] * f))
 
 
 def process_area(slide_path: str, box: tuple[float, float, float, float], models: LoadedModels, area_index: int,
@@ -152,15 +166,19 @@ def process_area(slide_path: str, box: tuple[float, float, float, float], models
     """Read one area of a slide at the bundle's mpp and return its cell table.
 
     ``size`` is the area's pixel size at the bundle mpp: the bundle's area size for slide areas, the
-    picture's own physical extent for a camera frame (the detector works at any size).
+    picture's own physical extent for a camera frame (the detector works at any size). Where the
+    cell crops want finer pixels the area is read a second time at their resolution.
     """
     t0 = time.perf_counter()
     slide = open_slide_cached(slide_path, reader=reader, mpp=mpp)
     size = tuple(size) if size is not None else models.bundle.area_size
     read = slide.read_area(box, size)
+    fine = cell_read(models.cell_cfg, models.bundle.mpp, size)
+    cell_image = slide.read_area(box, fine, upsample=True).image if fine else None
+    source_mpp = max(models.cell_cfg.cell_mpp(models.bundle.mpp), float(slide.mpp)) if fine else models.bundle.mpp
     t_read = time.perf_counter() - t0
     with models.lock:  # one forward pass at a time per worker process
-        boxes, scores, cut, probs, morph, gallery, timings = analyse_image(read.image, models)
+        boxes, scores, cut, probs, morph, gallery, timings = analyse_image(read.image, models, cell_image)
     sx = (box[2] - box[0]) / size[0]
     sy = (box[3] - box[1]) / size[1]
     box_l0 = np.stack([box[0] + boxes[:, 0] * sx, box[1] + boxes[:, 1] * sy,
@@ -168,4 +186,5 @@ def process_area(slide_path: str, box: tuple[float, float, float, float], models
         if len(boxes) else np.zeros((0, 4), np.float32)
     timings["read"] = t_read
     return CellTable(area=area_index, box_l0=box_l0, box_px=boxes, score=scores, cut=cut, probs=probs,
-                     morph=morph, crops=gallery, timings=timings, outside_fraction=read.outside_fraction)
+                     morph=morph, crops=gallery, timings=timings, outside_fraction=read.outside_fraction,
+                     crop_source_mpp=source_mpp)

@@ -6,6 +6,10 @@ connected layers with dropout, as in the paper. Crops have a fixed physical cont
 around the cell centre) resized to ``crop_px``, so a cell's size survives (the paper stretched tight
 boxes to 299x299, which throws size away).
 
+Crops are cut from pixels of their own resolution (:meth:`CellConfig.cell_mpp`), finer than the
+detector's where the crop asks for it: an Auer rod is 0.6-1 µm wide, one pixel at the detector's
+0.5 µm/px; the small backbone's 128-pixel crops of 32 µm see it at 0.25 µm/px.
+
 Backbones: ``small`` (a compact CNN for CPUs and the demo) and ``xception`` (layer for layer Keras'
 Xception, :mod:`workers.xception`, 299x299 inputs preprocessed like Keras: ``x / 127.5 - 1``).
 With ``separate`` each head has its own backbone: the paper's layout of one network per finding
@@ -30,9 +34,11 @@ KNOWN_HEADS = (*HEADS, "faggot_cell")
 CLASSIFIER_BACKBONES = ("small", "xception")
 # per backbone: input size and normalisation of [0, 1] pixels (xception: Keras' x / 127.5 - 1)
 BACKBONE_DEFAULTS = {
-    "small": {"crop_px": 64, "image_mean": (0.8, 0.7, 0.8), "image_std": (0.2, 0.2, 0.2)},
-    "xception": {"crop_px": 299, "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)},
+    "small": {"crop_px": 128, "stem": 16, "image_mean": (0.8, 0.7, 0.8), "image_std": (0.2, 0.2, 0.2)},
+    "xception": {"crop_px": 299, "stem": 0, "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)},
 }
+#: Crops are never cut from pixels finer than this (a 40x scan): finer would only interpolate.
+FINEST_CELL_MPP = 0.25
 
 
 @dataclass
@@ -40,8 +46,10 @@ class CellConfig:
     backbone: str = "small"
     heads: tuple[str, ...] = HEADS
     crop_um: float = 32.0          # physical context around the cell centre
-    crop_px: int = 0               # network input size; 0: the backbone's (small 64, xception 299)
+    crop_px: int = 0               # network input size; 0: the backbone's (small 128, xception 299)
     width: int = 32                # channels of the first stage (small backbone)
+    stem: int = -1                 # small backbone: channels of a stage at the input's full resolution
+                                   # before the four stages (0: none, as in bundles before it; -1: default)
     head_layers: int = 1           # hidden layers per head (0-2) before the output
     head_hidden: int = 128
     dropout: float = 0.3
@@ -57,6 +65,8 @@ class CellConfig:
         d = BACKBONE_DEFAULTS[self.backbone]
         if not self.crop_px:
             self.crop_px = d["crop_px"]
+        if self.stem < 0:
+            self.stem = d["stem"]
         self.image_mean = tuple(self.image_mean) or d["image_mean"]
         self.image_std = tuple(self.image_std) or d["image_std"]
 
@@ -68,6 +78,11 @@ class CellConfig:
     @property
     def crop_mpp(self) -> float:
         return self.crop_um / self.crop_px
+
+    def cell_mpp(self, area_mpp: float) -> float:
+        """The pixel size crops are cut from when the detector works at ``area_mpp``: the crop's own
+        (not finer than :data:`FINEST_CELL_MPP`), or the detector's where that is finer already."""
+        return min(float(area_mpp), max(self.crop_mpp, FINEST_CELL_MPP))
 
     def threshold(self, head: str) -> float:
         return float(self.thresholds.get(head, 0.5))
@@ -86,6 +101,7 @@ class CellConfig:
         for k in ("heads", "image_mean", "image_std"):
             if k in known:
                 known[k] = tuple(known[k])
+        known.setdefault("stem", 0)  # bundles written before the stem stage have none
         return cls(**known)
 
 
@@ -98,12 +114,15 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class SmallBackbone(nn.Module):
-    """Four conv stages (width, 2w, 4w, 8w), global average and max pooling."""
+    """Four conv stages (width, 2w, 4w, 8w), global average and max pooling; with ``stem`` a narrow
+    stage first at the input's full resolution, so fine detail (an Auer rod at 0.25 µm/px) is seen at
+    about the cost of a crop of half the side."""
 
-    def __init__(self, width: int = 32):
+    def __init__(self, width: int = 32, stem: int = 0):
         super().__init__()
         w = width
-        self.stages = nn.Sequential(_block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w), _block(4 * w, 8 * w))
+        first = [_block(3, stem), _block(stem, w)] if stem else [_block(3, w)]
+        self.stages = nn.Sequential(*first, _block(w, 2 * w), _block(2 * w, 4 * w), _block(4 * w, 8 * w))
         self.out_features = 16 * w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +158,7 @@ def build_backbone(cfg: CellConfig) -> nn.Module:
         from .xception import Xception
 
         return Xception()
-    return SmallBackbone(cfg.width)
+    return SmallBackbone(cfg.width, cfg.stem)
 
 
 class CellClassifier(nn.Module):

@@ -304,11 +304,11 @@ def train_cells_cmd(cohort, cells_csv, via, images, image_mpp, heads_opt, out, m
     """Train the cell classifier heads (myeloblast, promyelocyte, auer_rod; faggot_cell) from labelled cells."""
     import numpy as np
 
-    from workers.classifier import KNOWN_HEADS
+    from workers.classifier import KNOWN_HEADS, CellConfig
 
     from .train.cells import head_key, read_labelled_cells, split_cells
     from .train.data import read_cohort, split_by_patient
-    from .train.steps import _synthetic, collect_samples, open_or_create, step_cells, step_cells_from
+    from .train.steps import _synthetic, cell_size, collect_samples, open_or_create, step_cells, step_cells_from
 
     if sum(x is not None for x in (cohort, cells_csv, via)) != 1:
         raise click.UsageError("give exactly one of --truth COHORT, --cells CELLS.csv or --via PROJECT.json")
@@ -325,12 +325,14 @@ def train_cells_cmd(cohort, cells_csv, via, images, image_mpp, heads_opt, out, m
             entries = read_cohort(cohort)
             tr, va = split_by_patient(entries, (0.8, 0.2), seed=seed)
             bundle = open_or_create(out, geo, _synthetic(entries))
-            train_s = sum(collect_samples(tr, geo, click.echo, seed=seed), [])
-            val_s = sum(collect_samples(va, geo, click.echo, n_random=0, seed=seed), [])
+            fine = cell_size(geo, CellConfig(backbone=backbone))
+            train_s = sum(collect_samples(tr, geo, click.echo, seed=seed, cells=fine), [])
+            val_s = sum(collect_samples(va, geo, click.echo, n_random=0, seed=seed, cells=fine), [])
             step_cells(bundle, train_s, val_s, **kw)
             return
         source = via or cells_csv
-        cells = read_labelled_cells(cells_csv, via, images, heads, image_mpp or mpp, mpp)
+        cells = read_labelled_cells(cells_csv, via, images, heads, image_mpp or mpp,
+                                    CellConfig(backbone=backbone).cell_mpp(mpp))
         tr, va = split_cells(cells, seed, source=source)
         click.echo(f"{source}: {len(cells)} labelled cells in {len(cells.images)} pictures, "
                    f"{len(set(cells.patients))} patients; {len(va)} validation cells (other patients); labelled "

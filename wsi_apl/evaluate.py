@@ -15,7 +15,7 @@ from workers.detector import detect
 from .metrics import auroc, binary_summary, coco_metrics, match_detections
 from .train.cells import CellSet
 from .train.data import SlideEntry, area_samples
-from .train.steps import collect_samples
+from .train.steps import cell_size, collect_samples
 
 
 def _score_images(det, cfg, device, samples, name) -> dict:
@@ -92,13 +92,13 @@ def evaluate_cells(bundle_dir: Path, entries: list[SlideEntry], *, detected: boo
     models = load_models(bundle_dir)
     b = models.bundle
     cfg = models.cell_cfg
-    samples = sum(collect_samples(entries, _geom(b), log, n_random=0), [])
+    samples = sum(collect_samples(entries, _geom(b), log, n_random=0, cells=cell_size(_geom(b), cfg)), [])
     missed = None
     if detected:
         samples, missed = detected_samples(samples, models.detector, models.det_cfg, models.device)
         log(f"  detected cells: {sum(len(s.boxes) for s in samples)}, truth cells missed by the detector: {missed}")
-    cs = CellSet.from_samples(samples, cfg.heads)
-    out = _head_summaries(models.cells, cfg, models.device, cs, b.mpp, curves_dir, log)
+    cs = CellSet.from_samples(samples, cfg.heads, b.mpp)
+    out = _head_summaries(models.cells, cfg, models.device, cs, curves_dir, log)
     out.update({"slides": len(entries), "boxes": "detected" if detected else "truth"})
     if missed is not None:
         out["missed_by_detector"] = missed
@@ -115,8 +115,10 @@ def evaluate_labelled_cells(bundle_dir: Path, cells_csv: Path | None, via: Path 
     b = load_bundle(bundle_dir)
     model, cfg, dev = load_cells(b)
     work = _picture_mpp(b, image_mpp, "--image-mpp", log)
-    cs = read_labelled_cells(cells_csv, via, images, cfg.heads, image_mpp, work)
-    out = _head_summaries(model, cfg, dev, cs, work or (b.mpp if b.mpp_known else 1.0), curves_dir, log)
+    cs = read_labelled_cells(cells_csv, via, images, cfg.heads, image_mpp, cfg.cell_mpp(work) if work else None)
+    if image_mpp is None and b.mpp_known:
+        cs.mpp = cfg.cell_mpp(b.mpp)  # own pixels, taken to be those the heads were trained on
+    out = _head_summaries(model, cfg, dev, cs, curves_dir, log)
     out.update({"pictures": len(cs.images), "boxes": "labelled", "source": str(via or cells_csv)})
     return out
 
@@ -130,12 +132,11 @@ def _picture_mpp(bundle, image_mpp: float | None, option: str, log: Callable[[st
     return bundle.mpp if bundle.mpp_known and image_mpp else None
 
 
-def _head_summaries(model, cfg, device, cs: CellSet, mpp: float, curves_dir: Path | None,
+def _head_summaries(model, cfg, device, cs: CellSet, curves_dir: Path | None,
                     log: Callable[[str], None]) -> dict:
-    """Classify ``cs`` (pictures at ``mpp`` µm/px) and summarise each head that has labels: AUROC /
-    AUPRC with patient-bootstrap CIs, the confusion at the head's threshold, curves as PNG when
-    ``curves_dir``."""
-    crops = cs.crops(cfg.crop_um / mpp, cfg.crop_px)
+    """Classify ``cs`` and summarise each head that has labels: AUROC / AUPRC with patient-bootstrap
+    CIs, the confusion at the head's threshold, curves as PNG when ``curves_dir``."""
+    crops = cs.crops(cfg)
     p = classify(model, crops, device)
     heads = {}
     for j, h in enumerate(cfg.heads):

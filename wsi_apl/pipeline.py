@@ -15,6 +15,7 @@ import numpy as np
 from tile_selector.select import Selection, SelectorConfig, select_file
 from workers.area import CellTable, LoadedModels, process_area
 from workers.bundle import ModelBundle
+from workers.classifier import CellConfig
 
 from .enn import SlideNets, decide
 from .features import slide_features
@@ -83,6 +84,19 @@ def few_apl_slides(rule: dict) -> str:
             "uncertain; treat not_flagged with extra caution")
 
 
+def coarse_crops(tables: list[CellTable], bundle: ModelBundle) -> str:
+    """The warning for cell crops cut from pixels coarser than the heads were trained on (a slide
+    scanned at 20x for heads that look at 0.25 µm/px), or ''."""
+    if not tables or not bundle.has("cells"):
+        return ""
+    want = CellConfig.from_json(bundle.part("cells")["config"]).cell_mpp(bundle.mpp)
+    have = max(t.crop_source_mpp for t in tables)
+    if have <= want * 1.25:
+        return ""
+    return (f"the slide's pixels ({have:.2f} µm/px) are coarser than the {want:.2f} µm/px the cell heads were trained "
+            "on: fine detail such as Auer rods may be missed, so the Auer-rod ratio may be too low")
+
+
 def thresholds_of(bundle: ModelBundle) -> dict[str, float]:
     """Each head's probability threshold for hard counts."""
     return dict(bundle.part("cells")["config"].get("thresholds", {}))
@@ -98,6 +112,9 @@ def aggregate(name: str, path: str, selection: Selection, tables: list[CellTable
     result.areas = len(selection.areas)
     result.mean_focus = round(selection.mean_focus, 4) if selection.areas else None
     result.qc = list(selection.warnings)
+    coarse = coarse_crops(tables, bundle)
+    if coarse:
+        result.qc.append(coarse)
     if selection.status != "ok":
         result.reason = selection.reason
         return result, cols, None

@@ -124,6 +124,11 @@ def test_read_area_pads_outside_and_refuses_upsampling(small_cohort):
         s.read_area((0, 0, 460, 345), (640, 480))
     # 0.22 µm/px (12 % finer) is within the tolerance
     assert s.read_area((0, 0, 563, 422), (640, 480)).image.shape == (480, 640, 3)
+    # the cell crops' second read asks for it: level 0 enlarged, the same scene as a plain read
+    up = s.read_area((0, 0, 320, 240), (640, 480), upsample=True).image
+    plain = s.read_area((0, 0, 320, 240), (320, 240)).image
+    assert up.shape == (480, 640, 3)
+    assert np.abs(up[::2, ::2].astype(int) - plain.astype(int)).mean() < 12
 
 
 def test_reads_from_several_threads(small_cohort):

@@ -116,6 +116,33 @@ def test_crops_keep_physical_size_and_pad_borders():
     assert 10 <= dark.max() <= 14
 
 
+def test_crops_from_a_finer_cell_read_show_the_same_cells():
+    """Areas read a second time at the crops' finer pixel size: the centres follow, the crops show
+    the same cell at the same physical size (twice the pixels)."""
+    from PIL import Image
+
+    from workers.area import cell_read
+    from wsi_apl.train.cells import CellSet
+    from wsi_apl.train.data import AreaSample
+
+    cfg = CellConfig(heads=("myeloblast",))
+    assert cfg.crop_px == 128 and cell_read(cfg, 0.5, (320, 240)) == (640, 480)
+    assert cell_read(CellConfig(crop_px=64), 0.5, (320, 240)) is None  # bundles before finer crops: one read
+    fine = _disc_image((480, 640), ((400, 300),), radius_px=24)
+    coarse = np.asarray(Image.fromarray(fine).resize((320, 240), Image.Resampling.LANCZOS))
+    box = np.array([[188.0, 138.0, 212.0, 162.0]], np.float32)
+    s = AreaSample("s", "p", "aml", coarse, box, ["myeloblast"], np.zeros(1, bool), (0, 0, 640, 480))
+    one = CellSet.from_samples([s], cfg.heads, 0.5)
+    two = CellSet.from_samples([AreaSample(**{**s.__dict__, "cell_image": fine})], cfg.heads, 0.5)
+    assert one.mpp == 0.5 and two.mpp == 0.25 and np.allclose(two.centres, [[400.0, 300.0]])
+    a, b = one.crops(cfg)[0].astype(float), two.crops(cfg)[0].astype(float)
+    dark_a, dark_b = (a.mean(axis=2) < 165).sum(), (b.mean(axis=2) < 165).sum()
+    # 12 µm across in a 32 µm crop either way: about 1/7 of the crop's area
+    assert dark_b == pytest.approx(dark_a, rel=0.06) and dark_b / 128 ** 2 == pytest.approx(np.pi * 0.375 ** 2 / 4, rel=0.1)
+    with pytest.raises(ValueError, match="finer"):
+        CellSet.from_samples([s, AreaSample(**{**s.__dict__, "cell_image": fine})], cfg.heads, 0.5)
+
+
 def test_morphometrics_of_a_known_disc():
     img = _disc_image((200, 200), ((100, 100),), radius_px=20)
     crops = extract_crops(img, np.array([[100.0, 100.0]]), context_px=64, out_px=64)

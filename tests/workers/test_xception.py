@@ -77,12 +77,16 @@ def test_separate_xception_classifier_gives_one_logit_per_head():
 
 
 def test_defaults_and_old_configs_unchanged():
-    assert CellConfig().crop_px == 64 and CellConfig().image_mean == (0.8, 0.7, 0.8)
-    assert CellConfig(backbone="xception").crop_px == 299
+    assert CellConfig().crop_px == 128 and CellConfig().stem == 16 and CellConfig().image_mean == (0.8, 0.7, 0.8)
+    assert CellConfig(backbone="xception").crop_px == 299 and CellConfig(backbone="xception").stem == 0
+    # crops are cut from pixels as fine as they are, never finer than a 40x scan, never coarser than the detector's
+    assert CellConfig().cell_mpp(0.5) == 0.25 and CellConfig(backbone="xception").cell_mpp(0.5) == 0.25
+    assert CellConfig(crop_px=64).cell_mpp(0.5) == 0.5 and CellConfig().cell_mpp(0.2) == 0.2
     old = {"backbone": "small", "heads": ["myeloblast", "promyelocyte", "auer_rod"], "crop_um": 32.0, "crop_px": 64,
            "width": 8, "head_layers": 1, "head_hidden": 128, "dropout": 0.3, "thresholds": {"auer_rod": 0.4},
            "image_mean": [0.8, 0.7, 0.8], "image_std": [0.2, 0.2, 0.2], "some_future_key": 1}
     cfg = CellConfig.from_json(old)
+    assert cfg.stem == 0 and cfg.crop_px == 64 and cfg.cell_mpp(0.5) == 0.5  # read as before the finer crops
     assert not cfg.separate and cfg.head_sizes == {} and cfg.threshold("auer_rod") == 0.4
     keys = set(CellClassifier(cfg).state_dict())
     # the shared layout's weight names (existing bundles) are unchanged

@@ -168,7 +168,7 @@ def test_head_without_validation_positives_takes_its_threshold_from_training(fra
     healthy = next(t["patient"] for t in truth.values() if t["diagnosis"] == "healthy")
     val = cells.patients == healthy
     cfg = CellConfig()
-    model, info = train_cells(subset(cells, ~val), subset(cells, val), cfg, 0.5, epochs=1, log=lambda s: None)
+    model, info = train_cells(subset(cells, ~val), subset(cells, val), cfg, epochs=1, log=lambda s: None)
     src = info["threshold_source"]
     assert src["auer_rod"].startswith("training") and src["promyelocyte"] in ("validation", src["auer_rod"])
     assert info["balance"] == 0.5 and 0.05 <= cfg.thresholds["auer_rod"] <= 0.95

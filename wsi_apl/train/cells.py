@@ -51,36 +51,59 @@ def head_labels(types: list[str], auer: np.ndarray, heads: tuple[str, ...],
 
 @dataclass
 class CellSet:
-    """Cells of some areas: which area, centre (area px), labels."""
+    """Cells of some areas: which area, centre (pixels of its image), labels; ``mpp``: the images'
+    pixel size (1.0 where pictures have none and ``crop_um`` counts their pixels)."""
 
     images: list[np.ndarray]
     area_idx: np.ndarray
     centres: np.ndarray
     labels: np.ndarray
     patients: np.ndarray
+    mpp: float
 
     @classmethod
-    def from_samples(cls, samples: list[AreaSample], heads: tuple[str, ...]) -> "CellSet":
+    def from_samples(cls, samples: list[AreaSample], heads: tuple[str, ...], area_mpp: float) -> "CellSet":
+        """The truth cells of areas read at ``area_mpp``; the crops come from each area's
+        ``cell_image`` where it has one (all or none of the samples), at its finer pixel size."""
+        fine = [s.cell_image is not None for s in samples]
+        if any(fine) and not all(fine):
+            raise ValueError("some areas were read for finer cell crops and others not")
+        scale = samples[0].cell_image.shape[1] / samples[0].image.shape[1] if samples and all(fine) else 1.0
         images, idx, centres, labels, patients = [], [], [], [], []
         for k, s in enumerate(samples):
-            images.append(s.image)
+            images.append(s.image if s.cell_image is None else s.cell_image)
             if len(s.boxes) == 0:
                 continue
             c = np.stack([(s.boxes[:, 0] + s.boxes[:, 2]) / 2, (s.boxes[:, 1] + s.boxes[:, 3]) / 2], axis=1)
+            if s.cell_image is not None:
+                c = c * np.array([s.cell_image.shape[1] / s.image.shape[1], s.cell_image.shape[0] / s.image.shape[0]])
             centres.append(c)
             idx.append(np.full(len(c), k))
             labels.append(head_labels(s.types, s.auer, heads, s.faggot))
             patients += [s.patient] * len(c)
+        mpp = float(area_mpp) / scale
         if not centres:
-            return cls(images, np.zeros(0, int), np.zeros((0, 2)), np.zeros((0, len(heads))), np.zeros(0))
+            return cls(images, np.zeros(0, int), np.zeros((0, 2)), np.zeros((0, len(heads))), np.zeros(0), mpp)
         return cls(images, np.concatenate(idx), np.concatenate(centres).astype(np.float32),
-                   np.concatenate(labels), np.asarray(patients))
+                   np.concatenate(labels), np.asarray(patients), mpp)
+
+    @classmethod
+    def join(cls, a: "CellSet", b: "CellSet") -> "CellSet":
+        """The cells of both sets (same pixel size)."""
+        if abs(a.mpp - b.mpp) > 1e-6 * a.mpp:
+            raise ValueError(f"cells at {a.mpp} and {b.mpp} µm/px cannot be joined")
+        return cls(a.images + b.images, np.concatenate([a.area_idx, b.area_idx + len(a.images)]),
+                   np.concatenate([a.centres, b.centres]), np.concatenate([a.labels, b.labels]),
+                   np.concatenate([a.patients, b.patients]), a.mpp)
 
     def __len__(self) -> int:
         return len(self.area_idx)
 
-    def crops(self, context_px: float, out_px: int, rng: np.random.Generator | None = None,
-              jitter_px: float = 0.0, scale_jitter: float = 0.0, indices: np.ndarray | None = None) -> np.ndarray:
+    def crops(self, cfg: CellConfig, rng: np.random.Generator | None = None, jitter_um: float = 0.0,
+              scale_jitter: float = 0.0, indices: np.ndarray | None = None) -> np.ndarray:
+        """Crops of ``cfg.crop_um`` around the cells at ``cfg.crop_px``; with ``rng`` their centres
+        jittered by ``jitter_um`` and their context by a factor ``exp(N(0, scale_jitter))``."""
+        context_px, out_px, jitter_px = cfg.crop_um / self.mpp, cfg.crop_px, jitter_um / self.mpp
         idx = np.arange(len(self)) if indices is None else indices
         out = np.zeros((len(idx), out_px, out_px, 3), np.uint8)
         for a in np.unique(self.area_idx[idx]):
@@ -105,7 +128,7 @@ def _augment_batch(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, *, epochs: int = 30,
+def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 30,
                 time_budget_s: float | None = None, batch_size: int = 128, lr: float = 2e-3,
                 weight_decay: float = 1e-4, patience: int = 6, seed: int = 0,
                 log: Callable[[str], None] = print, device: str = "cpu",
@@ -128,7 +151,6 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, 
         load_backbone_weights(model, backbone_weights)
     model = model.to(device)
     heads = cfg.heads
-    context_px = cfg.crop_um / area_mpp
     y = train.labels
     draw = pattern_weights(y, balance)
     pos = np.nansum(y, axis=0)
@@ -136,7 +158,7 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, 
     w_neg = np.nansum((1 - y) * draw[:, None], axis=0)
     pos_weight = torch.tensor(np.clip(w_neg / np.maximum(w_pos, 1e-9), 1.0, 30.0), dtype=torch.float32, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    val_crops = val.crops(context_px, cfg.crop_px) if len(val) else None
+    val_crops = val.crops(cfg) if len(val) else None
     t0 = time.time()
     best_score, best_state, best_epoch = -1.0, copy.deepcopy(model.state_dict()), 0
     history = []
@@ -149,7 +171,7 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, 
     for epoch in range(epochs):
         model.train()
         seen = rng.choice(n, n, p=draw) if balance else np.arange(n)
-        crops = train.crops(context_px, cfg.crop_px, rng, jitter_px=1.5 / area_mpp, scale_jitter=0.06, indices=seen)
+        crops = train.crops(cfg, rng, jitter_um=1.5, scale_jitter=0.06, indices=seen)
         order = rng.permutation(n)
         losses = []
         for bi in range(0, n, batch_size):
@@ -212,7 +234,7 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, 
         threshold_source[h] = "validation"
         if not (ok.any() and 0 < float(np.mean(labels[ok])) < 1):
             if p_train is None:
-                p_train = classify(model, train.crops(context_px, cfg.crop_px), device)
+                p_train = classify(model, train.crops(cfg), device)
             labels, p = train.labels[:, j], p_train[:, j]
             ok = ~np.isnan(labels)
             threshold_source[h] = "training (no positive validation cell)"
@@ -302,7 +324,14 @@ def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], imag
             labels.append(y)
             patients.append((r.get("patient") or "").strip() or name)
     return CellSet(images_out, np.asarray(idx, int), np.asarray(centres, np.float32).reshape(-1, 2),
-                   np.asarray(labels, np.float32).reshape(-1, len(heads)), np.asarray(patients))
+                   np.asarray(labels, np.float32).reshape(-1, len(heads)), np.asarray(patients),
+                   _cells_mpp(image_mpp, work_mpp))
+
+
+def _cells_mpp(image_mpp: float | None, work_mpp: float | None) -> float:
+    """The pixel size of pictures read by :func:`~wsi_apl.train.data.read_picture`: ``work_mpp`` when
+    resampled, else their own (1.0 when unknown: ``crop_um`` then counts pixels)."""
+    return float(work_mpp) if image_mpp and work_mpp else float(image_mpp or 1.0)
 
 
 #: Other spellings of the heads in label columns and VIA attributes (after lower case, spaces and
@@ -379,7 +408,8 @@ def read_via_cells(path: Path, images: Path | None, heads: tuple[str, ...], imag
             labels.append(y)
             patients.append(it.group)
     cells = CellSet(images_out, np.asarray(idx, int), np.asarray(centres, np.float32).reshape(-1, 2),
-                    np.asarray(labels, np.float32).reshape(-1, len(heads)), np.asarray(patients))
+                    np.asarray(labels, np.float32).reshape(-1, len(heads)), np.asarray(patients),
+                    _cells_mpp(image_mpp, work_mpp))
     if len(cells) == 0 or np.all(np.isnan(cells.labels)):
         raise ValueError(f"{path}: no region carries a label for any head ({', '.join(heads)}); give each cell a "
                          "type attribute and/or a yes/no (checkbox) attribute per finding, e.g. auer_rod")
@@ -396,7 +426,8 @@ def read_labelled_cells(cells_csv: Path | None, via: Path | None, images: Path |
 
 def subset(cells: CellSet, mask: np.ndarray) -> CellSet:
     """The cells where ``mask`` is true (pictures shared, not copied)."""
-    return CellSet(cells.images, cells.area_idx[mask], cells.centres[mask], cells.labels[mask], cells.patients[mask])
+    return CellSet(cells.images, cells.area_idx[mask], cells.centres[mask], cells.labels[mask], cells.patients[mask],
+                   cells.mpp)
 
 
 def split_cells(cells: CellSet, seed: int = 0, source: object = "the cells") -> tuple[CellSet, CellSet]:
@@ -427,7 +458,7 @@ def patient_folds(patients: np.ndarray, k: int, seed: int = 0) -> list[np.ndarra
     return [np.flatnonzero(fold == f) for f in range(k)]
 
 
-def cross_validate(cells: CellSet, cfg: CellConfig, area_mpp: float, *, folds: int = 3, epochs: int = 30,
+def cross_validate(cells: CellSet, cfg: CellConfig, *, folds: int = 3, epochs: int = 30,
                    time_budget_s: float | None = None, seed: int = 0, log: Callable[[str], None] = print,
                    **kw) -> dict:
     """Patient-grouped ``folds``-fold cross-validation: out-of-fold AUROC per head (and per fold)."""
@@ -442,9 +473,9 @@ def cross_validate(cells: CellSet, cfg: CellConfig, area_mpp: float, *, folds: i
         tr, te = subset(cells, train_mask), subset(cells, ~train_mask)
         fcfg = copy.deepcopy(cfg)
         budget = time_budget_s / (k + 1) if time_budget_s else None
-        model, info = train_cells(tr, te, fcfg, area_mpp, epochs=epochs, time_budget_s=budget, seed=seed + f,
+        model, info = train_cells(tr, te, fcfg, epochs=epochs, time_budget_s=budget, seed=seed + f,
                                   log=lambda s: None, **kw)
-        oof[test] = classify(model, te.crops(fcfg.crop_um / area_mpp, fcfg.crop_px), "cpu")
+        oof[test] = classify(model, te.crops(fcfg), "cpu")
         per_fold.append(info["val_auroc"])
         log(f"  fold {f + 1}/{k}: " + ", ".join(f"{h} {v:.3f}" for h, v in info["val_auroc"].items()))
     out = {"folds": k, "per_fold": per_fold, "oof_auroc": {}}
@@ -454,7 +485,7 @@ def cross_validate(cells: CellSet, cfg: CellConfig, area_mpp: float, *, folds: i
     return out
 
 
-def search_heads(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float, *, trials: int,
+def search_heads(train: CellSet, val: CellSet, cfg: CellConfig, *, trials: int,
                  epochs: int = 30, time_budget_s: float | None = None, seed: int = 0,
                  log: Callable[[str], None] = print, **kw) -> tuple[CellClassifier, dict, CellConfig]:
     """Optuna search of head depth (1-3 layers, as in the paper), dropout and learning rate, scored by
@@ -470,7 +501,7 @@ def search_heads(train: CellSet, val: CellSet, cfg: CellConfig, area_mpp: float,
         c.head_layers = trial.suggest_int("head_layers", 0, 2)  # hidden layers: 1-3 fully connected in all
         c.dropout = trial.suggest_float("dropout", 0.0, 0.6)
         lr = trial.suggest_float("lr", 3e-4, 1e-2, log=True)
-        model, info = train_cells(train, val, c, area_mpp, epochs=epochs, time_budget_s=budget, lr=lr,
+        model, info = train_cells(train, val, c, epochs=epochs, time_budget_s=budget, lr=lr,
                                   seed=seed + trial.number, log=lambda s: None, **kw)
         score = float(np.nanmean(list(info["val_auroc"].values())))
         log(f"  trial {trial.number + 1}/{trials}: {c.head_layers + 1} FC layer(s), dropout {c.dropout:.2f}, "

@@ -86,6 +86,7 @@ class AreaSample:
     selected: bool = True        # chosen by the selector (False: random smear area)
     extra: dict = field(default_factory=dict)
     faggot: np.ndarray | None = None  # (n,) bool: faggot cell (bundle of Auer rods); None: not labelled
+    cell_image: np.ndarray | None = None  # the same area at the cell crops' finer pixel size; None: ``image``
 
 
 def _truth_in_area(truth: dict, box_l0, size, types: tuple[str, ...] | None, min_visible: float = 0.5):
@@ -135,10 +136,11 @@ def random_smear_boxes(truth: dict, slide_dims: tuple[int, int], box_px0: tuple[
 
 def area_samples(entry: SlideEntry, area_size: tuple[int, int], area_mpp: float, *, n_selected: int = 6,
                  n_random: int = 2, types: tuple[str, ...] | None = DEFAULT_DETECT_TYPES, seed: int = 0,
-                 reader: str = "auto") -> list[AreaSample]:
+                 reader: str = "auto", cell_size: tuple[int, int] | None = None) -> list[AreaSample]:
     """Areas of one slide with their truth cells: the selector's choice (filled up to ``n_selected``
     with random areas of the truth's monolayer zone when it finds fewer) plus ``n_random`` random
-    smear areas of any zone."""
+    smear areas of any zone. ``cell_size``: each area is also read at this pixel size for the cell
+    crops (``AreaSample.cell_image``; see ``workers.area.cell_read``)."""
     truth = entry.truth()
     slide = open_slide(entry.path, reader=reader)
     try:
@@ -158,9 +160,10 @@ def area_samples(entry: SlideEntry, area_size: tuple[int, int], area_mpp: float,
         out = []
         for box, selected in boxes:
             img = slide.read_area(box, area_size).image
+            fine = slide.read_area(box, cell_size, upsample=True).image if cell_size else None
             b, kinds, auer, faggot = _truth_in_area(truth, box, area_size, types)
             out.append(AreaSample(entry.slide, entry.patient, entry.diagnosis, img, b, kinds, auer,
-                                  tuple(float(v) for v in box), selected, faggot=faggot))
+                                  tuple(float(v) for v in box), selected, faggot=faggot, cell_image=fine))
         return out
     finally:
         slide.close()

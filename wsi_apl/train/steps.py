@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from tile_selector.select import SelectorConfig
-from workers.area import load_models
+from workers.area import cell_read, load_models
 from workers.bundle import ModelBundle, create_bundle, load_bundle, save_part
 from workers.classifier import HEADS, CellConfig
 from workers.detector import DetectorConfig
@@ -50,12 +50,24 @@ def open_or_create(out: Path, geometry: Geometry, synthetic: bool, name: str | N
                          description="trained on synthetic slides by wsi-apl" if synthetic else "")
 
 
+def cell_size(geometry: Geometry, cfg: CellConfig | None = None) -> tuple[int, int] | None:
+    """The pixel size areas are read at for the crops of ``cfg`` (default: the small backbone's), or
+    None when the crops come from the detector's pixels."""
+    if geometry.mpp is None:
+        return None
+    return cell_read(cfg or CellConfig(), geometry.mpp, geometry.area)
+
+
 def collect_samples(entries: list[SlideEntry], geometry: Geometry, log: Callable[[str], None],
-                    n_selected: int = 6, n_random: int = 2, seed: int = 0) -> list:
+                    n_selected: int = 6, n_random: int = 2, seed: int = 0,
+                    cells: tuple[int, int] | None = None) -> list:
+    """The areas of ``entries`` with their truth; ``cells``: also read at this size for the cell crops
+    (:func:`cell_size`)."""
     out = []
     t0 = time.time()
     for i, e in enumerate(entries):
-        out.append(area_samples(e, geometry.area, geometry.mpp, n_selected=n_selected, n_random=n_random, seed=seed))
+        out.append(area_samples(e, geometry.area, geometry.mpp, n_selected=n_selected, n_random=n_random, seed=seed,
+                                cell_size=cells))
         log(f"  read {i + 1}/{len(entries)} slides ({sum(len(s) for s in out)} areas, {time.time() - t0:.0f} s)")
     return out
 
@@ -127,7 +139,8 @@ def step_cells(bundle: ModelBundle, train_s: list, val_s: list, *, heads: tuple[
                budget_s: float | None = None, seed: int = 0, log: Callable[[str], None] = print, **kw) -> dict:
     """The cell heads from training/validation areas with ground truth (see :func:`step_cells_from`)."""
     heads = tuple(heads)
-    return step_cells_from(bundle, CellSet.from_samples(train_s, heads), CellSet.from_samples(val_s, heads),
+    return step_cells_from(bundle, CellSet.from_samples(train_s, heads, bundle.mpp),
+                           CellSet.from_samples(val_s, heads, bundle.mpp),
                            heads=heads, epochs=epochs, budget_s=budget_s, seed=seed, log=log, **kw)
 
 
@@ -145,6 +158,9 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
     cfg = CellConfig(backbone=backbone, heads=tuple(heads))
     if tr.labels.shape[1] != len(cfg.heads):
         raise ValueError(f"the cells carry {tr.labels.shape[1]} label columns for {len(cfg.heads)} heads")
+    if bundle.mpp_known and abs(tr.mpp / cfg.cell_mpp(bundle.mpp) - 1.0) > 0.01:
+        raise ValueError(f"the training cells are at {tr.mpp:g} µm/px, but a scan cuts this backbone's crops from "
+                         f"{cfg.cell_mpp(bundle.mpp):g} µm/px (read them with cell_size(geometry, cfg))")
     for j, h in enumerate(cfg.heads):
         if np.nansum(tr.labels[:, j]) == 0:
             log(f"  warning: no training cell is labelled positive for {h}: that head learns nothing; label some, "
@@ -155,19 +171,16 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
     metrics: dict = {}
     if folds and folds > 1:
         log(f"  {folds}-fold cross-validation by patient")
-        both = CellSet(tr.images + va.images, np.concatenate([tr.area_idx, va.area_idx + len(tr.images)]),
-                       np.concatenate([tr.centres, va.centres]), np.concatenate([tr.labels, va.labels]),
-                       np.concatenate([tr.patients, va.patients]))
-        cv = cross_validate(both, cfg, bundle.mpp, folds=folds, epochs=epochs, time_budget_s=budget_s, seed=seed,
+        cv = cross_validate(CellSet.join(tr, va), cfg, folds=folds, epochs=epochs, time_budget_s=budget_s, seed=seed,
                             log=log, **kw)
         metrics["cross_validation"] = cv
         log("  cross-validated (out-of-fold) AUROC " + ", ".join(f"{h} {v:.3f}" for h, v in cv["oof_auroc"].items()))
     if trials and trials > 1:
-        model, info, cfg = search_heads(tr, va, cfg, bundle.mpp, trials=trials, epochs=epochs, time_budget_s=budget_s,
+        model, info, cfg = search_heads(tr, va, cfg, trials=trials, epochs=epochs, time_budget_s=budget_s,
                                         seed=seed, log=log, **kw)
         metrics["search"] = info["search"]
     else:
-        model, info = train_cells(tr, va, cfg, bundle.mpp, epochs=epochs, time_budget_s=budget_s, seed=seed, log=log,
+        model, info = train_cells(tr, va, cfg, epochs=epochs, time_budget_s=budget_s, seed=seed, log=log,
                                   **kw)
     metrics.update({"validation_auroc": info["val_auroc"], "best_epoch": info["best_epoch"], "seconds": info["seconds"],
                     "train_cells": info["train_cells"], "val_cells": info["val_cells"], "positives": info["positives"],
@@ -243,8 +256,9 @@ def train_all(cohort: Path, out: Path, *, geometry: Geometry | None = None, dete
         f"validation slides; slide-level nets: {len(enn_part)} other slides (patients never seen by the cell models)")
     bundle = open_or_create(out, geometry, _synthetic(entries), name)
     log("Reading training areas")
-    train_s = sum(collect_samples(cell_train, geometry, log, seed=seed), [])
-    val_s = sum(collect_samples(cell_val, geometry, log, n_random=0, seed=seed), [])
+    fine = cell_size(geometry)
+    train_s = sum(collect_samples(cell_train, geometry, log, seed=seed, cells=fine), [])
+    val_s = sum(collect_samples(cell_val, geometry, log, n_random=0, seed=seed, cells=fine), [])
     step_detector(bundle, train_s, val_s, budget_s=detector_budget_s, seed=seed, log=log)
     bundle = load_bundle(out)
     step_cells(bundle, train_s, val_s, budget_s=cells_budget_s, seed=seed, log=log)
