@@ -64,14 +64,14 @@ def run(way: str, backbone: str, n: int, threads: int, paper_channels_last: bool
     from PIL import Image
 
     from workers.classifier import classify
-    from workers.crops import extract_crops
+    from workers.crops import cell_centres, extract_crops
 
     torch.set_num_threads(threads)
     img, boxes = _cells(n)
     ours, singles = _models(backbone)
     cfg = ours.cfg
     context_px = cfg.crop_um / 0.5
-    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    centres, _ = cell_centres(boxes, img.shape)
     if way == "ours":
         classify(ours, extract_crops(img, centres[:2], context_px, cfg.crop_px))  # warm-up
         t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from tile_selector.slide import open_slide_cached
 
 from .bundle import ModelBundle, load_bundle
 from .classifier import CellClassifier, CellConfig, classify
-from .crops import MORPHOMETRICS, extract_crops, morphometrics
+from .crops import MORPHOMETRICS, cell_centres, extract_crops, morphometrics
 from .detector import DetectorConfig, build_detector, detect
 
 GALLERY_PX = 48
@@ -137,10 +137,8 @@ def analyse_image(image: np.ndarray, models: LoadedModels, cell_image: np.ndarra
     t1 = time.perf_counter()
     cfg = models.cell_cfg
     src = image if cell_image is None else cell_image
-    scale = np.array([src.shape[1] / image.shape[1], src.shape[0] / image.shape[0]], np.float32)
-    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1) * scale \
-        if len(boxes) else np.zeros((0, 2), np.float32)
-    context_px = cfg.crop_um / models.bundle.mpp * float(scale.mean())
+    centres, scale = cell_centres(boxes, image.shape, src.shape)
+    context_px = cfg.crop_um / models.bundle.mpp * scale
     crops = extract_crops(src, centres, context_px, cfg.crop_px)
     p = classify(models.cells, crops, models.device) if len(crops) else np.zeros((0, len(cfg.heads)), np.float32)
     probs = {h: p[:, i] for i, h in enumerate(cfg.heads)}

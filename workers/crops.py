@@ -18,6 +18,17 @@ from torchvision.ops import roi_align
 MORPHOMETRICS = ("diameter_um", "area_um2", "eccentricity", "intensity", "contrast", "nc_ratio")
 
 
+def cell_centres(boxes: np.ndarray, image_shape: tuple, cell_shape: tuple | None = None) -> tuple[np.ndarray, float]:
+    """Centres (n, 2) of ``boxes`` (n, 4; pixels of an image of ``image_shape``) in the pixels of the
+    image the crops are cut from (``cell_shape``: the area's finer second read; default the same
+    image), and how many of those pixels one image pixel is."""
+    cell_shape = image_shape if cell_shape is None else cell_shape
+    scale = np.array([cell_shape[1] / image_shape[1], cell_shape[0] / image_shape[0]], np.float32)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1) * scale
+    return centres.astype(np.float32), float(scale.mean())
+
+
 def extract_crops(image: np.ndarray, centres: np.ndarray, context_px: float, out_px: int) -> np.ndarray:
     """Square crops of side ``context_px`` (area pixels) around ``centres`` (n, 2) resampled to ``out_px``.
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from workers.classifier import CellClassifier, CellConfig, classify, crops_to_tensor
-from workers.crops import extract_crops
+from workers.crops import cell_centres, extract_crops
 
 from ..metrics import auroc
 from .augment import stain_jitter
@@ -68,15 +68,14 @@ class CellSet:
         fine = [s.cell_image is not None for s in samples]
         if any(fine) and not all(fine):
             raise ValueError("some areas were read for finer cell crops and others not")
-        scale = samples[0].cell_image.shape[1] / samples[0].image.shape[1] if samples and all(fine) else 1.0
+        scale = 1.0
         images, idx, centres, labels, patients = [], [], [], [], []
         for k, s in enumerate(samples):
-            images.append(s.image if s.cell_image is None else s.cell_image)
-            if len(s.boxes) == 0:
+            src = s.image if s.cell_image is None else s.cell_image
+            images.append(src)
+            c, scale = cell_centres(s.boxes, s.image.shape, src.shape)
+            if len(c) == 0:
                 continue
-            c = np.stack([(s.boxes[:, 0] + s.boxes[:, 2]) / 2, (s.boxes[:, 1] + s.boxes[:, 3]) / 2], axis=1)
-            if s.cell_image is not None:
-                c = c * np.array([s.cell_image.shape[1] / s.image.shape[1], s.cell_image.shape[0] / s.image.shape[0]])
             centres.append(c)
             idx.append(np.full(len(c), k))
             labels.append(head_labels(s.types, s.auer, heads, s.faggot))
