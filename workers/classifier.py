@@ -58,6 +58,8 @@ class CellConfig:
     image_std: tuple[float, ...] = ()
     separate: bool = False         # one backbone per head (the paper's one network per finding)
     head_sizes: dict = field(default_factory=dict)  # head -> hidden sizes, overriding head_layers x head_hidden
+    stain_norm: str = "none"       # crops' colours mapped to the training crops' (workers.stain) before the heads
+    stain_target: dict = field(default_factory=dict)  # the fitted reference of stain_norm
 
     def __post_init__(self):
         if self.backbone not in BACKBONE_DEFAULTS:
@@ -203,10 +205,15 @@ def classify(model: CellClassifier, crops: np.ndarray, device: str | torch.devic
              batch_size: int = 256) -> np.ndarray:
     """Probabilities (n, heads) for crops (n, crop_px, crop_px, 3) uint8, in batches.
 
+    Crops are stain-normalised first where the heads were trained so (``cfg.stain_norm``).
     ``torch.inference_mode``, channels-last memory (about twice as fast on this project's CPUs and
     on GPUs), bf16 autocast on CUDA; on a CPU the batch is capped by :data:`CPU_BATCH_PIXELS`.
     """
     model.eval()
+    if model.cfg.stain_norm != "none":
+        from .stain import normalise_crops
+
+        crops = normalise_crops(crops, model.cfg.stain_norm, model.cfg.stain_target)
     n = len(crops)
     out = np.zeros((n, len(model.cfg.heads)), np.float32)
     dev = torch.device(device)

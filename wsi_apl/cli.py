@@ -11,6 +11,7 @@ import click
 
 from . import __version__
 from .pipeline import DECISION_SUPPORT
+from .train.augment import DEFAULT_STAIN_AUG
 
 
 def _echo_err(msg: str) -> None:
@@ -51,11 +52,15 @@ def main() -> None:
               help="Make slides that cannot be analysed (for QC tests).")
 @click.option("--jpeg-quality", type=click.IntRange(10, 100), default=None,
               help="JPEG quality of the tiles (default: drawn per slide, 78-92).")
+@click.option("--layout", type=click.Choice(["wsi-apl", "paper"]), default="wsi-apl", show_default=True,
+              help="paper: also write the paper's wsi.csv and labeled_cells.csv (with --plain camera frames).")
 def synth(out_dir: Path, n_slides, diagnoses, seed, mpp, size, stain, plain, slides_per_patient, defect,
-          jpeg_quality) -> None:
+          jpeg_quality, layout) -> None:
     """Write a synthetic bone-marrow-smear cohort with ground truth and labels.csv."""
     from .synth.cohort import DIAGNOSES, parse_diagnoses, synth_cohort
 
+    if layout == "paper" and not plain:
+        raise click.UsageError("--layout paper holds camera frames: add --plain")
     if diagnoses:
         dx = parse_diagnoses(diagnoses)
     else:
@@ -67,6 +72,59 @@ def synth(out_dir: Path, n_slides, diagnoses, seed, mpp, size, stain, plain, sli
                         slides_per_patient=slides_per_patient, defect=defect, jpeg_quality=jpeg_quality,
                         log=click.echo)
     click.echo(f"{len(recs)} slides in {out_dir} ({time.time() - t0:.1f} s); labels: {out_dir / 'labels.csv'}")
+    if layout == "paper":
+        from .paper_layout import write_paper_layout
+
+        frames, cells = write_paper_layout(out_dir)
+        click.echo(f"the paper's layout: {frames}, {cells}")
+
+
+@main.command("estimate-mpp")
+@click.argument("pictures", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--red-cell-um", type=float, default=7.5, show_default=True, help="Diameter of a red cell in the smear.")
+@click.option("--max-pictures", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Pictures looked at per folder (spread evenly).")
+@click.option("--json", "as_json", is_flag=True)
+def estimate_mpp_cmd(pictures, red_cell_um, max_pictures, as_json) -> None:
+    """Estimate the pixel size of pictures (or folders of them) that state none, from their red cells.
+
+    Fits a circle to the visible outline of every red cell (about 7.5 µm across in a dried smear) and
+    prints the most common diameter in pixels and the µm per pixel it implies. Prefer a stage micrometer."""
+    import numpy as np
+    from PIL import Image
+
+    from tile_selector.red_cells import estimate_mpp
+
+    from .train.picture_sets import PICTURE_SUFFIXES
+
+    files: list[Path] = []
+    for p in pictures:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in PICTURE_SUFFIXES)
+            files += found[::max(1, len(found) // max_pictures)][:max_pictures]
+        else:
+            files.append(p)
+
+    def images():
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    yield np.asarray(im.convert("RGB"))
+            except (OSError, SyntaxError) as exc:
+                _echo_err(f"{f}: skipped, cannot read it ({exc})")
+
+    try:
+        est = estimate_mpp(images(), red_cell_um)
+    except ValueError as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(est.to_json(), indent=2))
+        return
+    q1, q3 = est.quartiles_px
+    click.echo(f"{est.red_cells} red cells measured on {est.pictures} of {est.pictures_read} pictures: most common "
+               f"diameter {est.mode_px:.1f} px (median {est.median_px:.1f}, quartiles {q1:.1f}-{q3:.1f}); at "
+               f"{est.red_cell_um:g} µm per red cell: {est.mpp:.4f} µm/px")
 
 
 # -- info / select -----------------------------------------------------------------------------
@@ -175,9 +233,9 @@ def _classes(value: str | None) -> list[str] | None:
     return [c.strip() for c in value.split(",") if c.strip()] if value else None
 
 
-def _one_source(via, voc, cohort) -> None:
-    if sum(x is not None for x in (via, voc, cohort)) != 1:
-        raise click.UsageError("give exactly one of --via ANNOT.json, --voc XML_DIR, --truth COHORT_DIR")
+def _one_source(via, voc, cohort, paper=None) -> None:
+    if sum(x is not None for x in (via, voc, cohort, paper)) != 1:
+        raise click.UsageError("give exactly one of --via ANNOT.json, --voc XML_DIR, --truth COHORT_DIR, --paper DIR")
 
 
 @train.command("detector")
@@ -189,6 +247,9 @@ def _one_source(via, voc, cohort) -> None:
               help="A cohort folder with labels.csv and truth/ (e.g. from 'wsi-apl synth').")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder holding the annotated pictures (--via / --voc).")
+@click.option("--paper", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The paper's published layout: wsi.csv, labeled_cells.csv (its Cell objects) and the frames "
+                   "(0.0668 µm/px unless --mpp).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
 @click.option("--classes", default=None, help="Keep only boxes with these labels (comma-separated), as one class 'cell'.")
 @click.option("--mpp", type=float, default=None,
@@ -208,8 +269,8 @@ def _one_source(via, voc, cohort) -> None:
 @click.option("--test-fraction", type=click.FloatRange(0.0, 0.5), default=0.15, show_default=True,
               help="Share of patients (pictures without one: of pictures) held out as the test set.")
 @click.option("--seed", type=int, default=0)
-def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbone, epochs, budget, trials, init,
-                       backbone_weights, test_fraction, seed) -> None:
+def train_detector_cmd(via, voc, cohort, images, paper, out, classes, mpp, area, backbone, epochs, budget, trials,
+                       init, backbone_weights, test_fraction, seed) -> None:
     """Train the Faster R-CNN cell detector from boxes (VIA, VOC or synthetic ground truth).
 
     Patient-grouped train / validation / test split, early stopping on validation AP@0.5, the best
@@ -227,7 +288,7 @@ def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbo
         step_detector,
     )
 
-    _one_source(via, voc, cohort)
+    _one_source(via, voc, cohort, paper)
     val_f = 0.15
     try:
         init_b = load_bundle(init) if init else None
@@ -251,25 +312,62 @@ def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbo
             test_s = sum(collect_samples(te, geo, click.echo, n_random=0, seed=seed), [])
             source = f"truth {cohort}"
         else:
+            if paper is not None:
+                from .paper_layout import PAPER_MPP
+
+                mpp = mpp or PAPER_MPP
             work = mpp
             if init_b is not None and init_b.mpp_known:
                 if mpp is None:
                     raise click.UsageError(f"{init}: works at {init_b.mpp} µm/px; give the pictures' pixel size "
                                            "with --mpp so that they can be resampled to it")
                 work = init_b.mpp
-            samples = picture_samples(via, voc, images, _classes(classes), mpp, work, click.echo)
+            if paper is not None:
+                from .paper_layout import paper_annotations
+                from .train.data import image_samples
+
+                samples = image_samples(paper_annotations(paper), mpp, work)
+                click.echo(f"  {len(samples)} frames, {sum(len(s.boxes) for s in samples)} cells ({paper})")
+            else:
+                samples = picture_samples(via, voc, images, _classes(classes), mpp, work, click.echo)
             # by patient (a picture without one is its own group), not stratified: pictures carry no diagnosis
             tr, va, te = split_by_patient(samples, (1.0 - val_f - test_fraction, val_f, test_fraction), seed=seed,
                                           stratify=lambda s: "")
             train_s, val_s, test_s = tr, va, te
             bundle = open_or_create(out, picture_geometry(samples, work), synthetic=False)
-            source = f"{'via' if via else 'voc'} {via or voc}" + (f" classes {classes}" if classes else "")
+            source = (f"paper {paper}" if paper else f"{'via' if via else 'voc'} {via or voc}") + (
+                f" classes {classes}" if classes else "")
         step_detector(bundle, train_s, val_s, backbone=backbone, epochs=epochs, budget_s=budget, seed=seed,
                       init=init_b, backbone_weights=weights, trials=trials, test_s=test_s, source=source,
                       log=click.echo)
     except (BundleError, ValueError, FileNotFoundError) as exc:
         _echo_err(str(exc))
         sys.exit(2)
+
+
+_FOLDERS_HELP = ("A class-folder set of single-cell pictures (one subfolder per class, or file-name prefixes where a "
+                 "folder mixes classes), DIR or DIR:MPP (the pictures' µm per pixel; default --image-mpp). Repeat "
+                 "for several sets.")
+
+
+def _cell_sources(cohort, cells_csv, via, images, paper, folders, class_map, image_mpp):
+    from .train.picture_sets import FolderSource
+    from .train.sources import CellSources
+
+    if cells_csv is not None and via is not None:
+        raise click.UsageError("give one of --cells CELLS.csv or --via PROJECT.json (not both)")
+    try:
+        fs = [FolderSource.parse(f, image_mpp, class_map) for f in folders]
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--folders") from None
+    if class_map is not None and not fs:
+        raise click.UsageError("--class-map maps the classes of --folders sets; give --folders DIR")
+    src = CellSources(cohort=cohort, cells_csv=cells_csv, via=via, images=images, paper=paper, folders=fs,
+                      image_mpp=image_mpp)
+    if not src.any():
+        raise click.UsageError("give labelled cells: --truth COHORT, --cells CELLS.csv, --via PROJECT.json, "
+                               "--paper DIR and/or --folders DIR[:MPP] (several may be combined)")
+    return src
 
 
 @train.command("cells")
@@ -282,7 +380,14 @@ def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbo
                    "as yes/no or checkbox); file attribute 'patient' groups the pictures.")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="--cells/--via: folder of the pictures (default: next to the CSV / project).")
-@click.option("--image-mpp", type=float, default=None, help="--cells/--via: the pictures' µm per pixel (default: --mpp).")
+@click.option("--paper", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The paper's published layout: wsi.csv, labeled_cells.csv and the frames (0.0668 µm/px unless "
+                   "--image-mpp).")
+@click.option("--folders", multiple=True, help=_FOLDERS_HELP)
+@click.option("--class-map", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="--folders: CSV 'class, <head>...' with 1/0/empty per head, instead of the built-in classes.")
+@click.option("--image-mpp", type=float, default=None,
+              help="The pictures' µm per pixel (--cells/--via default: --mpp; --paper: 0.0668; --folders: needed).")
 @click.option("--heads", "heads_opt", default="myeloblast,promyelocyte,auer_rod", show_default=True,
               help="Heads to train, comma-separated; faggot_cell too where the labels have it.")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
@@ -291,7 +396,12 @@ def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbo
 @click.option("--backbone", type=click.Choice(["small", "xception"]), default="small", show_default=True,
               help="small: fast, for CPUs and the demo; xception: the paper's (299x299 inputs; slow on a CPU).")
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Start the backbone from these weights (safetensors or torch state dict of the same architecture).")
+              help="Start the backbone from these weights (safetensors or torch state dict of the same architecture, "
+                   "e.g. another bundle's cells.safetensors: pretraining, then fine-tuning).")
+@click.option("--stain-aug", type=click.Choice(["none", "od", "hed"]), default=DEFAULT_STAIN_AUG, show_default=True,
+              help="Colour augmentation: od (optical-density jitter), hed (haematoxylin-eosin-DAB jitter, then od).")
+@click.option("--stain-norm", type=click.Choice(["none", "reinhard", "macenko"]), default="none", show_default=True,
+              help="Normalise every crop's colours to the training crops' (stored with the heads, applied in scans).")
 @click.option("--folds", type=click.IntRange(min=0), default=0, show_default=True,
               help="Patient-grouped cross-validation folds first (3 as in the paper; 0: none).")
 @click.option("--trials", type=click.IntRange(min=0), default=0, show_default=True,
@@ -299,55 +409,45 @@ def train_detector_cmd(via, voc, cohort, images, out, classes, mpp, area, backbo
 @click.option("--epochs", type=int, default=40, show_default=True)
 @click.option("--budget", type=float, default=None, help="Training time budget in seconds (all trials and folds).")
 @click.option("--seed", type=int, default=0)
-def train_cells_cmd(cohort, cells_csv, via, images, image_mpp, heads_opt, out, mpp, area, backbone, backbone_weights,
-                    folds, trials, epochs, budget, seed) -> None:
-    """Train the cell classifier heads (myeloblast, promyelocyte, auer_rod; faggot_cell) from labelled cells."""
-    import numpy as np
+def train_cells_cmd(cohort, cells_csv, via, images, paper, folders, class_map, image_mpp, heads_opt, out, mpp, area,
+                    backbone, backbone_weights, stain_aug, stain_norm, folds, trials, epochs, budget, seed) -> None:
+    """Train the cell classifier heads (myeloblast, promyelocyte, auer_rod; faggot_cell) from labelled cells.
 
+    Sources may be combined (a synthetic cohort and real pictures, several folder sets at their own
+    pixel sizes); each is split into training and validation cells on its own, by patient where it
+    has patients and by picture where not."""
     from workers.classifier import KNOWN_HEADS, CellConfig
 
-    from .train.cells import head_key, read_labelled_cells, split_cells
-    from .train.data import read_cohort, split_by_patient
-    from .train.steps import _synthetic, cell_size, collect_samples, open_or_create, step_cells, step_cells_from
+    from .train.cells import head_key
+    from .train.sources import training_cells
+    from .train.steps import open_or_create, step_cells_from
 
-    if sum(x is not None for x in (cohort, cells_csv, via)) != 1:
-        raise click.UsageError("give exactly one of --truth COHORT, --cells CELLS.csv or --via PROJECT.json")
+    src = _cell_sources(cohort, cells_csv, via, images, paper, folders, class_map, image_mpp)
     heads = tuple(dict.fromkeys(head_key(h) for h in heads_opt.split(",") if h.strip()))
     unknown = [h for h in heads if h not in KNOWN_HEADS]
     if not heads or unknown:
         raise click.UsageError(f"--heads: unknown head(s) {', '.join(unknown) or '(none given)'}; choose from "
                                f"{', '.join(KNOWN_HEADS)}")
     geo = _geometry(mpp, area)
-    kw = dict(heads=heads, backbone=backbone, backbone_weights=backbone_weights, trials=trials, folds=folds,
-              epochs=epochs, budget_s=budget, seed=seed, log=click.echo)
     try:
-        if cohort is not None:
-            entries = read_cohort(cohort)
-            tr, va = split_by_patient(entries, (0.8, 0.2), seed=seed)
-            bundle = open_or_create(out, geo, _synthetic(entries))
-            fine = cell_size(geo, CellConfig(backbone=backbone))
-            train_s = sum(collect_samples(tr, geo, click.echo, seed=seed, cells=fine), [])
-            val_s = sum(collect_samples(va, geo, click.echo, n_random=0, seed=seed, cells=fine), [])
-            step_cells(bundle, train_s, val_s, **kw)
-            return
-        source = via or cells_csv
-        cells = read_labelled_cells(cells_csv, via, images, heads, image_mpp or mpp,
-                                    CellConfig(backbone=backbone).cell_mpp(mpp))
-        tr, va = split_cells(cells, seed, source=source)
-        click.echo(f"{source}: {len(cells)} labelled cells in {len(cells.images)} pictures, "
-                   f"{len(set(cells.patients))} patients; {len(va)} validation cells (other patients); labelled "
-                   + ", ".join(f"{h} {int(np.sum(~np.isnan(cells.labels[:, j])))} "
-                               f"({int(np.nansum(cells.labels[:, j]))} positive)" for j, h in enumerate(heads)))
-        bundle = open_or_create(out, geo, False)
-        step_cells_from(bundle, tr, va, source=str(source), **kw)
+        cfg = CellConfig(backbone=backbone, heads=heads)
+        tr, va, synthetic, notes = training_cells(src, geo, cfg, seed=seed, log=click.echo)
+        bundle = open_or_create(out, geo, synthetic)
+        step_cells_from(bundle, tr, va, heads=heads, backbone=backbone, backbone_weights=backbone_weights,
+                        trials=trials, folds=folds, epochs=epochs, budget_s=budget, seed=seed,
+                        source=src.describe(), stain_aug=stain_aug, stain_norm=stain_norm, notes=notes,
+                        log=click.echo)
     except (ValueError, FileNotFoundError) as exc:
         _echo_err(str(exc))
         sys.exit(2)
 
 
 @train.command("enn")
-@click.option("--slides", "slides_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+@click.option("--slides", "slides_csv", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="LABELS.csv: slide, patient, diagnosis (apl/aml/healthy/reactive)[, path].")
+@click.option("--paper", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The paper's published layout instead: each frame of wsi.csv a labelled picture (id: patient).")
+@click.option("--image-mpp", type=float, default=None, help="--paper: the frames' µm per pixel (default 0.0668).")
 @click.option("--bundle", "bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
 @click.option("--target-sensitivity", type=float, default=0.95, show_default=True)
 @click.option("--min-cells", type=click.IntRange(min=1), default=200, show_default=True,
@@ -357,20 +457,28 @@ def train_cells_cmd(cohort, cells_csv, via, images, image_mpp, heads_opt, out, m
 @click.option("--trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="Optuna trials per net (depth, learning rate, weight decay, epochs), inside each training fold.")
 @click.option("--seed", type=int, default=0)
-def train_enn_cmd(slides_csv, bundle_dir, target_sensitivity, min_cells, max_areas, target_cells, trials,
-                  seed) -> None:
+def train_enn_cmd(slides_csv, paper, image_mpp, bundle_dir, target_sensitivity, min_cells, max_areas, target_cells,
+                  trials, seed) -> None:
     """Train the slide-level nets on features the bundle computes from labelled slides.
 
     The slides should be patients the bundle's cell models never saw (their features must look like
     a scan's)."""
     from workers.bundle import load_bundle
 
+    from .paper_layout import paper_entries
     from .train.data import read_labels
     from .train.steps import step_enn
 
-    step_enn(load_bundle(bundle_dir), read_labels(slides_csv), target_sensitivity=target_sensitivity,
-             min_cells=min_cells, max_areas=max_areas, target_cells=target_cells, seed=seed, trials=trials,
-             log=click.echo)
+    if (slides_csv is None) == (paper is None):
+        raise click.UsageError("give one of --slides LABELS.csv or --paper DIR")
+    try:
+        entries = read_labels(slides_csv) if slides_csv is not None else paper_entries(paper, image_mpp)
+        step_enn(load_bundle(bundle_dir), entries, target_sensitivity=target_sensitivity,
+                 min_cells=min_cells, max_areas=max_areas, target_cells=target_cells, seed=seed, trials=trials,
+                 log=click.echo)
+    except (ValueError, FileNotFoundError) as exc:
+        _echo_err(str(exc))
+        sys.exit(2)
 
 
 @train.command("all")
@@ -474,24 +582,33 @@ def evaluate_detector_cmd(bundle_dir, via, voc, cohort, images, classes, mpp, as
               help="VIA project whose region attributes label the cells (as for 'wsi-apl train cells --via').")
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="--cells/--via: folder of the pictures (default: next to the CSV / project).")
+@click.option("--paper", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The paper's published layout (wsi.csv, labeled_cells.csv, frames at 0.0668 µm/px).")
+@click.option("--folders", multiple=True, help=_FOLDERS_HELP)
+@click.option("--class-map", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="--folders: CSV 'class, <head>...' with 1/0/empty per head, instead of the built-in classes.")
 @click.option("--image-mpp", type=float, default=None,
-              help="--cells/--via: the pictures' µm per pixel (resampled to the bundle's; default: own pixels).")
+              help="The pictures' µm per pixel (--cells/--via: resampled to the bundle's, default own pixels; "
+                   "--paper: default 0.0668; --folders: needed unless DIR:MPP).")
 @click.option("--detected", is_flag=True,
               help="--truth: classify the detector's cells (matched to the truth) instead of the truth boxes.")
 @click.option("--curves", "curves_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write ROC and precision-recall curves per head as PNG into this folder.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def evaluate_cells_cmd(bundle_dir, cohort, cells_csv, via, images, image_mpp, detected, curves_dir, as_json,
-                       out) -> None:
-    """Per-head AUROC / AUPRC with bootstrap 95 % CI and the confusion at each head's threshold."""
+def evaluate_cells_cmd(bundle_dir, cohort, cells_csv, via, images, paper, folders, class_map, image_mpp, detected,
+                       curves_dir, as_json, out) -> None:
+    """Per-head AUROC / AUPRC with bootstrap 95 % CI and the confusion at each head's threshold; where
+    both are labelled, how well the heads tell promyelocytes from blasts."""
     from workers.bundle import BundleError
 
     from .evaluate import evaluate_cells, evaluate_labelled_cells
     from .train.data import read_cohort
 
-    if sum(x is not None for x in (cohort, cells_csv, via)) != 1:
-        raise click.UsageError("give exactly one of --truth COHORT, --cells CELLS.csv or --via PROJECT.json")
+    src = _cell_sources(None, cells_csv, via, images, paper, folders, class_map, image_mpp) \
+        if cohort is None or any((cells_csv, via, paper, folders)) else None
+    if cohort is not None and src is not None:
+        raise click.UsageError("--truth is evaluated on its own (slides and pictures are read differently)")
     if detected and cohort is None:
         raise click.UsageError("--detected needs --truth (the detector's cells are matched to the truth)")
     log = (lambda s: None) if as_json else click.echo
@@ -499,7 +616,7 @@ def evaluate_cells_cmd(bundle_dir, cohort, cells_csv, via, images, image_mpp, de
         if cohort is not None:
             m = evaluate_cells(bundle_dir, read_cohort(cohort), detected=detected, curves_dir=curves_dir, log=log)
         else:
-            m = evaluate_labelled_cells(bundle_dir, cells_csv, via, images, image_mpp, curves_dir, log=log)
+            m = evaluate_labelled_cells(bundle_dir, src, curves_dir, log=log)
     except (BundleError, ValueError, FileNotFoundError) as exc:
         _echo_err(str(exc))
         sys.exit(2)

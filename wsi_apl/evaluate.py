@@ -105,21 +105,55 @@ def evaluate_cells(bundle_dir: Path, entries: list[SlideEntry], *, detected: boo
     return out
 
 
-def evaluate_labelled_cells(bundle_dir: Path, cells_csv: Path | None, via: Path | None, images: Path | None,
-                            image_mpp: float | None, curves_dir: Path | None = None,
+def evaluate_labelled_cells(bundle_dir: Path, src, curves_dir: Path | None = None,
                             log: Callable[[str], None] = print) -> dict:
-    """Per-head AUROC / AUPRC of the bundle's heads on labelled cells of pictures (a cells CSV or a VIA
-    project, as for ``wsi-apl train cells``); heads without any label there are left out."""
-    from .train.cells import read_labelled_cells
+    """Per-head AUROC / AUPRC of the bundle's heads on labelled cells of pictures: a cells CSV or a VIA
+    project (as for ``wsi-apl train cells``), the paper's layout and class-folder sets, alone or
+    together (``src``: :class:`~wsi_apl.train.sources.CellSources`); heads without any label there
+    are left out. Folder sets are read at their own stated pixel size; the others at ``--image-mpp``
+    when given (else their own pixels, taken to be those the heads were trained on)."""
+    from .train.sources import _join, picture_cells
 
     b = load_bundle(bundle_dir)
     model, cfg, dev = load_cells(b)
-    work = _picture_mpp(b, image_mpp, "--image-mpp", log)
-    cs = read_labelled_cells(cells_csv, via, images, cfg.heads, image_mpp, cfg.cell_mpp(work) if work else None)
-    if image_mpp is None and b.mpp_known:
-        cs.mpp = cfg.cell_mpp(b.mpp)  # own pixels, taken to be those the heads were trained on
+    work = _picture_mpp(b, src.image_mpp, "--image-mpp", log) if (src.cells_csv or src.via) else None
+    cell_mpp = cfg.cell_mpp(b.mpp) if b.mpp_known else None
+    if src.folders and cell_mpp is None:
+        raise ValueError(f"{bundle_dir}: its heads work at the pictures' own pixels (no pixel size); folder sets "
+                         "need a bundle with one")
+    csv_work = cfg.cell_mpp(work) if work else None
+    sets, notes, report = [], [], None
+    if src.cells_csv or src.via:
+        from .train.sources import CellSources
+
+        one = CellSources(cells_csv=src.cells_csv, via=src.via, images=src.images, image_mpp=src.image_mpp)
+        s1, _, _ = picture_cells(one, cfg.heads, csv_work, cfg.crop_um, log)
+        if src.image_mpp is None and b.mpp_known:
+            s1[0].mpp = cfg.cell_mpp(b.mpp)  # own pixels, taken to be those the heads were trained on
+        sets += s1
+    if src.paper is not None or src.folders:
+        from .train.sources import CellSources
+
+        rest = CellSources(paper=src.paper, folders=src.folders, image_mpp=src.image_mpp)
+        from .train.sources import BY_PICTURE_CI
+
+        s2, notes, report = picture_cells(rest, cfg.heads, cell_mpp, cfg.crop_um, log)
+        notes = [BY_PICTURE_CI] if notes else []
+        sets += s2
+    if not sets:
+        raise ValueError("no labelled cells to evaluate")
+    mpps = {round(c.mpp, 6) for c in sets}
+    if len(mpps) > 1:
+        raise ValueError("the sources are read at different pixel sizes; give --image-mpp for --cells/--via")
+    cs = _join(sets)
     out = _head_summaries(model, cfg, dev, cs, curves_dir, log)
-    out.update({"pictures": len(cs.images), "boxes": "labelled", "source": str(via or cells_csv)})
+    out.update({"pictures": len(cs.images), "boxes": "labelled", "source": src.describe()})
+    if report is not None:
+        out["read"] = report.to_json()
+    if notes:
+        out["notes"] = notes
+        for n in notes:
+            log(f"  note: {n}")
     return out
 
 
@@ -160,7 +194,35 @@ def _head_summaries(model, cfg, device, cs: CellSet, curves_dir: Path | None,
             s["auroc_within"] = within
             log(f"    {h} within each cell type (does the head see the finding, or the cell type?): "
                 + ", ".join(f"{t} {v['auroc']:.3f} ({v['positives']} of {v['n']})" for t, v in within.items()))
-    return {"heads": heads, "cells": len(cs)}
+    out = {"heads": heads, "cells": len(cs)}
+    pair = _promyelocytes_vs_blasts(cs, cfg.heads, p)
+    if pair:
+        out["promyelocyte_vs_myeloblast"] = pair
+        log("  promyelocytes against blasts (APL against AML turns on this pair): "
+            + ", ".join(f"{h} head AUROC {v['auroc']:.3f} [{v['auroc_ci'][0]:.3f}, {v['auroc_ci'][1]:.3f}]"
+                        for h, v in pair["heads"].items())
+            + f" ({pair['promyelocytes']} promyelocytes, {pair['myeloblasts']} blasts)")
+    return out
+
+
+def _promyelocytes_vs_blasts(cs: CellSet, heads: tuple[str, ...], p: np.ndarray) -> dict:
+    """Among the cells that are promyelocytes or blasts (one of the two only): how well each of the
+    two heads tells them apart (positive: promyelocyte; the myeloblast head's score is turned round)."""
+    from .metrics import bootstrap_ci
+
+    if "promyelocyte" not in heads or "myeloblast" not in heads:
+        return {}
+    jp, jb = heads.index("promyelocyte"), heads.index("myeloblast")
+    yp, yb = cs.labels[:, jp], cs.labels[:, jb]
+    sel = ((yp == 1) & (yb == 0)) | ((yp == 0) & (yb == 1))
+    if not ((yp[sel] == 1).any() and (yb[sel] == 1).any()):
+        return {}
+    y = (yp[sel] == 1).astype(bool)
+    out = {"promyelocytes": int(y.sum()), "myeloblasts": int((~y).sum()), "heads": {}}
+    for h, score in (("promyelocyte", p[sel, jp]), ("myeloblast", -p[sel, jb])):
+        lo, hi = bootstrap_ci(auroc, y, score, 300, groups=cs.patients[sel])
+        out["heads"][h] = {"auroc": float(auroc(y, score)), "auroc_ci": [lo, hi]}
+    return out
 
 
 def _within_types(cs: CellSet, heads: tuple[str, ...], j: int, p: np.ndarray) -> dict:

@@ -56,7 +56,8 @@ def scan_rows(bundle, entries, *, max_areas: int = 12, target_cells: int = 0,
     nets = SlideNets.from_bundle(bundle)
     rows = []
     for i, e in enumerate(entries):
-        res, cols, _feats, sel = analyse_slide_local(e.path, models, nets, SelectorConfig(max_areas, target_cells))
+        res, cols, _feats, sel = analyse_slide_local(e.path, models, nets, SelectorConfig(max_areas, target_cells),
+                                                     slide_mpp=e.mpp)
         rows.append(SlideRow(e.slide, e.patient, e.diagnosis, res.to_json(), cols, [list(a.box) for a in sel.areas],
                              _truth(e)))
         log(f"  {i + 1}/{len(entries)} {e.slide} ({e.diagnosis}): {res.status}"

@@ -100,7 +100,7 @@ def test_train_faggot_head_from_via_then_evaluate(frames, tmp_path):
                                   "--heads", "myeloblast,eosinophil"])
     assert r.exit_code == 2 and "eosinophil" in r.output
     r = CliRunner().invoke(main, ["evaluate", "cells", "--bundle", str(out), "--via", str(via), "--cells", str(via)])
-    assert r.exit_code == 2 and "exactly one" in r.output
+    assert r.exit_code == 2 and "not both" in r.output
 
 
 def test_evaluate_cells_from_csv(frames, tmp_path):

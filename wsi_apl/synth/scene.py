@@ -422,6 +422,8 @@ def build_scene(width: int, height: int, mpp: float, stain: Stain, params: Scene
     inside = (bu >= 0) & (bu <= g.length) & (np.abs(bv) <= g.half_width_at(bu) + block)
     noise_rng = np.random.default_rng(g.noise_seed)
     low = ndimage.gaussian_filter(noise_rng.standard_normal(BX.shape), 4.0)
+    if min(low.shape) < 8:  # a camera frame of a few blocks: too small for the 160-µm variation (and
+        low = np.zeros_like(low)  # its filtered noise is nearly constant: dividing by its spread explodes)
     low /= max(1e-6, low.std())
     g.noise = low
     cov = np.where(inside, _coverage(g, bu, bv, low), 0.0)

@@ -46,3 +46,25 @@ def scale_jitter(img: np.ndarray, boxes: np.ndarray, rng: np.random.Generator, l
     out = np.array(Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR))  # writable, for torch
     b = np.asarray(boxes, np.float32).reshape(-1, 4) * np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
     return out, b
+
+
+#: Colour augmentations of the cell heads' training crops: ``od`` (:func:`stain_jitter` only),
+#: ``hed`` (:func:`hed_jitter`, then a milder :func:`stain_jitter`), ``none``.
+STAIN_AUGMENTS = ("none", "od", "hed")
+#: The colour augmentation ``wsi-apl train cells`` uses unless told otherwise.
+DEFAULT_STAIN_AUG = "od"
+
+
+def hed_jitter(img: np.ndarray, rng: np.random.Generator, sigma: float = 0.05, bias: float = 0.05) -> np.ndarray:
+    """Stain augmentation in haematoxylin-eosin-DAB space (Tellez et al. 2018), through scikit-image's
+    colour deconvolution: each stain's concentration scaled by ``1 + U(-sigma, sigma)`` and shifted by
+    ``U(-bias, bias)`` times its spread, then back to uint8 RGB. For Romanowsky stains the HED axes
+    are not the dyes, but they still separate the nuclear (blue-purple) from the eosinophilic (pink)
+    component, so the change stays stain-like."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(img)
+    alpha = rng.uniform(1 - sigma, 1 + sigma, 3)
+    beta = rng.uniform(-bias, bias, 3) * np.maximum(hed.reshape(-1, 3).std(axis=0), 1e-3) * 10
+    out = hed2rgb(hed * alpha + beta)
+    return np.clip(np.round(out * 255), 0, 255).astype(np.uint8)

@@ -16,7 +16,7 @@ from workers.classifier import CellClassifier, CellConfig, classify, crops_to_te
 from workers.crops import cell_centres, extract_crops
 
 from ..metrics import auroc
-from .augment import stain_jitter
+from .augment import DEFAULT_STAIN_AUG, STAIN_AUGMENTS, hed_jitter, stain_jitter
 from .data import AreaSample
 
 #: Exponent of the label-pattern balancing of training draws (0.5: square-root sampling).
@@ -60,6 +60,11 @@ class CellSet:
     labels: np.ndarray
     patients: np.ndarray
     mpp: float
+    sources: np.ndarray | None = None  # (n,) name of the set each cell comes from; None: one set
+
+    def source_names(self) -> np.ndarray:
+        """(n,) the set of each cell (``""`` where the cells came from one unnamed set)."""
+        return self.sources if self.sources is not None else np.full(len(self), "", dtype=object)
 
     @classmethod
     def from_samples(cls, samples: list[AreaSample], heads: tuple[str, ...], area_mpp: float) -> "CellSet":
@@ -91,9 +96,12 @@ class CellSet:
         """The cells of both sets (same pixel size)."""
         if abs(a.mpp - b.mpp) > 1e-6 * a.mpp:
             raise ValueError(f"cells at {a.mpp} and {b.mpp} µm/px cannot be joined")
+        sources = None
+        if a.sources is not None or b.sources is not None:
+            sources = np.concatenate([a.source_names().astype(object), b.source_names().astype(object)])
         return cls(a.images + b.images, np.concatenate([a.area_idx, b.area_idx + len(a.images)]),
                    np.concatenate([a.centres, b.centres]), np.concatenate([a.labels, b.labels]),
-                   np.concatenate([a.patients, b.patients]), a.mpp)
+                   np.concatenate([a.patients.astype(object), b.patients.astype(object)]), a.mpp, sources)
 
     def __len__(self) -> int:
         return len(self.area_idx)
@@ -116,14 +124,19 @@ class CellSet:
         return out
 
 
-def _augment_batch(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _augment_batch(crops: np.ndarray, rng: np.random.Generator, stain_aug: str = DEFAULT_STAIN_AUG) -> np.ndarray:
+    """Flips, quarter turns and colour (``stain_aug``, one of :data:`STAIN_AUGMENTS`)."""
     out = np.empty_like(crops)
     for i in range(len(crops)):
         c = crops[i]
         if rng.integers(0, 2):
             c = c[:, ::-1]
-        c = np.rot90(c, int(rng.integers(0, 4)))
-        out[i] = stain_jitter(np.ascontiguousarray(c), rng, 0.8)
+        c = np.ascontiguousarray(np.rot90(c, int(rng.integers(0, 4))))
+        if stain_aug == "hed":
+            c = stain_jitter(hed_jitter(c, rng), rng, 0.5)
+        elif stain_aug == "od":
+            c = stain_jitter(c, rng, 0.8)
+        out[i] = c
     return out
 
 
@@ -132,7 +145,7 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
                 weight_decay: float = 1e-4, patience: int = 6, seed: int = 0,
                 log: Callable[[str], None] = print, device: str = "cpu",
                 backbone_weights: Path | None = None,
-                balance: float = BALANCE) -> tuple[CellClassifier, dict]:
+                balance: float = BALANCE, stain_aug: str = DEFAULT_STAIN_AUG) -> tuple[CellClassifier, dict]:
     """Multi-label training with class balancing; keeps the epoch with the best mean validation AUROC.
 
     Labels may be NaN (not labelled): the loss ignores them. ``backbone_weights``: start the backbone
@@ -140,9 +153,18 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
     ``balance``: each epoch draws its cells with probability proportional to ``count ** -balance`` of
     their label pattern (e.g. myeloblast with Auer rods, promyelocyte without), so a rare combination
     is not learned as a shortcut of a common one (0: every cell once per epoch); the loss weights are
-    set for the cells actually drawn."""
+    set for the cells actually drawn. ``stain_aug``: the colour augmentation (:data:`STAIN_AUGMENTS`);
+    ``cfg.stain_norm``: crops are stain-normalised to a reference fitted here on the training crops,
+    and so wherever the heads run (:func:`workers.classifier.classify`)."""
+    if stain_aug not in STAIN_AUGMENTS:
+        raise ValueError(f"unknown stain augmentation {stain_aug!r}; choose one of {', '.join(STAIN_AUGMENTS)}")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    if cfg.stain_norm != "none" and not cfg.stain_target and len(train):
+        from workers.stain import fit_stain_target
+
+        sample = np.sort(rng.choice(len(train), min(len(train), 256), replace=False))
+        cfg.stain_target = fit_stain_target(train.crops(cfg, indices=sample), cfg.stain_norm, seed)
     if cfg.backbone == "xception":
         batch_size = min(batch_size, 16)  # 299x299 inputs: activations of a larger batch do not fit a CPU's memory
     model = CellClassifier(cfg)
@@ -171,11 +193,15 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
         model.train()
         seen = rng.choice(n, n, p=draw) if balance else np.arange(n)
         crops = train.crops(cfg, rng, jitter_um=1.5, scale_jitter=0.06, indices=seen)
+        if cfg.stain_norm != "none":
+            from workers.stain import normalise_crops
+
+            crops = normalise_crops(crops, cfg.stain_norm, cfg.stain_target)
         order = rng.permutation(n)
         losses = []
         for bi in range(0, n, batch_size):
             idx = order[bi:bi + batch_size]
-            x = crops_to_tensor(_augment_batch(crops[idx], rng)).to(device)
+            x = crops_to_tensor(_augment_batch(crops[idx], rng, stain_aug)).to(device)
             t = torch.from_numpy(y[seen[idx]]).to(device)
             frac = step / max(1, steps_total)
             if time_budget_s:
@@ -245,7 +271,7 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
     cfg.thresholds = thresholds
     return model, {"best_epoch": best_epoch, "val_auroc": best_auc, "history": history,
                    "train_cells": n, "val_cells": len(val), "seconds": round(time.time() - t0, 1),
-                   "balance": balance, "threshold_source": threshold_source,
+                   "balance": balance, "stain_aug": stain_aug, "stain_norm": cfg.stain_norm, "threshold_source": threshold_source,
                    "positives": {h: int(pos[j]) for j, h in enumerate(heads)}}
 
 
@@ -269,13 +295,14 @@ def label_value(text: str, checkbox: bool = False) -> float:
 
 
 def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], image_mpp: float | None,
-                   work_mpp: float | None) -> CellSet:
+                   work_mpp: float | None, log: Callable[[str], None] = print) -> CellSet:
     """Labelled cells from a CSV: ``image, x0, y0, x1, y1`` (the picture's pixels), one column per head
     with 1/0 (yes/no, true/false; empty: not labelled, ignored by the loss), optional ``patient`` (the
     cross-validation group; default: the picture).
 
     Pictures are found under ``images`` (default: the CSV's folder) and resampled to ``work_mpp`` when
-    ``image_mpp`` is known; the boxes with them.
+    ``image_mpp`` is known; the boxes with them. A picture that cannot be read is skipped with its
+    cells, and listed (``log``).
     """
     import csv
 
@@ -300,11 +327,17 @@ def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], imag
     for i, r in enumerate(rows, start=2):
         by_image.setdefault(r["image"].strip(), []).append((i, r))
     images_out, idx, centres, labels, patients = [], [], [], [], []
-    for k, (name, items) in enumerate(sorted(by_image.items())):
+    unreadable = []
+    for name, items in sorted(by_image.items()):
         pic = root / name
         if not pic.exists():
             raise FileNotFoundError(f"{path}: picture {name!r} not found in {root} (give --images DIR)")
-        img, fac = read_picture(pic, image_mpp, work_mpp)
+        try:
+            img, fac = read_picture(pic, image_mpp, work_mpp)
+        except ValueError as exc:
+            unreadable.append((str(exc), len(items)))
+            continue
+        k = len(images_out)
         images_out.append(img)
         for line, r in items:
             try:
@@ -322,9 +355,21 @@ def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], imag
             idx.append(k)
             labels.append(y)
             patients.append((r.get("patient") or "").strip() or name)
+    _report_unreadable(path, unreadable, log)
     return CellSet(images_out, np.asarray(idx, int), np.asarray(centres, np.float32).reshape(-1, 2),
                    np.asarray(labels, np.float32).reshape(-1, len(heads)), np.asarray(patients),
                    _cells_mpp(image_mpp, work_mpp))
+
+
+def _report_unreadable(source: Path, unreadable: list[tuple[str, int]], log: Callable[[str], None]) -> None:
+    """Say which pictures were skipped (and how many cells with them)."""
+    if not unreadable:
+        return
+    log(f"  {source}: skipped {len(unreadable)} unreadable picture(s) with {sum(n for _, n in unreadable)} cells:")
+    for why, _n in unreadable[:20]:
+        log(f"    {why}")
+    if len(unreadable) > 20:
+        log(f"    ... and {len(unreadable) - 20} more")
 
 
 def _cells_mpp(image_mpp: float | None, work_mpp: float | None) -> float:
@@ -369,7 +414,7 @@ def _via_checkboxes(path: Path) -> set[str]:
 
 
 def read_via_cells(path: Path, images: Path | None, heads: tuple[str, ...], image_mpp: float | None,
-                   work_mpp: float | None) -> CellSet:
+                   work_mpp: float | None, log: Callable[[str], None] = print) -> CellSet:
     """Labelled cells from a VIA project (VIA 2 or 3): every region is a cell, its region attributes
     the labels. A head is labelled by an attribute of its name (``auer_rod``, ``Auer rod``,
     ``faggot_cell``...: yes/no, 1/0, a ticked or unticked checkbox); the cell-type heads (myeloblast,
@@ -383,10 +428,15 @@ def read_via_cells(path: Path, images: Path | None, heads: tuple[str, ...], imag
     items = read_via(path, images)
     checkbox = _via_checkboxes(path)
     images_out, idx, centres, labels, patients = [], [], [], [], []
+    unreadable = []
     for it in items:
         if len(it.boxes) == 0:
             continue
-        img, fac = read_picture(it.image, image_mpp, work_mpp)
+        try:
+            img, fac = read_picture(it.image, image_mpp, work_mpp)
+        except ValueError as exc:
+            unreadable.append((str(exc), len(it.boxes)))
+            continue
         images_out.append(img)
         for i, box in enumerate(np.asarray(it.boxes, np.float64) * fac):
             attrs = {head_key(a): str(v).strip() for a, v in it.attributes[i].items()}
@@ -406,6 +456,7 @@ def read_via_cells(path: Path, images: Path | None, heads: tuple[str, ...], imag
             idx.append(len(images_out) - 1)
             labels.append(y)
             patients.append(it.group)
+    _report_unreadable(path, unreadable, log)
     cells = CellSet(images_out, np.asarray(idx, int), np.asarray(centres, np.float32).reshape(-1, 2),
                     np.asarray(labels, np.float32).reshape(-1, len(heads)), np.asarray(patients),
                     _cells_mpp(image_mpp, work_mpp))
@@ -416,17 +467,17 @@ def read_via_cells(path: Path, images: Path | None, heads: tuple[str, ...], imag
 
 
 def read_labelled_cells(cells_csv: Path | None, via: Path | None, images: Path | None, heads: tuple[str, ...],
-                        image_mpp: float | None, work_mpp: float | None) -> CellSet:
+                        image_mpp: float | None, work_mpp: float | None, log: Callable[[str], None] = print) -> CellSet:
     """Labelled cells from a CSV (:func:`read_cells_csv`) or a VIA project (:func:`read_via_cells`)."""
     if via is not None:
-        return read_via_cells(via, images, heads, image_mpp, work_mpp)
-    return read_cells_csv(cells_csv, images, heads, image_mpp, work_mpp)
+        return read_via_cells(via, images, heads, image_mpp, work_mpp, log)
+    return read_cells_csv(cells_csv, images, heads, image_mpp, work_mpp, log)
 
 
 def subset(cells: CellSet, mask: np.ndarray) -> CellSet:
     """The cells where ``mask`` is true (pictures shared, not copied)."""
     return CellSet(cells.images, cells.area_idx[mask], cells.centres[mask], cells.labels[mask], cells.patients[mask],
-                   cells.mpp)
+                   cells.mpp, None if cells.sources is None else cells.sources[mask])
 
 
 def split_cells(cells: CellSet, seed: int = 0, source: object = "the cells") -> tuple[CellSet, CellSet]:

@@ -32,6 +32,7 @@ class SlideEntry:
     diagnosis: str
     path: Path
     truth_path: Path | None = None
+    mpp: float | None = None  # the file's pixel size where it states none (camera frames)
 
     def truth(self) -> dict:
         if self.truth_path is None or not self.truth_path.exists():
@@ -211,7 +212,7 @@ def read_picture(path: Path, image_mpp: float | None = None, work_mpp: float | N
     try:
         with Image.open(path) as im:
             img = im.convert("RGB")
-    except OSError as exc:
+    except (OSError, SyntaxError) as exc:  # PIL: truncated, corrupt, not a picture
         raise ValueError(f"{path}: cannot read this picture ({exc}); convert it to PNG/JPEG/TIFF "
                          "or remove it from the annotations") from exc
     f = 1.0

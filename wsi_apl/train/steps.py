@@ -21,6 +21,7 @@ from ..pipeline import analyse_slide_local
 from .cells import CellSet, cross_validate, search_heads, train_cells
 from .data import SlideEntry, area_samples, image_samples, median_box_size, read_cohort, split_by_patient
 from .detector import best_score_threshold, train_detector
+from .augment import DEFAULT_STAIN_AUG
 from .enn import train_enn
 
 
@@ -148,14 +149,17 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
                     backbone: str = "small",
                     backbone_weights: Path | None = None, trials: int = 0, folds: int = 0, epochs: int = 40,
                     budget_s: float | None = None, seed: int = 0, source: str = "truth",
+                    stain_aug: str = DEFAULT_STAIN_AUG, stain_norm: str = "none", notes: list[str] | None = None,
                     log: Callable[[str], None] = print) -> dict:
     """Train the cell heads and store them in the bundle.
 
     ``folds``: first a patient-grouped cross-validation (out-of-fold AUROC per head, stored in the
     metrics); ``trials``: an Optuna search of head depth, dropout and learning rate on the validation
-    split; ``backbone_weights``: transfer learning from weights on disk (recorded in the bundle).
+    split; ``backbone_weights``: transfer learning from weights on disk (recorded in the bundle);
+    ``stain_aug`` / ``stain_norm``: colour augmentation and normalisation (stored with the heads);
+    ``notes``: caveats of the sources (a split by picture), stored with the metrics.
     """
-    cfg = CellConfig(backbone=backbone, heads=tuple(heads))
+    cfg = CellConfig(backbone=backbone, heads=tuple(heads), stain_norm=stain_norm)
     if tr.labels.shape[1] != len(cfg.heads):
         raise ValueError(f"the cells carry {tr.labels.shape[1]} label columns for {len(cfg.heads)} heads")
     if bundle.mpp_known and abs(tr.mpp / cfg.cell_mpp(bundle.mpp) - 1.0) > 0.01:
@@ -167,8 +171,8 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
                 "or leave it out (--heads)")
     log(f"Training the cell classifier ({backbone} backbone, {len(tr)} training cells, {len(va)} validation cells; "
         "positives " + ", ".join(f"{h} {int(np.nansum(tr.labels[:, j]))}" for j, h in enumerate(cfg.heads)) + ")")
-    kw = {"backbone_weights": backbone_weights}
-    metrics: dict = {}
+    kw = {"backbone_weights": backbone_weights, "stain_aug": stain_aug}
+    metrics: dict = {"notes": list(notes or [])} if notes else {}
     if folds and folds > 1:
         log(f"  {folds}-fold cross-validation by patient")
         cv = cross_validate(CellSet.join(tr, va), cfg, folds=folds, epochs=epochs, time_budget_s=budget_s, seed=seed,
@@ -184,7 +188,13 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
                                   **kw)
     metrics.update({"validation_auroc": info["val_auroc"], "best_epoch": info["best_epoch"], "seconds": info["seconds"],
                     "train_cells": info["train_cells"], "val_cells": info["val_cells"], "positives": info["positives"],
-                    "threshold_source": info["threshold_source"], "balance": info["balance"]})
+                    "threshold_source": info["threshold_source"], "balance": info["balance"],
+                    "stain_aug": stain_aug, "stain_norm": cfg.stain_norm})
+    by_source = validation_by_source(model, cfg, va)
+    if by_source:
+        metrics["validation_by_source"] = by_source
+        for name, aucs in by_source.items():
+            log(f"  validation AUROC on {name}: " + ", ".join(f"{h} {v:.3f}" for h, v in aucs.items()))
     note = "none (from scratch)"
     if backbone_weights is not None:
         note = Path(backbone_weights).name
@@ -196,10 +206,33 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
             log(f"  note: the bundle's heads are now {', '.join(cfg.heads)}; its slide-level nets were trained on "
                 "other heads: retrain them (wsi-apl train enn)")
     save_part(bundle, "cells", model.state_dict(), config=cfg.to_json(), metrics=metrics,
-              provenance={"backbone_weights": note, "seed": seed, "source": source, "trials": trials, "folds": folds})
+              provenance={"backbone_weights": note, "seed": seed, "source": source, "trials": trials, "folds": folds,
+                          "epochs": epochs, "stain_aug": stain_aug})
     log("  cells: validation AUROC " + ", ".join(f"{h} {v:.3f}" for h, v in info["val_auroc"].items())
         + "; thresholds " + ", ".join(f"{h} {v:.2f}" for h, v in cfg.thresholds.items()))
     return metrics
+
+
+def validation_by_source(model, cfg: CellConfig, va: CellSet) -> dict:
+    """AUROC per head on each source's validation cells, where the cells come from several sources."""
+    from workers.classifier import classify
+
+    from ..metrics import auroc
+
+    names = list(dict.fromkeys(va.source_names()))
+    if len(names) < 2:
+        return {}
+    p = classify(model, va.crops(cfg), "cpu")
+    out = {}
+    for name in names:
+        m = va.source_names() == name
+        out[name] = {}
+        for j, h in enumerate(cfg.heads):
+            y = va.labels[m, j]
+            ok = ~np.isnan(y)
+            if ok.any() and 0 < y[ok].sum() < ok.sum():
+                out[name][h] = float(auroc(y[ok], p[m][ok, j]))
+    return out
 
 
 def slide_feature_table(bundle: ModelBundle, entries: list[SlideEntry], *, max_areas: int = 12,
@@ -211,7 +244,8 @@ def slide_feature_table(bundle: ModelBundle, entries: list[SlideEntry], *, max_a
     extra = []
     t0 = time.time()
     for i, e in enumerate(entries):
-        res, cols, feats, sel = analyse_slide_local(e.path, models, None, SelectorConfig(max_areas, target_cells))
+        res, cols, feats, sel = analyse_slide_local(e.path, models, None, SelectorConfig(max_areas, target_cells),
+                                                    slide_mpp=e.mpp)
         if feats is not None:
             X[i] = feats["features"]
         extra.append({"slide": e.slide, "cells": res.cells, "areas": res.areas, "selection": sel.status,
