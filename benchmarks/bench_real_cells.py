@@ -147,6 +147,9 @@ def main() -> int:
             aug, norm = variants[0]
             run("x: marrow -> blood", CellSources(folders=[m_train]), aug, norm, test=blood)
             run("x: blood -> marrow", CellSources(folders=[blood]), aug, norm)
+    import resource
+
+    print(f"peak memory of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -58,6 +58,7 @@ class CellConfig:
     image_std: tuple[float, ...] = ()
     separate: bool = False         # one backbone per head (the paper's one network per finding)
     head_sizes: dict = field(default_factory=dict)  # head -> hidden sizes, overriding head_layers x head_hidden
+    finest_mpp: float = FINEST_CELL_MPP  # crops are never cut from pixels finer than this
     stain_norm: str = "none"       # crops' colours mapped to the training crops' (workers.stain) before the heads
     stain_target: dict = field(default_factory=dict)  # the fitted reference of stain_norm
 
@@ -83,8 +84,9 @@ class CellConfig:
 
     def cell_mpp(self, area_mpp: float) -> float:
         """The pixel size crops are cut from when the detector works at ``area_mpp``: the crop's own
-        (not finer than :data:`FINEST_CELL_MPP`), or the detector's where that is finer already."""
-        return min(float(area_mpp), max(self.crop_mpp, FINEST_CELL_MPP))
+        (not finer than ``finest_mpp``, by default :data:`FINEST_CELL_MPP`), or the detector's where
+        that is finer already."""
+        return min(float(area_mpp), max(self.crop_mpp, float(self.finest_mpp)))
 
     def threshold(self, head: str) -> float:
         return float(self.thresholds.get(head, 0.5))

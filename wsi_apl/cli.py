@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from .pipeline import DECISION_SUPPORT
-from .train.augment import DEFAULT_STAIN_AUG
+from .train.cells import TRAIN_CELLS_DEFAULTS as _CELLS
 
 
 def _echo_err(msg: str) -> None:
@@ -398,7 +398,7 @@ def _cell_sources(cohort, cells_csv, via, images, paper, folders, class_map, ima
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Start the backbone from these weights (safetensors or torch state dict of the same architecture, "
                    "e.g. another bundle's cells.safetensors: pretraining, then fine-tuning).")
-@click.option("--stain-aug", type=click.Choice(["none", "od", "hed"]), default=DEFAULT_STAIN_AUG, show_default=True,
+@click.option("--stain-aug", type=click.Choice(["none", "od", "hed"]), default=_CELLS["stain_aug"], show_default=True,
               help="Colour augmentation: od (optical-density jitter), hed (haematoxylin-eosin-DAB jitter, then od).")
 @click.option("--stain-norm", type=click.Choice(["none", "reinhard", "macenko"]), default="none", show_default=True,
               help="Normalise every crop's colours to the training crops' (stored with the heads, applied in scans).")
@@ -406,11 +406,22 @@ def _cell_sources(cohort, cells_csv, via, images, paper, folders, class_map, ima
               help="Patient-grouped cross-validation folds first (3 as in the paper; 0: none).")
 @click.option("--trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="Optuna trials over head depth, dropout and learning rate.")
-@click.option("--epochs", type=int, default=40, show_default=True)
-@click.option("--budget", type=float, default=None, help="Training time budget in seconds (all trials and folds).")
+@click.option("--crop-um", type=click.FloatRange(min=4.0), default=_CELLS["crop_um"], show_default=True,
+              help="Physical side of a cell's crop, µm.")
+@click.option("--crop-px", type=click.IntRange(min=16), default=None,
+              help=f"Crop side in pixels (small backbone: {_CELLS['crop_px']}; xception: 299); crops are cut from "
+                   "pixels of crop-um/crop-px µm.")
+@click.option("--epochs", type=int, default=_CELLS["epochs"], show_default=True)
+@click.option("--patience", type=click.IntRange(min=1), default=_CELLS["patience"], show_default=True,
+              help="Stop after this many epochs without a better validation AUROC.")
+@click.option("--ema", type=click.FloatRange(0.0, 0.9999), default=_CELLS["ema"], show_default=True,
+              help="Keep an exponential moving average of the weights with this decay (0: off).")
+@click.option("--budget", type=float, default=None,
+              help="Upper bound on the training time in seconds (all trials and folds); a warning when reached.")
 @click.option("--seed", type=int, default=0)
 def train_cells_cmd(cohort, cells_csv, via, images, paper, folders, class_map, image_mpp, heads_opt, out, mpp, area,
-                    backbone, backbone_weights, stain_aug, stain_norm, folds, trials, epochs, budget, seed) -> None:
+                    backbone, backbone_weights, stain_aug, stain_norm, folds, trials, crop_um, crop_px, epochs,
+                    patience, ema, budget, seed) -> None:
     """Train the cell classifier heads (myeloblast, promyelocyte, auer_rod; faggot_cell) from labelled cells.
 
     Sources may be combined (a synthetic cohort and real pictures, several folder sets at their own
@@ -430,13 +441,15 @@ def train_cells_cmd(cohort, cells_csv, via, images, paper, folders, class_map, i
                                f"{', '.join(KNOWN_HEADS)}")
     geo = _geometry(mpp, area)
     try:
-        cfg = CellConfig(backbone=backbone, heads=heads)
+        px = crop_px or (_CELLS["crop_px"] if backbone == "small" else 0)
+        cfg = CellConfig(backbone=backbone, heads=heads, crop_um=crop_um, crop_px=px)
+        cfg.finest_mpp = min(cfg.finest_mpp, cfg.crop_mpp)  # crops at their own pixel size
         tr, va, synthetic, notes = training_cells(src, geo, cfg, seed=seed, log=click.echo)
         bundle = open_or_create(out, geo, synthetic)
         step_cells_from(bundle, tr, va, heads=heads, backbone=backbone, backbone_weights=backbone_weights,
                         trials=trials, folds=folds, epochs=epochs, budget_s=budget, seed=seed,
                         source=src.describe(), stain_aug=stain_aug, stain_norm=stain_norm, notes=notes,
-                        log=click.echo)
+                        config=cfg, ema=ema, patience=patience, log=click.echo)
     except (ValueError, FileNotFoundError) as exc:
         _echo_err(str(exc))
         sys.exit(2)

@@ -68,7 +68,7 @@ def shape_of(cell: Cell) -> Shape:
     spec = spec_for(cell.type, cell.variant)
     a = cell.diameter / 2.0
     b = a * cell.aspect
-    amp = 0.14 if spec.nucleus == "smudge" else 0.03
+    amp = 0.14 if spec.nucleus == "smudge" else 0.05  # real marrow cells are pressed out of round
     harmonics = [(k, float(rng.uniform(0.3, 1.0) * amp / (1 + 0.3 * i)), float(rng.uniform(0, 2 * math.pi)))
                  for i, k in enumerate((2, 3, 5))]
     phis = np.linspace(0, 2 * math.pi, 73)
@@ -126,6 +126,15 @@ def shape_of(cell: Cell) -> Shape:
                                   rl, rl * float(rng.uniform(0.75, 0.95)), phi + math.pi / 2))
         shape.nucleus.append(("capsule", ox - sep * math.cos(phi), oy - sep * math.sin(phi),
                               ox + sep * math.cos(phi), oy + sep * math.sin(phi), an * 0.35))
+
+    # irregular nuclear outlines (folds, notches, flattening against the cell edge); drawn from a
+    # stream of their own, so that every other draw of the cell stays as in earlier generators
+    wobble = np.random.default_rng([cell.seed, 7])
+    for i, prim in enumerate(shape.nucleus):
+        if prim[0] == "ellipse":
+            harm = [(k, float(wobble.uniform(0.01, 0.06)) / (1 + 0.4 * n), float(wobble.uniform(0, 2 * math.pi)))
+                    for n, k in enumerate((2, 3, 4, 6))]
+            shape.nucleus[i] = (*prim, harm)
 
     n_nucleoli = int(rng.integers(spec.nucleoli[0], spec.nucleoli[1] + 1))
     for _ in range(n_nucleoli):
@@ -250,7 +259,7 @@ def _arc_dist(U, V, cx, cy, radius, t, start, span):
 def _primitive_mask(U, V, prim, mpp):
     kind = prim[0]
     if kind == "ellipse":
-        return _soft(_ellipse_dist(U, V, *prim[1:6]), mpp)
+        return _soft(_ellipse_dist(U, V, *prim[1:6], prim[6] if len(prim) > 6 else None), mpp)
     if kind == "capsule":
         return _soft(_capsule_dist(U, V, *prim[1:6]), mpp)
     if kind == "arc":
@@ -333,7 +342,9 @@ def render_cell(cell: Cell, shape: Shape, mpp: float, stain: Stain, bank: NoiseB
         sigma = max(0.35, shape.granule_radius / mpp / 1.3)
         gran = ndimage.gaussian_filter(imp, sigma) * (2 * math.pi * sigma * sigma)
         kind = {"azur": "azur_granule", "spec": "spec_granule", "eos": "eos_granule"}[spec.granule]
-        strength = 0.9 if kind != "spec_granule" else 1.0
+        # azurophilic granules: many, fine and each faint, a purple dust over the cytoplasm (and the
+        # nucleus) rather than separate dots
+        strength = {"azur_granule": 0.55, "spec_granule": 1.0}.get(kind, 0.9)
         od = od + (np.minimum(gran, 1.6) * outline * strength)[..., None] * od_of[kind]
 
     if shape.rods:

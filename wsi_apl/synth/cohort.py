@@ -35,7 +35,7 @@ from .stains import PRESET_NAMES, make_stain
 from .writer import write_pyramid_tiff
 
 DIAGNOSES = ("apl", "aml", "healthy", "reactive")
-GENERATOR = "wsi-apl synth 1"
+GENERATOR = "wsi-apl synth 2"  # 2: real-marrow colours, fine chromatin and granules, irregular nuclei
 MAP_MPP = 4.0
 
 _HEALTHY_BASE = {

@@ -51,10 +51,11 @@ class TypeSpec:
 
 
 TYPES: dict[str, TypeSpec] = {
-    "myeloblast": TypeSpec((12, 20), (0.85, 1.0), (0.72, 0.85), "round", (0.0, 0.35), 0.35, 0.16, 0.82,
-                           (1, 3), (1.0, 0.0), 0.95, "azur", (0.0, 0.012), (0.25, 0.35), 0.0),
-    "promyelocyte": TypeSpec((15, 25), (0.8, 1.0), (0.48, 0.62), "round", (0.5, 0.9), 0.5, 0.22, 0.9,
-                             (0, 2), (0.6, 0.4), 0.8, "azur", (0.28, 0.42), (0.28, 0.42), 0.8),
+    "myeloblast": TypeSpec((12, 20), (0.85, 1.0), (0.72, 0.85), "round", (0.0, 0.35), 0.25, 0.22, 0.82,
+                           (1, 3), (1.0, 0.0), 0.8, "azur", (0.0, 0.012), (0.2, 0.3), 0.0),
+    "promyelocyte": TypeSpec((15, 25), (0.8, 1.0), (0.48, 0.62), "round", (0.5, 0.9), 0.35, 0.25, 0.9,
+                             (0, 2), (0.6, 0.4), 0.8, "azur", (2.0, 3.0), (0.14, 0.22), 0.8,
+                             granules_over_nucleus=True),
     "myelocyte": TypeSpec((12, 18), (0.8, 1.0), (0.5, 0.6), "round", (0.4, 0.8), 0.8, 0.32, 1.0,
                           (0, 0), (0.2, 0.8), 0.7, "spec", (0.6, 0.9), (0.18, 0.26), 0.4),
     "metamyelocyte": TypeSpec((10, 15), (0.8, 1.0), (0.5, 0.6), "kidney", (0.2, 0.5), 0.9, 0.36, 1.05,
@@ -77,11 +78,11 @@ TYPES: dict[str, TypeSpec] = {
 
 #: APL's abnormal promyelocytes: hypergranular (classic) and microgranular (variant, closer to blasts).
 APL_VARIANTS: dict[str, TypeSpec] = {
-    "hypergranular": TypeSpec((16, 26), (0.8, 1.0), (0.5, 0.64), "kidney", (0.3, 0.7), 0.5, 0.22, 0.95,
-                              (0, 2), (0.5, 0.5), 0.85, "azur", (0.75, 1.05), (0.35, 0.55), 0.3,
+    "hypergranular": TypeSpec((16, 26), (0.8, 1.0), (0.5, 0.64), "kidney", (0.3, 0.7), 0.35, 0.25, 0.95,
+                              (0, 2), (0.5, 0.5), 0.85, "azur", (3.2, 4.5), (0.2, 0.32), 0.3,
                               granules_over_nucleus=True),
-    "microgranular": TypeSpec((14, 20), (0.85, 1.0), (0.66, 0.78), "bilobed", (0.1, 0.3), 0.4, 0.18, 0.85,
-                              (0, 2), (0.7, 0.3), 0.85, "azur", (0.08, 0.16), (0.18, 0.26), 0.1),
+    "microgranular": TypeSpec((14, 20), (0.85, 1.0), (0.66, 0.78), "bilobed", (0.1, 0.3), 0.3, 0.26, 0.85,
+                              (0, 2), (0.7, 0.3), 0.85, "azur", (0.3, 0.6), (0.1, 0.16), 0.1),
 }
 
 

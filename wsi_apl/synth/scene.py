@@ -409,7 +409,7 @@ def build_scene(width: int, height: int, mpp: float, stain: Stain, params: Scene
         r = float(rng.uniform(0.04, 0.14)) * g.length
         blur.append(BlurPatch(g.ox + u * c - v * s, g.oy + u * s + v * c, r, r * float(rng.uniform(0.5, 1.0)),
                               float(rng.uniform(0, math.pi)), float(rng.choice([1.2, 2.0, 3.0, 4.0]))))
-    base_blur = float(rng.uniform(0.05, 0.2))
+    base_blur = float(rng.uniform(0.15, 0.3))  # an oil objective's softness (generator 1: 0.05-0.2 µm)
     if params.defect == "blurred":
         base_blur = float(rng.uniform(1.5, 3.0))
         blur = []

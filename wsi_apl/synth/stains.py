@@ -15,17 +15,22 @@ import numpy as np
 #: The structures the renderer knows. Target colours (RGB at typical density) are given in the
 #: comments of the May-Grünwald-Giemsa preset, the reference from which the others are shifted.
 COMPONENTS = (
-    "nucleus",       # purple chromatin (95, 55, 140)
-    "cyto_baso",     # basophilic (blue) cytoplasm (120, 160, 210)
-    "cyto_neutral",  # neutral / pink-lilac cytoplasm of maturing granulocytes (215, 185, 200)
-    "azur_granule",  # azurophilic (primary) granules, purple-red (110, 40, 110)
-    "spec_granule",  # specific (secondary) granules, faint lilac (190, 160, 190)
-    "eos_granule",   # eosinophil granules, orange (225, 120, 70)
+    "nucleus",       # blue-violet chromatin (70, 38, 145)
+    "cyto_baso",     # basophilic (violet-blue) cytoplasm (140, 135, 205)
+    "cyto_neutral",  # neutral / lilac cytoplasm of maturing granulocytes (205, 182, 215)
+    "azur_granule",  # azurophilic (primary) granules, dark purple (95, 35, 125)
+    "spec_granule",  # specific (secondary) granules, faint lilac (185, 160, 200)
+    "eos_granule",   # eosinophil granules, dull orange (215, 135, 105)
     "auer",          # Auer rods, red-purple (170, 40, 90)
-    "rbc",           # red cells, salmon pink (225, 165, 165)
+    "rbc",           # red cells, greyish pink-lilac (208, 176, 210)
     "platelet",      # platelets, purple (150, 110, 170)
-    "plasma_bg",     # plasma / protein haze between cells (240, 232, 240)
+    "plasma_bg",     # plasma / protein haze between cells, bluish white (238, 236, 246)
 )
+#: The May-Grünwald-Giemsa targets follow real marrow pictures (the colour bands of Matek et al.
+#: 2021's cells: nuclei (32-77, 11-42, 108-160), glass (236, 235, 244)) more than an atlas drawing:
+#: dense blue-violet nuclei, violet rather than cyan cytoplasm, greyish red cells. Until generator
+#: 2 the palette was lighter and pinker (nucleus (95, 55, 140), cytoplasm (120, 160, 210), red cells
+#: (225, 165, 165)), which a discriminator told from real cells at every crop.
 
 
 def _od(rgb: tuple[int, int, int]) -> np.ndarray:
@@ -33,16 +38,16 @@ def _od(rgb: tuple[int, int, int]) -> np.ndarray:
 
 
 _MGG = {
-    "nucleus": (95, 55, 140),
-    "cyto_baso": (120, 160, 210),
-    "cyto_neutral": (215, 185, 200),
-    "azur_granule": (110, 40, 110),
-    "spec_granule": (190, 160, 190),
-    "eos_granule": (225, 120, 70),
+    "nucleus": (70, 38, 145),
+    "cyto_baso": (140, 135, 205),
+    "cyto_neutral": (205, 182, 215),
+    "azur_granule": (95, 35, 125),
+    "spec_granule": (185, 160, 200),
+    "eos_granule": (215, 135, 105),
     "auer": (170, 40, 90),
-    "rbc": (225, 165, 165),
+    "rbc": (208, 176, 210),
     "platelet": (150, 110, 170),
-    "plasma_bg": (240, 232, 240),
+    "plasma_bg": (238, 236, 246),
 }
 
 #: Presets: per-structure target colours overriding MGG, and a global density factor.

@@ -21,6 +21,11 @@ from .data import AreaSample
 
 #: Exponent of the label-pattern balancing of training draws (0.5: square-root sampling).
 BALANCE = 0.5
+#: The recipe ``wsi-apl train cells`` follows unless told otherwise: the best on held-out real marrow
+#: cells (README, "Real cells"; ``benchmarks/bench_real_cells.py``). ``wsi-apl train all`` and the
+#: demo keep the library's own defaults (32-µm crops at 0.25 µm/px, as for 40x scans).
+TRAIN_CELLS_DEFAULTS = {"crop_um": 24.0, "crop_px": 128, "epochs": 60, "ema": 0.99, "patience": 15,
+                        "stain_aug": "od"}
 
 
 def pattern_weights(labels: np.ndarray, balance: float) -> np.ndarray:
@@ -145,7 +150,8 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
                 weight_decay: float = 1e-4, patience: int = 6, seed: int = 0,
                 log: Callable[[str], None] = print, device: str = "cpu",
                 backbone_weights: Path | None = None,
-                balance: float = BALANCE, stain_aug: str = DEFAULT_STAIN_AUG) -> tuple[CellClassifier, dict]:
+                balance: float = BALANCE, stain_aug: str = DEFAULT_STAIN_AUG,
+                ema: float = 0.0) -> tuple[CellClassifier, dict]:
     """Multi-label training with class balancing; keeps the epoch with the best mean validation AUROC.
 
     Labels may be NaN (not labelled): the loss ignores them. ``backbone_weights``: start the backbone
@@ -155,7 +161,9 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
     is not learned as a shortcut of a common one (0: every cell once per epoch); the loss weights are
     set for the cells actually drawn. ``stain_aug``: the colour augmentation (:data:`STAIN_AUGMENTS`);
     ``cfg.stain_norm``: crops are stain-normalised to a reference fitted here on the training crops,
-    and so wherever the heads run (:func:`workers.classifier.classify`)."""
+    and so wherever the heads run (:func:`workers.classifier.classify`). ``ema``: the decay of an
+    exponential moving average of the weights, updated after every step, validated and kept instead
+    of the raw weights (0: off); on a few thousand cells it evens out the epoch-to-epoch swings."""
     if stain_aug not in STAIN_AUGMENTS:
         raise ValueError(f"unknown stain augmentation {stain_aug!r}; choose one of {', '.join(STAIN_AUGMENTS)}")
     torch.manual_seed(seed)
@@ -179,6 +187,12 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
     w_neg = np.nansum((1 - y) * draw[:, None], axis=0)
     pos_weight = torch.tensor(np.clip(w_neg / np.maximum(w_pos, 1e-9), 1.0, 30.0), dtype=torch.float32, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    averaged = None
+    if ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(ema)), use_buffers=True)
+    kept = model if averaged is None else averaged.module  # the weights validated and kept
     val_crops = val.crops(cfg) if len(val) else None
     t0 = time.time()
     best_score, best_state, best_epoch = -1.0, copy.deepcopy(model.state_dict()), 0
@@ -215,13 +229,15 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             losses.append(float(loss.detach()))
             step += 1
             if time_budget_s and time.time() - t0 > time_budget_s:
                 break
         aucs = {}
         if val_crops is not None:
-            p = classify(model, val_crops, device)
+            p = classify(kept, val_crops, device)
             for j, h in enumerate(heads):
                 ok = ~np.isnan(val.labels[:, j])
                 aucs[h] = auroc(val.labels[ok, j], p[ok, j])
@@ -233,7 +249,7 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
             + ", ".join(f"{h} {v:.3f}" for h, v in aucs.items())
             + f" ({time.time() - t0:.0f} s, {step * batch_size / max(1e-6, time.time() - t0):.0f} cells/s)")
         if val_crops is None or (score == score and score > best_score):
-            best_score, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), epoch + 1
+            best_score, best_state, best_epoch = score, copy.deepcopy(kept.state_dict()), epoch + 1
             stale = 0
         else:
             stale += 1

@@ -106,6 +106,10 @@ def training_cells(src: CellSources, geometry, cfg: CellConfig, *, seed: int = 0
     if src.cohort is not None:
         entries = read_cohort(src.cohort)
         synthetic = _synthetic(entries)
+        slide_mpp = entries[0].truth().get("mpp") if entries and entries[0].truth_path else None
+        if slide_mpp and cell_mpp and slide_mpp > cell_mpp * 1.05:
+            log(f"  warning: {src.cohort}'s slides are at {slide_mpp:g} µm/px, coarser than the {cell_mpp:g} µm/px "
+                "the crops are cut from: they are enlarged (give --crop-um/--crop-px for coarser crops)")
         tr, va = split_by_patient(entries, (0.8, 0.2), seed=seed)
         fine = cell_size(geometry, cfg)
         train_s = sum(collect_samples(tr, geometry, log, seed=seed, cells=fine), [])

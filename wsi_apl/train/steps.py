@@ -150,6 +150,7 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
                     backbone_weights: Path | None = None, trials: int = 0, folds: int = 0, epochs: int = 40,
                     budget_s: float | None = None, seed: int = 0, source: str = "truth",
                     stain_aug: str = DEFAULT_STAIN_AUG, stain_norm: str = "none", notes: list[str] | None = None,
+                    config: CellConfig | None = None, ema: float = 0.0, patience: int = 6,
                     log: Callable[[str], None] = print) -> dict:
     """Train the cell heads and store them in the bundle.
 
@@ -157,9 +158,16 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
     metrics); ``trials``: an Optuna search of head depth, dropout and learning rate on the validation
     split; ``backbone_weights``: transfer learning from weights on disk (recorded in the bundle);
     ``stain_aug`` / ``stain_norm``: colour augmentation and normalisation (stored with the heads);
-    ``notes``: caveats of the sources (a split by picture), stored with the metrics.
+    ``notes``: caveats of the sources (a split by picture), stored with the metrics; ``config``: the
+    heads' configuration to start from (crop size and pixels, backbone width), else the backbone's;
+    ``ema``: weight averaging (see :func:`~wsi_apl.train.cells.train_cells`); ``patience``: epochs
+    without a better validation AUROC before training stops.
     """
-    cfg = CellConfig(backbone=backbone, heads=tuple(heads), stain_norm=stain_norm)
+    if config is not None:  # crop size and resolution, backbone width... of the caller's choosing
+        cfg = CellConfig.from_json({**config.to_json(), "heads": list(heads), "stain_norm": stain_norm,
+                                    "stain_target": {}, "thresholds": {}})
+    else:
+        cfg = CellConfig(backbone=backbone, heads=tuple(heads), stain_norm=stain_norm)
     if tr.labels.shape[1] != len(cfg.heads):
         raise ValueError(f"the cells carry {tr.labels.shape[1]} label columns for {len(cfg.heads)} heads")
     if bundle.mpp_known and abs(tr.mpp / cfg.cell_mpp(bundle.mpp) - 1.0) > 0.01:
@@ -171,7 +179,7 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
                 "or leave it out (--heads)")
     log(f"Training the cell classifier ({backbone} backbone, {len(tr)} training cells, {len(va)} validation cells; "
         "positives " + ", ".join(f"{h} {int(np.nansum(tr.labels[:, j]))}" for j, h in enumerate(cfg.heads)) + ")")
-    kw = {"backbone_weights": backbone_weights, "stain_aug": stain_aug}
+    kw = {"backbone_weights": backbone_weights, "stain_aug": stain_aug, "ema": ema, "patience": patience}
     metrics: dict = {"notes": list(notes or [])} if notes else {}
     if folds and folds > 1:
         log(f"  {folds}-fold cross-validation by patient")
@@ -207,7 +215,7 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
                 "other heads: retrain them (wsi-apl train enn)")
     save_part(bundle, "cells", model.state_dict(), config=cfg.to_json(), metrics=metrics,
               provenance={"backbone_weights": note, "seed": seed, "source": source, "trials": trials, "folds": folds,
-                          "epochs": epochs, "stain_aug": stain_aug})
+                          "epochs": epochs, "stain_aug": stain_aug, "ema": ema, "patience": patience})
     log("  cells: validation AUROC " + ", ".join(f"{h} {v:.3f}" for h, v in info["val_auroc"].items())
         + "; thresholds " + ", ".join(f"{h} {v:.2f}" for h, v in cfg.thresholds.items()))
     return metrics
