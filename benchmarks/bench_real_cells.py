@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workers.classifier import CellConfig  # noqa: E402
 from wsi_apl.evaluate import evaluate_labelled_cells  # noqa: E402
+from wsi_apl.train.cells import TRAIN_CELLS_DEFAULTS  # noqa: E402
 from wsi_apl.train.picture_sets import BUILTIN_CLASSES, FolderSource, picture_classes  # noqa: E402
 from wsi_apl.train.sources import CellSources, training_cells  # noqa: E402
 from wsi_apl.train.steps import Geometry, open_or_create, step_cells_from  # noqa: E402
@@ -73,15 +74,17 @@ def score(bundle: Path, test: FolderSource) -> dict:
     return out
 
 
-def train(out: Path, src: CellSources, *, epochs: int, aug: str, norm: str, seed: int,
-          weights: Path | None = None) -> float:
+def train(out: Path, src: CellSources, *, epochs: int, aug: str, norm: str, seed: int, crop: tuple[float, int],
+          weights: Path | None = None, patience: int = 1000, heads: tuple[str, ...] = HEADS) -> float:
+    """Heads trained as ``wsi-apl train cells`` trains them (a ``crop`` of (µm, px), fixed epochs)."""
     geo = Geometry(0.5, (512, 384))
-    cfg = CellConfig(heads=HEADS)
+    cfg = CellConfig(heads=heads, crop_um=crop[0], crop_px=crop[1])
+    cfg.finest_mpp = min(cfg.finest_mpp, cfg.crop_mpp)
     t0 = time.time()
     tr, va, synthetic, notes = training_cells(src, geo, cfg, seed=seed, log=lambda s: None)
     bundle = open_or_create(out, geo, synthetic)
-    step_cells_from(bundle, tr, va, heads=HEADS, epochs=epochs, seed=seed, stain_aug=aug, stain_norm=norm,
-                    backbone_weights=weights, notes=notes, log=lambda s: None)
+    step_cells_from(bundle, tr, va, heads=heads, epochs=epochs, seed=seed, stain_aug=aug, stain_norm=norm,
+                    backbone_weights=weights, notes=notes, config=cfg, patience=patience, log=lambda s: None)
     return time.time() - t0
 
 
@@ -98,6 +101,12 @@ def main() -> int:
     ap.add_argument("--blood", default=None, help="blood folder set DIR:MPP (b+blood, x)")
     ap.add_argument("--synthetic-bundle", type=Path, default=None, help="a bundle trained on synthetic slides (a, c)")
     ap.add_argument("--cohort", type=Path, default=None, help="the synthetic cohort it was trained on (d)")
+    ap.add_argument("--retrain-synthetic", type=Path, nargs="*", default=[],
+                    help="synthetic cohorts to train heads on with the demo's recipe (32-µm crops at 0.25 µm/px, "
+                         "--synthetic-epochs), each then scored zero-shot (a)")
+    ap.add_argument("--synthetic-epochs", type=int, default=6)
+    ap.add_argument("--crop-um", type=float, default=TRAIN_CELLS_DEFAULTS["crop_um"])
+    ap.add_argument("--crop-px", type=int, default=TRAIN_CELLS_DEFAULTS["crop_px"])
     ap.add_argument("--recipes", default="a,b,b+blood,c,d,x")
     ap.add_argument("--variants", default="od/none,hed/none,od/reinhard,hed/reinhard")
     ap.add_argument("--epochs", type=int, default=30)
@@ -121,9 +130,11 @@ def main() -> int:
               " seconds |")
         print("|---|---|---|---|---|---|---|", flush=True)
 
+        crop = (a.crop_um, a.crop_px)
+
         def run(name, src, aug, norm, weights=None, epochs=a.epochs, test=m_test):
             out = tmp / f"b-{len(results)}"
-            secs = train(out, src, epochs=epochs, aug=aug, norm=norm, seed=a.seed, weights=weights)
+            secs = train(out, src, epochs=epochs, aug=aug, norm=norm, seed=a.seed, weights=weights, crop=crop)
             r = score(out, test)
             results.append({"recipe": name, "aug": aug, "norm": norm, "seconds": round(secs), **r})
             print(f"| {name} | {aug} | {norm} {fmt(r)} {secs:.0f} |", flush=True)
@@ -131,7 +142,18 @@ def main() -> int:
         if "a" in recipes and a.synthetic_bundle:
             r = score(a.synthetic_bundle, m_test)
             results.append({"recipe": "a", "aug": "-", "norm": "-", **r})
-            print(f"| a: synthetic heads, zero-shot | - | - {fmt(r)} - |", flush=True)
+            print(f"| a: synthetic heads ({a.synthetic_bundle}), zero-shot | - | - {fmt(r)} - |", flush=True)
+        for cohort in a.retrain_synthetic:
+            from wsi_apl.train.data import read_cohort
+
+            out = tmp / f"s-{len(results)}"
+            gen = read_cohort(cohort)[0].truth().get("generator", "?")
+            secs = train(out, CellSources(cohort=cohort), epochs=a.synthetic_epochs, aug="od", norm="none",
+                         seed=a.seed, crop=(32.0, 128), heads=("myeloblast", "promyelocyte", "auer_rod"))
+            r = score(out, m_test)
+            results.append({"recipe": f"a: {gen}", "aug": "od", "norm": "none", "seconds": round(secs), **r})
+            print(f"| a: heads trained on {cohort.name} ({gen}), zero-shot | od | none {fmt(r)} {secs:.0f} |",
+                  flush=True)
         for aug, norm in variants:
             if "b" in recipes:
                 run("b: real marrow only", CellSources(folders=[m_train]), aug, norm)

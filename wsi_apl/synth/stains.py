@@ -15,7 +15,7 @@ import numpy as np
 #: The structures the renderer knows. Target colours (RGB at typical density) are given in the
 #: comments of the May-Grünwald-Giemsa preset, the reference from which the others are shifted.
 COMPONENTS = (
-    "nucleus",       # blue-violet chromatin (70, 38, 145)
+    "nucleus",       # blue-violet chromatin (55, 22, 140)
     "cyto_baso",     # basophilic (violet-blue) cytoplasm (140, 135, 205)
     "cyto_neutral",  # neutral / lilac cytoplasm of maturing granulocytes (205, 182, 215)
     "azur_granule",  # azurophilic (primary) granules, dark purple (95, 35, 125)
@@ -28,6 +28,7 @@ COMPONENTS = (
 )
 #: The May-Grünwald-Giemsa targets follow real marrow pictures (the colour bands of Matek et al.
 #: 2021's cells: nuclei (32-77, 11-42, 108-160), glass (236, 235, 244)) more than an atlas drawing:
+#: (the other presets' nuclei are as dense, each with its own hue)
 #: dense blue-violet nuclei, violet rather than cyan cytoplasm, greyish red cells. Until generator
 #: 2 the palette was lighter and pinker (nucleus (95, 55, 140), cytoplasm (120, 160, 210), red cells
 #: (225, 165, 165)), which a discriminator told from real cells at every crop.
@@ -38,7 +39,7 @@ def _od(rgb: tuple[int, int, int]) -> np.ndarray:
 
 
 _MGG = {
-    "nucleus": (70, 38, 145),
+    "nucleus": (55, 22, 140),
     "cyto_baso": (140, 135, 205),
     "cyto_neutral": (205, 182, 215),
     "azur_granule": (95, 35, 125),
@@ -54,13 +55,13 @@ _MGG = {
 _PRESETS: dict[str, tuple[dict[str, tuple[int, int, int]], float]] = {
     "mgg": ({}, 1.0),
     # Wright-Giemsa: redder red cells and nuclei, pinker neutral cytoplasm
-    "wright": ({"nucleus": (115, 60, 130), "rbc": (232, 150, 140), "cyto_neutral": (222, 180, 190),
+    "wright": ({"nucleus": (90, 35, 130), "rbc": (232, 150, 140), "cyto_neutral": (222, 180, 190),
                 "cyto_baso": (130, 160, 205)}, 1.0),
     # Giemsa alone: bluer overall
-    "giemsa": ({"nucleus": (80, 62, 150), "cyto_baso": (100, 150, 215), "rbc": (215, 170, 180),
+    "giemsa": ({"nucleus": (55, 35, 150), "cyto_baso": (100, 150, 215), "rbc": (215, 170, 180),
                 "cyto_neutral": (205, 185, 210)}, 1.05),
     # Leishman: violet nuclei, greyish-pink red cells (held out in evaluation by default)
-    "leishman": ({"nucleus": (105, 65, 150), "rbc": (220, 160, 175), "cyto_baso": (125, 150, 200),
+    "leishman": ({"nucleus": (80, 40, 150), "rbc": (220, 160, 175), "cyto_baso": (125, 150, 200),
                   "azur_granule": (120, 45, 125)}, 0.95),
     # under-stained and over-stained runs
     "pale": ({}, 0.7),
