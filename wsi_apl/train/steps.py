@@ -258,8 +258,9 @@ def slide_feature_table(bundle: ModelBundle, entries: list[SlideEntry], *, max_a
             X[i] = feats["features"]
         extra.append({"slide": e.slide, "cells": res.cells, "areas": res.areas, "selection": sel.status,
                       "reason": sel.reason, "blast_percent": feats.get("blast_percent") if feats else None})
-        log(f"  features {i + 1}/{len(entries)}: {e.slide} ({e.diagnosis}) {res.cells} cells in {res.areas} areas "
-            f"({time.time() - t0:.0f} s)")
+        why = f" - {sel.reason}" if sel.reason and not res.areas else ""
+        log(f"  features {i + 1}/{len(entries)}: {e.slide} ({e.diagnosis}) {res.cells} cells in {res.areas} areas"
+            f"{why} ({time.time() - t0:.0f} s)")
     return X, extra
 
 
