@@ -6,48 +6,24 @@ import numpy as np
 
 
 def auroc(y: np.ndarray, s: np.ndarray) -> float:
-    """Area under the ROC curve (rank statistic, ties averaged); NaN if one class is missing."""
+    """Area under the ROC curve (scikit-learn; ties count half); NaN if one class is missing."""
+    from sklearn.metrics import roc_auc_score
+
     y = np.asarray(y).astype(bool)
-    s = np.asarray(s, np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), np.float64)
-    sorted_s = s[order]
-    # average ranks over ties
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y, np.asarray(s, np.float64)))
 
 
 def auprc(y: np.ndarray, s: np.ndarray) -> float:
-    """Average precision (area under the precision-recall curve, step-wise); NaN without positives."""
+    """Average precision (scikit-learn: tied scores form one step, so the order of the input does
+    not matter); NaN without positives."""
+    from sklearn.metrics import average_precision_score
+
     y = np.asarray(y).astype(bool)
-    s = np.asarray(s, np.float64)
-    n_pos = int(y.sum())
-    if n_pos == 0:
+    if not y.any():
         return float("nan")
-    order = np.argsort(-s, kind="mergesort")
-    ys = y[order]
-    tp = np.cumsum(ys)
-    precision = tp / np.arange(1, len(ys) + 1)
-    return float((precision * ys).sum() / n_pos)
-
-
-def roc_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false-positive rate, true-positive rate, thresholds), thresholds descending."""
-    y = np.asarray(y).astype(bool)
-    s = np.asarray(s, np.float64)
-    thr = np.unique(s)[::-1]
-    tpr = np.array([(s[y] >= t).mean() if y.any() else np.nan for t in thr])
-    fpr = np.array([(s[~y] >= t).mean() if (~y).any() else np.nan for t in thr])
-    return np.r_[0.0, fpr], np.r_[0.0, tpr], np.r_[np.inf, thr]
+    return float(average_precision_score(y, np.asarray(s, np.float64)))
 
 
 def bootstrap_ci(fn, y: np.ndarray, s: np.ndarray, n: int = 1000, seed: int = 0, groups: np.ndarray | None = None,

@@ -28,6 +28,20 @@ def test_auroc_auprc_known_values():
     assert lo < hi <= 1.0
 
 
+def test_metrics_do_not_depend_on_the_order_of_tied_scores():
+    """Saturated float32 probabilities tie often: the order in which tied cells arrive must not
+    change AUPRC (a hand-written step sum gave 1.0 for [1, 0] and 0.5 for [0, 1] at equal scores)."""
+    assert auprc(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    assert auprc(np.array([0, 1]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    rng = np.random.default_rng(3)
+    y = rng.random(300) < 0.3
+    s = np.round(rng.random(300) * 4) / 4 + 0.3 * y  # few distinct values: many ties
+    for _ in range(5):
+        p = rng.permutation(300)
+        assert auprc(y[p], s[p]) == pytest.approx(auprc(y, s))
+        assert auroc(y[p], s[p]) == pytest.approx(auroc(y, s))
+
+
 def test_threshold_for_sensitivity():
     y = np.array([1] * 20 + [0] * 20)
     s = np.r_[np.linspace(0.5, 1.0, 20), np.linspace(0.0, 0.6, 20)]
