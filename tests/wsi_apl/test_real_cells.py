@@ -119,6 +119,22 @@ def test_train_and_evaluate_on_folder_sets(folder_sets, tmp_path):
     assert len(m["read"]["unreadable"]) == 2 and m["notes"]
 
 
+def test_synthetic_cohort_and_real_cells_in_one_run(folder_sets, tmp_path):
+    """A lab's own real cells next to a synthetic cohort (--truth): the cohort's slides (0.25 µm/px) are
+    resampled to the heads' 0.1875 µm/px and joined with the pictures; the validation is per source."""
+    from wsi_apl.synth.cohort import synth_cohort
+
+    cohort = tmp_path / "cohort"
+    synth_cohort(cohort, ["apl"] * 3 + ["healthy"] * 3, seed=71, mpp=0.25, size=(1024, 768), plain=True)
+    out = tmp_path / "bundle"
+    r = CliRunner().invoke(main, ["train", "cells", "--truth", str(cohort), "--folders",
+                                  f"{folder_sets / 'marrow'}:{MATEK_MPP}", "--heads", "myeloblast,promyelocyte",
+                                  "--out", str(out), "--epochs", "1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    per_source = load_bundle(out).part("cells")["metrics"].get("validation_by_source") or {}
+    assert len(per_source) == 2, r.output
+
+
 def test_folders_need_a_pixel_size(folder_sets, tmp_path):
     r = CliRunner().invoke(main, ["train", "cells", "--folders", str(folder_sets / "marrow"), "--out",
                                   str(tmp_path / "b")])

@@ -115,6 +115,9 @@ def training_cells(src: CellSources, geometry, cfg: CellConfig, *, seed: int = 0
         train_s = sum(collect_samples(tr, geometry, log, seed=seed, cells=fine), [])
         val_s = sum(collect_samples(va, geometry, log, n_random=0, seed=seed, cells=fine), [])
         name = Path(src.cohort).name
+        if not train_s:
+            log(f"  warning: {src.cohort}: no area of its training slides could be read (no usable monolayer "
+                "area on any of them): it adds no cells")
         trains.append(_named(CellSet.from_samples(train_s, cfg.heads, geometry.mpp), name))
         vals.append(_named(CellSet.from_samples(val_s, cfg.heads, geometry.mpp), name))
     if src.folders and cell_mpp is None:
