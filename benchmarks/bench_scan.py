@@ -47,8 +47,8 @@ def main() -> None:
     rows = []
     for n in (int(v) for v in args.workers.split(",")):
         out = Path(tempfile.mkdtemp(prefix=f"bench-scan-{n}w-"))
-        opts = ScanOptions(slides=folder, out=out, bundle=args.bundle, workers=n, max_areas=args.max_areas,
-                           target_cells=0)
+        opts = ScanOptions(slides=folder, out=out, bundle=args.bundle, allow_synthetic=True, workers=n,
+                           max_areas=args.max_areas, target_cells=0)
         t0 = time.time()
         s = scan(opts, log=lambda _m: None)
         el = time.time() - t0

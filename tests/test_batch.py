@@ -55,10 +55,24 @@ def reference(trained, slides, tmp_path_factory):
     """An undisturbed scan of ``slides`` (embedded LocalCluster, 2 workers)."""
     _, bundle = trained
     out = tmp_path_factory.mktemp("ref") / "results"
-    r = CliRunner().invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path),
+    r = CliRunner().invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--allow-synthetic",
                                   "--workers", "2", *SCAN_ARGS])
     assert r.exit_code == 0, r.output
     return out
+
+
+def test_scan_needs_a_bundle_and_refuses_a_synthetic_one_unless_asked(trained, slides, tmp_path, monkeypatch):
+    """No silent demo models: without --bundle (or $WSI_APL_BUNDLE) the scan stops, and a bundle trained
+    on synthetic data is refused without --allow-synthetic, before anything is written."""
+    _, bundle = trained
+    monkeypatch.delenv("WSI_APL_BUNDLE", raising=False)
+    out = tmp_path / "results"
+    r = CliRunner().invoke(main, ["scan", str(slides), "--out", str(out), *SCAN_ARGS])
+    assert r.exit_code == 2 and "--bundle" in r.output
+    r = CliRunner().invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), *SCAN_ARGS])
+    assert r.exit_code == 2, r.output
+    assert "synthetic data" in r.output and "--allow-synthetic" in r.output
+    assert not (out / "triage.csv").exists() and not (out / "ledger.sqlite").exists()
 
 
 def _results(out: Path) -> dict[str, dict]:
@@ -127,7 +141,7 @@ def test_worker_killed_while_holding_an_area_task(trained, slides, reference, tm
         flag = tmp_path / "killed.txt"
         handle.client.register_plugin(KillOnce(str(flag)))
         out = tmp_path / "results"
-        r = subprocess.run(CLI + ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path),
+        r = subprocess.run(CLI + ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--allow-synthetic",
                                   "--scheduler", address, *SCAN_ARGS], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
         key, worker, pid = flag.read_text().split("\t")
@@ -146,7 +160,7 @@ def test_sigkill_mid_batch_then_rerun(trained, slides, reference, tmp_path):
     _, bundle = trained
     out = tmp_path / "results"
     # the reference's workers (2, one torch thread each: the thread count changes the last digits)
-    args = ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--workers", "2",
+    args = ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--allow-synthetic", "--workers", "2",
             "--max-active-slides", "1", *SCAN_ARGS]
     proc = subprocess.Popen(CLI + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     finished: set[str] = set()
@@ -156,7 +170,7 @@ def test_sigkill_mid_batch_then_rerun(trained, slides, reference, tmp_path):
             rows = _ledger(out)
             done = {fp for fp, st, _ in rows if st in ("flagged", "not_flagged", "inconclusive")}
             running = [fp for fp, st, _ in rows if st == "running"]
-            if done and running:
+            if done and running and len(_final_rows(out)) >= len(done):  # the list is rewritten after each slide
                 finished = done
                 break
             time.sleep(0.05)
@@ -168,6 +182,11 @@ def test_sigkill_mid_batch_then_rerun(trained, slides, reference, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert finished and running  # killed with one slide finished and another in flight
     after_kill = {fp: (st, n) for fp, st, n in _ledger(out)}
+    # the morning list after a power cut: as current as the last finished slide, and marked not final
+    assert {r["fingerprint"] for r in _final_rows(out)} == finished
+    st = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).output)
+    assert st["scan"]["state"] == "interrupted" and st["final"] is False
+    assert "NOT final" in CliRunner().invoke(main, ["status", str(out)]).output
 
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
@@ -179,7 +198,67 @@ def test_sigkill_mid_batch_then_rerun(trained, slides, reference, tmp_path):
     assert len(slide_groups(out)) == 4  # one group per slide, no duplicates
     triage = list(csv.DictReader((out / "triage.csv").open()))
     assert sorted(t["slide"] for t in triage) == sorted(p.name for p in slides.iterdir())
+    st = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).output)
+    assert st["scan"]["state"] == "complete" and st["final"] is True
     _same_results(reference, out)
+
+
+def _final_rows(out: Path) -> list[dict]:
+    """The rows of triage.csv with a result (none while the file does not exist yet)."""
+    try:
+        rows = list(csv.DictReader((out / "triage.csv").open()))
+    except FileNotFoundError:
+        return []
+    return [r for r in rows if r["status"] in ("flagged", "not_flagged", "inconclusive")]
+
+
+def test_every_entry_that_could_be_a_slide_gets_a_row(trained, tmp_path):
+    """Unknown formats and folders that hold a slide are failed rows with the format named; side files
+    and ordinary subfolders are not rows. No slide can be read here, so no cluster starts."""
+    _, bundle = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "scan.heic").write_bytes(b"\x00" * 64)
+    (folder / "slide.ome.zarr").mkdir()
+    (folder / "slide.ome.zarr" / "zarr.json").write_text("{}")
+    (folder / "series").mkdir()
+    (folder / "series" / "level0.dcm").write_bytes(b"\x00" * 132)
+    (folder / "orphan").mkdir()
+    (folder / "orphan" / "Slidedat.ini").write_text("[GENERAL]\n")
+    dicom = bytearray(200)
+    dicom[128:132] = b"DICM"
+    (folder / "IM0001").write_bytes(bytes(dicom))
+    (folder / "notes.txt").write_text("night shift")
+    (folder / "README").write_text("not a slide")
+    (folder / "truth").mkdir()
+    (folder / "truth" / "x.json").write_text("{}")
+    out = tmp_path / "results"
+    r = CliRunner().invoke(main, ["scan", str(folder), "--out", str(out), "--bundle", str(bundle.path),
+                                  "--allow-synthetic", *SCAN_ARGS])
+    assert r.exit_code == 1, r.output
+    rows = {row["slide"]: row for row in csv.DictReader((out / "triage.csv").open())}
+    assert set(rows) == {"scan.heic", "slide.ome.zarr", "series", "orphan", "IM0001"}, r.output
+    assert all(row["status"] == "failed" for row in rows.values())
+    assert "'.heic' is not a slide format" in rows["scan.heic"]["reason"]
+    assert "zarr" in rows["slide.ome.zarr"]["reason"] and "DICOM" in rows["series"]["reason"]
+    assert "orphan.mrxs" in rows["orphan"]["reason"] and "rename it to IM0001.dcm" in rows["IM0001"]["reason"]
+    assert "notes.txt" in r.output  # named in the summary
+
+
+def test_triage_waits_for_a_running_scan(tmp_path):
+    """`wsi-apl triage` does not write the list under a running scan's feet."""
+    from wsi_apl.ledger import Ledger
+
+    led = Ledger(tmp_path)
+    led.lock()  # as a scan holds it
+    try:
+        r = CliRunner().invoke(main, ["triage", str(tmp_path)])
+        assert r.exit_code == 1 and "a scan is running" in r.output
+        assert not (tmp_path / "triage.csv").exists()
+    finally:
+        led.close()
+    r = CliRunner().invoke(main, ["triage", str(tmp_path)])
+    assert r.exit_code == 0 and (tmp_path / "triage.csv").exists()
 
 
 # -- the deadline and files still being written ----------------------------------------------------------
@@ -192,7 +271,7 @@ def test_deadline_leaves_not_analysed_rows(trained, slides, tmp_path):
     growing = folder / "being_written.svs"
     growing.write_bytes(b"II*\x00" + b"\x00" * 100)  # just written: not read until its size is stable
     out = tmp_path / "results"
-    r = CliRunner().invoke(main, ["scan", str(folder), "--out", str(out), "--bundle", str(bundle.path),
+    r = CliRunner().invoke(main, ["scan", str(folder), "--out", str(out), "--bundle", str(bundle.path), "--allow-synthetic",
                                   "--workers", "1", "--max-active-slides", "1", "--watch", "--deadline", "+2s",
                                   "--settle", "60", "--poll", "0.5", *SCAN_ARGS])
     assert r.exit_code == 1, r.output  # some slides were not analysed
@@ -242,7 +321,7 @@ def test_on_flag_runs_once_per_flagged_slide_with_case_ids(trained, slides, tmp_
     script = tmp_path / "pager.py"
     script.write_text("import sys\nopen(sys.argv[1], 'a').write('\\t'.join(sys.argv[2:]) + '\\n')\n")
     out = tmp_path / "results"
-    r = CliRunner().invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(flagging),
+    r = CliRunner().invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(flagging), "--allow-synthetic",
                                   "--workers", "2", "--cases", str(cases),
                                   "--on-flag", f"{sys.executable} {script} {record}", *SCAN_ARGS])
     assert r.exit_code == 0, r.output
@@ -316,13 +395,13 @@ def test_scan_through_a_tls_scheduler(trained, slides, reference, tmp_path):
         shutil.copy2(src, one / src.name)
         address = f"tls://127.0.0.1:{port}"
         runner = CliRunner()
-        r = runner.invoke(main, ["scan", str(one), "--out", str(tmp_path / "plain"), "--bundle", str(bundle.path),
+        r = runner.invoke(main, ["scan", str(one), "--out", str(tmp_path / "plain"), "--bundle", str(bundle.path), "--allow-synthetic",
                                  "--scheduler", address, *SCAN_ARGS])
         assert r.exit_code == 2 and "--tls-ca-file" in r.output  # refused in words, nothing half-done
         out = tmp_path / "results"
         deadline = time.time() + 60
         while True:  # the scheduler and worker take a few seconds to start
-            r = runner.invoke(main, ["scan", str(one), "--out", str(out), "--bundle", str(bundle.path),
+            r = runner.invoke(main, ["scan", str(one), "--out", str(out), "--bundle", str(bundle.path), "--allow-synthetic",
                                      "--scheduler", address, *tls, *SCAN_ARGS])
             if r.exit_code != 2 or time.time() > deadline:
                 break

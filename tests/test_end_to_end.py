@@ -39,7 +39,7 @@ def test_train_scan_resume(trained):
     synth_cohort(root / "frames", ["apl"], seed=33, mpp=0.25, size=(1024, 768), plain=True)
     shutil.copy(root / "frames" / "slide_0033_000.png", slides / "camera_frame.png")
     out = root / "results"
-    args = ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--workers", "2",
+    args = ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--allow-synthetic", "--workers", "2",
             "--max-areas", "6", "--target-cells", "0"]
     r = runner.invoke(main, args)
     assert r.exit_code == 1, r.output  # some slides failed: non-zero, with a summary
@@ -61,6 +61,8 @@ def test_train_scan_resume(trained):
         # the heads look at 0.25 µm/px: the 0.5 µm/px slides say their crops were coarser, the frame does not
         coarse = "coarser than the 0.25 µm/px the cell heads" in row["qc"]
         assert coarse == (row["slide"] != "camera_frame.png"), row
+        # coarse pixels can support a flag, never a negative call
+        assert not (coarse and row["status"] == "not_flagged"), row
     # the copy is the same file: analysed once, reported under both names
     assert by_name["copy_of_apl.tiff"]["fingerprint"] == by_name["slide_0032_000.tiff"]["fingerprint"]
     assert by_name["copy_of_apl.tiff"]["status"] == by_name["slide_0032_000.tiff"]["status"]
@@ -150,7 +152,7 @@ def test_evaluate_enn_reads_a_scan_results_folder(trained, tmp_path):
     synth_cohort(slides, ["apl", "aml", "healthy", "reactive"], seed=35, mpp=0.5, size=(3000, 2250))
     out = tmp_path / "results"
     runner = CliRunner()
-    r = runner.invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--workers", "1",
+    r = runner.invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--allow-synthetic", "--workers", "1",
                              "--max-areas", "3", "--target-cells", "0"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["evaluate", "enn", "--bundle", str(bundle.path), "--slides", str(slides / "labels.csv"),
@@ -187,7 +189,7 @@ def test_faggot_head_added_to_a_trained_bundle_then_scanned(trained, tmp_path):
     slides = tmp_path / "slides"
     synth_cohort(slides, ["apl"], seed=34, mpp=0.5, size=(3000, 2250))
     out = tmp_path / "results"
-    r = runner.invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(b), "--workers", "1",
+    r = runner.invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(b), "--allow-synthetic", "--workers", "1",
                              "--max-areas", "4", "--target-cells", "0"])
     assert r.exit_code == 0, r.output
     row, = list(csv.DictReader((out / "triage.csv").open()))

@@ -684,9 +684,10 @@ def evaluate_enn_cmd(bundle_dir, slides_csv, results_dir, max_areas, target_cell
 @main.command()
 @click.argument("slides_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), envvar="WSI_APL_BUNDLE",
-              default=Path("demo_out/bundle"), show_default=True,
-              help="Model bundle (default: $WSI_APL_BUNDLE, else the demo's bundle).")
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), envvar="WSI_APL_BUNDLE", required=True,
+              help="Model bundle (or $WSI_APL_BUNDLE). There is no default: the lab says which models read its slides.")
+@click.option("--allow-synthetic", is_flag=True,
+              help="Scan with a bundle trained on synthetic data (the demo, tests); refused without this flag.")
 @click.option("--reader", type=click.Choice(["auto", "openslide", "tiffslide", "pil"]), default="auto")
 @click.option("--mpp", type=float, default=None, help="µm per pixel for files without a resolution.")
 @click.option("--max-areas", type=int, default=12, show_default=True)
@@ -720,7 +721,7 @@ def evaluate_enn_cmd(bundle_dir, slides_csv, results_dir, max_areas, target_cell
               help="--watch: seconds between listings of the folder.")
 @click.option("--on-flag", default=None,
               help="Command run the moment a slide is flagged, with the slide path, case id and suspicion as arguments.")
-def scan(slides_dir, out, bundle_dir, reader, mpp, max_areas, target_cells, force, scheduler, tls_ca_file, tls_cert,
+def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, target_cells, force, scheduler, tls_ca_file, tls_cert,
          tls_key, cluster_kind, slurm_queue, slurm_account, slurm_jobs, slurm_gpus, slurm_cores, slurm_memory,
          slurm_walltime, workers, max_active_slides, cases, watch, deadline, settle_s, poll_s, on_flag) -> None:
     """Scan every slide of a folder and write the triage list."""
@@ -749,7 +750,7 @@ def scan(slides_dir, out, bundle_dir, reader, mpp, max_areas, target_cells, forc
                        target_cells=target_cells, force=force, scheduler=scheduler, workers=workers, cases=cases,
                        max_active_slides=max_active_slides, tls=TlsFiles(tls_ca_file, tls_cert, tls_key),
                        slurm=slurm, watch=watch, deadline=deadline_at, settle_s=settle_s, poll_s=poll_s,
-                       on_flag=on_flag)
+                       on_flag=on_flag, allow_synthetic=allow_synthetic)
     try:
         summary = run_scan(opts, log=click.echo)
     except (BundleError, LedgerLocked, FileNotFoundError, ValueError, ClusterError) as exc:
@@ -784,10 +785,24 @@ def status(results: Path, as_json: bool) -> None:
         per_hour = round(3600 * len(times) / span, 1) if span > 0 else None
     slides = [{"path": r["path"], "status": r["status"], "error": r["error"], "attempts": r["attempts"],
                "case": r["case"], "suspicion": (r["result"] or {}).get("suspicion")} for r in rows]
-    d = {"counts": counts, "slides_per_hour": per_hour, "slides": slides}
+    from .triage import read_state
+
+    state = read_state(results)
+    d = {"counts": counts, "slides_per_hour": per_hour, "slides": slides, "scan": state,
+         "final": bool(state and state.get("final"))}
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
+    if state is None:
+        click.echo("No scan state recorded (a scan by an older version, or none yet): triage.csv may not be final")
+    elif state["state"] == "complete":
+        click.echo(f"The scan ended at {state['updated']}: triage.csv is final")
+    elif state["state"] == "running":
+        click.echo(f"A scan is running (since {state['started']}): triage.csv is rewritten after every slide "
+                   f"({state['slides_done']} done, {state['slides_left']} left, last update {state['updated']})")
+    else:
+        click.echo(f"The scan was interrupted ({state.get('why') or 'stopped'}); triage.csv holds the slides "
+                   f"finished up to {state['updated']}: it is NOT final, run the scan again to finish it")
     click.echo(", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "no slides yet")
     if per_hour:
         click.echo(f"{per_hour} slides per hour")
@@ -800,10 +815,22 @@ def status(results: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def triage(results: Path) -> None:
-    """Regenerate RESULTS/triage.csv from the ledger."""
+    """Regenerate RESULTS/triage.csv from the ledger (refused while a scan writes the folder)."""
+    from .ledger import Ledger, LedgerLocked
     from .triage import write_triage
 
-    click.echo(str(write_triage(results)))
+    led = Ledger(results)
+    try:
+        led.lock()
+    except LedgerLocked:
+        led.close()
+        _echo_err(f"{results}: a scan is running and rewrites triage.csv after every slide; "
+                  f"'wsi-apl status {results}' shows how far it is")
+        sys.exit(1)
+    try:
+        click.echo(str(write_triage(results, led)))
+    finally:
+        led.close()
     click.echo(DECISION_SUPPORT)
 
 

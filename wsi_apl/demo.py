@@ -54,7 +54,8 @@ def run_demo(out: Path, quick: bool = False, log: Callable[[str], None] = print)
     cells = evaluate_cells(bundle_dir, test_entries, log=lambda s: None)
     log(f"[4/4] Scanning {slides} with the embedded Dask LocalCluster")
     results = out / "results"
-    summary = scan(ScanOptions(slides=slides, out=results, bundle=bundle_dir, max_areas=8, target_cells=400),
+    summary = scan(ScanOptions(slides=slides, out=results, bundle=bundle_dir, max_areas=8, target_cells=400,
+                               allow_synthetic=True),
                    log=lambda s: log("  " + s))
     led = Ledger(results)
     try:

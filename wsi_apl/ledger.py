@@ -85,6 +85,23 @@ class Ledger:
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
 
+    @staticmethod
+    def lock_held(results: str | Path) -> bool:
+        """Whether a scan holds the lock of ``results`` now (a killed process holds none)."""
+        path = Path(results) / ".scan.lock"
+        if not path.exists():
+            return False
+        fd = os.open(str(path), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
+
     def unlock(self) -> None:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)

@@ -147,7 +147,14 @@ def aggregate(name: str, path: str, selection: Selection, tables: list[CellTable
     result.p_apl_vs_aml = _finite(d.p_apl_vs_aml)
     result.p_apl_vs_healthy = _finite(d.p_apl_vs_healthy)
     result.reason = "; ".join(d.reasons)
-    few = few_apl_slides(rule) if d.status == "not_flagged" else ""
+    if coarse and d.status == "not_flagged":
+        # a flag stands on coarse pixels (the evidence is there), a negative call does not: rods and
+        # granules the heads would need may simply not be resolved
+        result.status = "inconclusive"
+        result.reason = ("not flagged, but the cells were read from pixels coarser than the cell heads were trained "
+                         "on, so a negative call is not earned: rescan at 40x or review" +
+                         (f" ({result.reason})" if result.reason else ""))
+    few = few_apl_slides(rule) if result.status == "not_flagged" else ""
     if few:
         result.qc.append(few)
     return result, cols, feats

@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -36,13 +37,13 @@ from cluster.client import SlurmOptions, TlsFiles, register_bundles, start_clust
 from cluster.plugin import area_task, select_task
 from cluster.submit import TaskWindow
 from tile_selector.slide import REFUSED_FORMATS, SLIDE_EXTENSIONS
-from workers.bundle import load_bundle
+from workers.bundle import BundleError, load_bundle
 
 from .enn import SlideNets
 from .ledger import Ledger, fingerprint
 from .pipeline import DECISION_SUPPORT, SlideResult, aggregate, few_apl_slides
 from .store import SLIDE_ALLOWLIST, clean_staging, remove_slide_group, write_slide_group
-from .triage import write_triage
+from .triage import write_state, write_triage
 
 #: Slide formats a lab may drop in the folder that no reader here understands: listed so that they
 #: get a ``failed`` row with the reason instead of vanishing from the triage list.
@@ -74,6 +75,7 @@ class ScanOptions:
     on_flag: str | None = None         # the site's command, run once per flagged slide
     area_retries: int = 1              # an area task that raises is retried this often, then its slide fails
     stall_s: float = 3600.0            # no task finished for this long while some run: their slides fail
+    allow_synthetic: bool = False      # a bundle trained on synthetic data scans only when asked (demo, tests)
 
 
 @dataclass
@@ -91,19 +93,65 @@ class _SlideJob:
     finished: bool = False
 
 
+#: Side files that are never slides: named in the summary, no row. Every other file gets a row.
+SIDE_EXTENSIONS = {".csv", ".tsv", ".json", ".txt", ".xml", ".md", ".log", ".ini", ".yaml", ".yml", ".pdf",
+                   ".html", ".htm", ".sha256", ".md5", ".ets",  # an .ets belongs to a .vsi, which has its row
+                   ".part", ".partial", ".tmp", ".crdownload"}  # copies in progress: their final name comes
+
+
+def slide_store(p: Path) -> str | None:
+    """What a folder holds if it looks like a slide stored as a folder (or None): such a folder
+    gets a failed row that says what to do, an ordinary subfolder is skipped."""
+    name = p.name.lower()
+    if name.endswith(".zarr"):
+        return ("an OME-Zarr (or other zarr) slide store: wsi-apl does not read zarr slides; export the slide "
+                "as OME-TIFF or SVS")
+    if (p / "Slidedat.ini").exists():
+        if (p.parent / f"{p.name}.mrxs").exists():
+            return None  # the data folder of an MRXS slide that has its own row
+        return (f"an MRXS data folder without its '{p.name}.mrxs' file: copy the .mrxs file next to it (the "
+                "slide is the .mrxs file and this folder together)")
+    try:
+        has_dicom = (p / "DICOMDIR").exists() or any(c.suffix.lower() == ".dcm" for c in p.iterdir())
+    except OSError:
+        return None
+    if has_dicom:
+        return ("a DICOM slide folder (one file per level): multi-file DICOM slides are not read; export the "
+                "slide as OME-TIFF or SVS, or scan a single-file DICOM")
+    return None
+
+
+def _is_dicom_file(p: Path) -> bool:
+    try:
+        with p.open("rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def list_slides(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(slide-like entries, other files) of ``folder``, sorted; folders named like slides are included
-    so that they are reported. Hidden entries and ordinary subfolders are skipped."""
+    """(entries that get a row, side files named only in the summary) of ``folder``, sorted.
+
+    Rows: slide files; folders named like slides and folders that hold a slide (DICOM, zarr, an MRXS
+    data folder without its .mrxs), so that they are reported; files of formats we do not read.
+    Hidden entries, ordinary subfolders and side files (csv, json, txt, xml, md, ...) get none."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder of slides")
     slides, others = [], []
     for p in sorted(folder.iterdir()):
         if p.name.startswith("."):
             continue
-        if p.suffix.lower() in SCAN_EXTENSIONS:
+        suffix = p.suffix.lower()
+        if suffix in SCAN_EXTENSIONS:
             slides.append(p.resolve())
-        elif p.is_file():
+        elif p.is_dir():
+            if slide_store(p):
+                slides.append(p.resolve())
+        elif suffix in SIDE_EXTENSIONS or (not suffix and not _is_dicom_file(p)):
             others.append(p)
+        else:
+            slides.append(p.resolve())  # a format we do not read: a failed row that names it
     return slides, others
 
 
@@ -243,6 +291,10 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     bundle.require("detector", "cells", "slide_nets")
     _ = bundle.mpp  # a bundle trained on pictures without a pixel size cannot scan: say so before any slide
     nets = SlideNets.from_bundle(bundle)
+    if bundle.synthetic and not opts.allow_synthetic:
+        raise BundleError(f"{opts.bundle}: bundle {bundle.name} was trained on synthetic data (a demo model, not for "
+                          "diagnosis); give the bundle your lab trained on real slides, or pass --allow-synthetic "
+                          "to scan with it anyway (the demo, tests)")
     if bundle.synthetic:
         log(f"WARNING: bundle {bundle.name} was trained on synthetic data: demo model, not for diagnosis.")
     few = few_apl_slides((bundle.part("slide_nets") or {}).get("decision") or {})
@@ -255,20 +307,23 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     clean_staging(opts.out)
     batch = _Batch(opts, bundle, nets, ledger, cases, folder, log)
     alerts = batch.alerts
+    ended_well = False
     try:
         batch.discover(first=True)
         if batch.skipped:
             log(f"{batch.skipped} slide(s) already analysed with this bundle: skipped (use --force to redo)")
+        batch.checkpoint()
         if batch.jobs or opts.watch:
             batch.run()
+        ended_well = True
     finally:
         alerts.wait()
         batch.close_unfinished()
         # whatever happened above, tonight's list is rewritten from the ledger: every slide seen has a row
         out = write_triage(opts.out, ledger)
-        counts: dict[str, int] = {}
-        for r in ledger.rows():
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        exc = sys.exc_info()[1]
+        why = "" if ended_well else (f"{type(exc).__name__}: {exc}" if exc is not None else "stopped")
+        counts = batch.checkpoint("complete" if ended_well else "interrupted", why, triage=False)
         ledger.close()
     elapsed = time.time() - t_start
     summary = {"counts": counts, "seconds": round(elapsed, 1), "triage": str(out),
@@ -305,6 +360,29 @@ class _Batch:
         self.closed = False  # the deadline passed: no new slide is started
         self.attempts: dict[str, int] = {}
         self.window: TaskWindow | None = None
+        self.started_at = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+    # -- the list, current after every slide --------------------------------------------------------
+    def checkpoint(self, state: str = "running", why: str = "", triage: bool = True) -> dict[str, int]:
+        """Rewrite triage.csv and scan_state.json from the ledger (after every finished slide, so a
+        killed scan leaves a list as current as its last slide); returns the counts per status."""
+        counts: dict[str, int] = {}
+        for r in self.ledger.rows():
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        try:
+            if triage:
+                write_triage(self.opts.out, self.ledger)
+            left = len(self.waiting) + self.active
+            write_state(self.opts.out, {
+                "state": state, "why": why, "started": self.started_at, "updated": now, "pid": os.getpid(),
+                "bundle": self.bundle.label, "slides_done": self.n_done, "slides_left": left,
+                "skipped_already_done": self.skipped, "counts": counts,
+                "final": state == "complete",
+                "note": DECISION_SUPPORT})
+        except OSError as exc:  # a full disk must not stop the analysis; the final write retries
+            self.log(f"WARNING: could not rewrite the triage list in {self.opts.out} ({exc})")
+        return counts
 
     # -- finding slides -----------------------------------------------------------------------
     def discover(self, first: bool = False) -> int:
@@ -314,7 +392,7 @@ class _Batch:
             self.log(f"{len(ready)} slide file(s) in {self.opts.slides}; bundle {self.bundle.label}"
                      + ("; watching for more" if self.opts.watch else ""))
         if others:
-            self.log(f"{len(others)} other file(s) ignored (not slide formats): "
+            self.log(f"{len(others)} side file(s) ignored (never slides): "
                      + ", ".join(p.name for p in others[:5]) + (" …" if len(others) > 5 else ""))
         n = 0
         for p in ready:
@@ -332,7 +410,16 @@ class _Batch:
         case = self.cases.get(p.name, "")
         if p.is_dir():
             led.see_file(str(p), p.name, None, case,
-                         error=f"{p}: is a folder, not a slide file (pass the slide file itself)")
+                         error=f"{p}: {slide_store(p) or 'is a folder, not a slide file (pass the slide file itself)'}")
+            return None
+        if p.suffix.lower() not in SCAN_EXTENSIONS:
+            if _is_dicom_file(p):
+                error = f"{p}: a DICOM file without the .dcm extension: rename it to {p.name}.dcm"
+            else:
+                error = (f"{p}: '{p.suffix}' is not a slide format wsi-apl reads (SVS, NDPI, MRXS, SCN, DICOM .dcm, "
+                         "generic or pyramidal TIFF, JPEG/PNG/BMP camera frames); convert the slide to one of them, "
+                         "e.g. OME-TIFF, or move the file out of the slide folder")
+            led.see_file(str(p), p.name, None, case, error=error)
             return None
         if p.suffix.lower() in UNREADABLE_SLIDE_EXTENSIONS:
             cause, fix = REFUSED_FORMATS.get(p.suffix.lower(), (f"{p.suffix} slides are not supported",
@@ -456,6 +543,7 @@ class _Batch:
         self.active -= 1
         self.n_done += 1
         self._admit()
+        self.checkpoint()
         el = max(1e-6, time.time() - self.t0)
         left = len(self.waiting) + self.active
         eta = left * el / self.n_done
@@ -475,6 +563,7 @@ class _Batch:
                 self.active -= 1
                 self.n_done += 1
         self._admit()
+        self.checkpoint()
 
     def _close(self, reason: str) -> None:
         """The deadline: slides not started are recorded as not analysed; those in hand are finished."""
@@ -485,6 +574,7 @@ class _Batch:
             self.ledger.set_not_analysed(job.fp, reason)
         self.log(f"Deadline reached: {n} slide(s) not started are listed as not_analysed; finishing "
                  f"{self.active} slide(s) in hand")
+        self.checkpoint()
 
     def close_unfinished(self) -> None:
         """At the end, whatever the cause: every slide seen but without a result says so."""

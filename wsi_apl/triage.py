@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
+import tempfile
 from pathlib import Path
 
 from .ledger import Ledger
 from .pipeline import DECISION_SUPPORT
 
 TRIAGE = "triage.csv"
+STATE = "scan_state.json"
 COLUMNS = ["rank", "case", "slide", "path", "status", "suspicion", "p_apl_vs_aml", "p_apl_vs_healthy",
            "promyelocyte_ratio", "promyelocyte_ci_low", "promyelocyte_ci_high",
            "myeloblast_ratio", "myeloblast_ci_low", "myeloblast_ci_high",
@@ -52,6 +55,9 @@ def triage_rows(ledger: Ledger) -> list[dict]:
         reason = res.get("reason") or (r["error"] or "")
         if status == "not_analysed" and not reason:
             reason = "not analysed before the scan ended; look at this slide yourself"
+        if status in ("running", "pending"):
+            status = "pending"
+            reason = reason or "no result yet: being analysed, or the scan stopped before it finished this slide"
         row = {
             "case": r["case"], "slide": r["name"], "path": r["path"], "status": status,
             "suspicion": res.get("suspicion"), "p_apl_vs_aml": res.get("p_apl_vs_aml"),
@@ -92,8 +98,50 @@ def write_triage(results: str | Path, ledger: Ledger | None = None) -> Path:
     w.writerow(COLUMNS)
     for row in rows:
         w.writerow([neutralise(row.get(c)) for c in COLUMNS])
-    out = results / TRIAGE
-    tmp = results / (TRIAGE + ".tmp")
-    tmp.write_text(buf.getvalue(), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(results / TRIAGE, buf.getvalue())
+
+
+def atomic_write(path: Path, text: str) -> Path:
+    """Replace ``path`` with ``text`` so that a reader (or a power cut) sees the old or the new file,
+    never half of one: a uniquely named temporary file next to it, fsync, rename, fsync of the folder."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+    return path
+
+
+def write_state(results: str | Path, state: dict) -> Path:
+    """``scan_state.json`` next to the list: whether it is final (``complete``), still being written
+    (``running``) or was left by a scan that stopped early (``interrupted``), with counts."""
+    return atomic_write(Path(results) / STATE, json.dumps(state, indent=2))
+
+
+def read_state(results: str | Path) -> dict | None:
+    """The scan state, with ``running`` turned into ``interrupted`` where no scan holds the folder's
+    lock any more (the process was killed: kill -9, out of memory, a power cut)."""
+    results = Path(results)
+    try:
+        state = json.loads((results / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    if state.get("state") == "running" and not Ledger.lock_held(results):
+        state["state"] = "interrupted"
+        state["why"] = "the scan process ended without finishing (killed, out of memory or a power cut)"
+    return state
