@@ -184,6 +184,8 @@ def test_sigkill_mid_batch_then_rerun(trained, slides, reference, tmp_path):
     after_kill = {fp: (st, n) for fp, st, n in _ledger(out)}
     # the morning list after a power cut: as current as the last finished slide, and marked not final
     assert {r["fingerprint"] for r in _final_rows(out)} == finished
+    in_hand = [r for r in csv.DictReader((out / "triage.csv").open()) if r["fingerprint"] == running[0]]
+    assert in_hand and in_hand[0]["status"] == "not_analysed" and "no result yet" in in_hand[0]["reason"]
     st = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).output)
     assert st["scan"]["state"] == "interrupted" and st["final"] is False
     assert "NOT final" in CliRunner().invoke(main, ["status", str(out)]).output

@@ -180,10 +180,11 @@ class Ledger:
         for (path, name, fp, case_id, fstatus, ferror, sstatus, serror, result, attempts, started, finished,
              bundle, group) in cur.fetchall():
             status = (fstatus or "pending") if not fp else (sstatus or fstatus or "pending")
-            if status in ("running", "pending"):  # interrupted, or never started: not a result
+            in_hand = status == "running"
+            if status in ("running", "pending"):  # in hand, interrupted, or never started: not a result
                 status = "not_analysed"
             out.append({"path": path, "name": name, "fingerprint": fp, "case": case_id or "", "status": status,
                         "error": ferror or serror, "result": json.loads(result) if result else None,
                         "attempts": attempts or 0, "started": started, "finished": finished, "bundle": bundle,
-                        "group": group})
+                        "group": group, "in_hand": in_hand})
         return out

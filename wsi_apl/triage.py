@@ -54,10 +54,8 @@ def triage_rows(ledger: Ledger) -> list[dict]:
         ratios = res.get("ratios", {}) or {}
         reason = res.get("reason") or (r["error"] or "")
         if status == "not_analysed" and not reason:
-            reason = "not analysed before the scan ended; look at this slide yourself"
-        if status in ("running", "pending"):
-            status = "pending"
-            reason = reason or "no result yet: being analysed, or the scan stopped before it finished this slide"
+            reason = ("no result yet: being analysed now, or the scan stopped before it finished this slide"
+                      if r.get("in_hand") else "not analysed before the scan ended; look at this slide yourself")
         row = {
             "case": r["case"], "slide": r["name"], "path": r["path"], "status": status,
             "suspicion": res.get("suspicion"), "p_apl_vs_aml": res.get("p_apl_vs_aml"),
