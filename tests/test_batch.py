@@ -130,6 +130,55 @@ class KillOnce(WorkerPlugin):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class AppendOnce(WorkerPlugin):
+    """Appends a few bytes to a slide file the first time an area task starts: the file changes while
+    the scan reads it (a scanner rewriting it, a copy that resumed)."""
+
+    name = "test-append-once"
+
+    def __init__(self, flag: str, path: str):
+        self.flag, self.path = flag, path
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish == "executing" and str(key).startswith("area-") and not os.path.exists(self.flag):
+            open(self.flag, "w").close()
+            with open(self.path, "ab") as f:
+                f.write(b"\x00" * 16)  # past the last TIFF offset: still a valid slide, another file
+            t = time.time() + 5
+            os.utime(self.path, (t, t))
+
+
+def test_a_file_that_changes_while_it_is_read_is_read_again(trained, slides, tmp_path):
+    """Never a result from mixed pixels: the slide whose file changed after its fingerprint is not
+    reported from that read; it is read again as the new version, under the new fingerprint."""
+    from cluster.client import start_cluster
+    from wsi_apl.ledger import fingerprint
+
+    _, bundle = trained
+    folder = tmp_path / "slides"
+    shutil.copytree(slides, folder, copy_function=shutil.copy2)
+    target = sorted(folder.iterdir())[0]
+    old_fp = fingerprint(target)
+    handle = start_cluster(n_workers=1, torch_threads=1)
+    try:
+        handle.client.register_plugin(AppendOnce(str(tmp_path / "appended"), str(target)))
+        out = tmp_path / "results"
+        r = CliRunner().invoke(main, ["scan", str(folder), "--out", str(out), "--bundle", str(bundle.path),
+                                      "--allow-synthetic", "--scheduler", handle.client.scheduler.address,
+                                      "--max-active-slides", "1", *SCAN_ARGS])
+    finally:
+        handle.close()
+    assert (tmp_path / "appended").exists()
+    assert r.exit_code == 0, r.output
+    assert f"{target.name}: the file changed while it was read: reading it again" in r.output
+    rows = {row["slide"]: row for row in csv.DictReader((out / "triage.csv").open())}
+    assert set(rows) == {p.name for p in folder.iterdir()}
+    new_fp = fingerprint(target)
+    assert new_fp != old_fp and rows[target.name]["fingerprint"] == new_fp
+    assert rows[target.name]["status"] in ("flagged", "not_flagged", "inconclusive")
+    assert not any(g.endswith(old_fp[:8]) for g in slide_groups(out))  # nothing stored from the mixed read
+
+
 def test_worker_killed_while_holding_an_area_task(trained, slides, reference, tmp_path):
     from cluster.client import start_cluster
 

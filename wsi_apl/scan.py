@@ -85,6 +85,7 @@ class _SlideJob:
     names: list[Path]
     size: int
     case: str = ""
+    stamp: tuple = ()  # (size, mtime_ns) when the fingerprint was taken: a change later means mixed pixels
     started: float = 0.0
     selection: object = None
     tables: list = field(default_factory=list)
@@ -359,6 +360,7 @@ class _Batch:
         self.stage_seconds: dict[str, float] = collections.defaultdict(float)
         self.closed = False  # the deadline passed: no new slide is started
         self.attempts: dict[str, int] = {}
+        self.changed: dict[Path, int] = {}  # files that changed while they were read, and how often
         self.window: TaskWindow | None = None
         self.started_at = dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -427,6 +429,7 @@ class _Batch:
             led.see_file(str(p), p.name, None, case, error=f"{p}: {cause} ({fix})")
             return None
         try:
+            st = p.stat()
             fp = fingerprint(p)
         except OSError as exc:
             led.see_file(str(p), p.name, None, case, error=f"{p}: cannot read the file ({exc})")
@@ -439,7 +442,7 @@ class _Batch:
             self.jobs[fp].names.append(p)
             self.jobs[fp].case = self.jobs[fp].case or case
             return None
-        return _SlideJob(fp, p, [p], p.stat().st_size, case=case)
+        return _SlideJob(fp, p, [p], st.st_size, case=case, stamp=(st.st_size, st.st_mtime_ns))
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -530,6 +533,8 @@ class _Batch:
         if not finished:
             return
         job.finished = True
+        if not job.failed and self._changed_while_read(job):
+            return
         if not job.failed:
             try:
                 t = time.perf_counter()
@@ -550,6 +555,35 @@ class _Batch:
         self.log(f"  [{self.n_done}/{self.n_done + left} slides] {self.areas_done / el:.2f} areas/s, "
                  f"{self.cells_done / el:.0f} cells/s, {3600 * self.n_done / el:.0f} slides/h"
                  + (f", ETA {eta / 60:.1f} min" if left else ""))
+
+    def _changed_while_read(self, job: _SlideJob) -> bool:
+        """The file changed between its fingerprint and the end of its reads: its result would mix
+        pixels of two versions. It is read again as a new version (at most twice), never reported."""
+        try:
+            st = job.path.stat()
+            now = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            now = None
+        if now == job.stamp:
+            return False
+        self.ledger.set_not_analysed(job.fp, "the file changed while it was read; read again as a new version")
+        job.selection, job.tables = None, []
+        self.active -= 1
+        n = self.changed[job.path] = self.changed.get(job.path, 0) + 1
+        if now is None or n > 2:
+            why = ("the file disappeared while it was read" if now is None else
+                   "the file kept changing while it was read: wait until the scanner has finished writing it")
+            self.ledger.see_file(str(job.path), job.path.name, None, job.case, error=f"{job.path}: {why}")
+            self.log(f"  {job.path.name}: failed: {why}")
+            self.n_done += 1
+        else:
+            self.log(f"  {job.path.name}: the file changed while it was read: reading it again")
+            self.folder.returned.discard(job.path)
+            self.folder._seen.pop(job.path, None)
+            self.discover()
+        self._admit()
+        self.checkpoint()
+        return True
 
     def _stalled(self, idle_s: float) -> None:
         """No task finished for ``stall_s``: fail the slides in flight rather than wait all night."""
