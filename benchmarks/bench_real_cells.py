@@ -35,9 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.classifier import CellConfig  # noqa: E402
 from wsi_apl.evaluate import evaluate_labelled_cells  # noqa: E402
-from wsi_apl.train.cells import TRAIN_CELLS_DEFAULTS  # noqa: E402
+from wsi_apl.train.cells import TRAIN_CELLS_DEFAULTS, train_cells_config  # noqa: E402
 from wsi_apl.train.picture_sets import BUILTIN_CLASSES, FolderSource, picture_classes  # noqa: E402
 from wsi_apl.train.sources import CellSources, training_cells  # noqa: E402
 from wsi_apl.train.steps import Geometry, open_or_create, step_cells_from  # noqa: E402
@@ -78,8 +77,7 @@ def train(out: Path, src: CellSources, *, epochs: int, aug: str, norm: str, seed
           weights: Path | None = None, patience: int = 1000, heads: tuple[str, ...] = HEADS) -> float:
     """Heads trained as ``wsi-apl train cells`` trains them (a ``crop`` of (µm, px), fixed epochs)."""
     geo = Geometry(0.5, (512, 384))
-    cfg = CellConfig(heads=heads, crop_um=crop[0], crop_px=crop[1])
-    cfg.finest_mpp = min(cfg.finest_mpp, cfg.crop_mpp)
+    cfg = train_cells_config(heads, crop[0], crop[1])
     t0 = time.time()
     tr, va, synthetic, notes = training_cells(src, geo, cfg, seed=seed, log=lambda s: None)
     bundle = open_or_create(out, geo, synthetic)

@@ -427,9 +427,9 @@ def train_cells_cmd(cohort, cells_csv, via, images, paper, folders, class_map, i
     Sources may be combined (a synthetic cohort and real pictures, several folder sets at their own
     pixel sizes); each is split into training and validation cells on its own, by patient where it
     has patients and by picture where not."""
-    from workers.classifier import KNOWN_HEADS, CellConfig
+    from workers.classifier import KNOWN_HEADS
 
-    from .train.cells import head_key
+    from .train.cells import head_key, train_cells_config
     from .train.sources import training_cells
     from .train.steps import open_or_create, step_cells_from
 
@@ -442,8 +442,7 @@ def train_cells_cmd(cohort, cells_csv, via, images, paper, folders, class_map, i
     geo = _geometry(mpp, area)
     try:
         px = crop_px or (_CELLS["crop_px"] if backbone == "small" else 0)
-        cfg = CellConfig(backbone=backbone, heads=heads, crop_um=crop_um, crop_px=px)
-        cfg.finest_mpp = min(cfg.finest_mpp, cfg.crop_mpp)  # crops at their own pixel size
+        cfg = train_cells_config(heads, crop_um, px, backbone)
         tr, va, synthetic, notes = training_cells(src, geo, cfg, seed=seed, log=click.echo)
         bundle = open_or_create(out, geo, synthetic)
         step_cells_from(bundle, tr, va, heads=heads, backbone=backbone, backbone_weights=backbone_weights,

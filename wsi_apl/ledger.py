@@ -27,6 +27,7 @@ from workers.bundle import update_hash
 
 DONE = ("flagged", "not_flagged", "inconclusive")
 LEDGER = "ledger.sqlite"
+LOCK_FILE = ".scan.lock"  # flock'd by the scan that writes a results folder
 
 
 class LedgerLocked(RuntimeError):
@@ -74,7 +75,7 @@ class Ledger:
     # -- exclusive use of an output folder -------------------------------------------------------
     def lock(self) -> None:
         """Refuse a second scan writing to the same output folder at the same time."""
-        fd = os.open(str(self.results / ".scan.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+        fd = os.open(str(self.results / LOCK_FILE), os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -88,7 +89,7 @@ class Ledger:
     @staticmethod
     def lock_held(results: str | Path) -> bool:
         """Whether a scan holds the lock of ``results`` now (a killed process holds none)."""
-        path = Path(results) / ".scan.lock"
+        path = Path(results) / LOCK_FILE
         if not path.exists():
             return False
         fd = os.open(str(path), os.O_RDWR)

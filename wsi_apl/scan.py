@@ -43,7 +43,7 @@ from .enn import SlideNets
 from .ledger import Ledger, fingerprint
 from .pipeline import DECISION_SUPPORT, SlideResult, aggregate, few_apl_slides
 from .store import SLIDE_ALLOWLIST, clean_staging, remove_slide_group, write_slide_group
-from .triage import write_state, write_triage
+from .triage import triage_rows, write_state, write_triage
 
 #: Slide formats a lab may drop in the folder that no reader here understands: listed so that they
 #: get a ``failed`` row with the reason instead of vanishing from the triage list.
@@ -85,7 +85,7 @@ class _SlideJob:
     names: list[Path]
     size: int
     case: str = ""
-    stamp: tuple = ()  # (size, mtime_ns) when the fingerprint was taken: a change later means mixed pixels
+    mtime_ns: int = 0  # with size, as when the fingerprint was taken: a change later means mixed pixels
     started: float = 0.0
     selection: object = None
     tables: list = field(default_factory=list)
@@ -232,6 +232,11 @@ class _Folder:
         self.returned.update(ready)
         return ready, new_others
 
+    def forget(self, path: Path) -> None:
+        """Treat ``path`` as never seen: it is returned again once ready (settled again with ``settle_s``)."""
+        self.returned.discard(path)
+        self._seen.pop(path, None)
+
     def unready(self) -> list[Path]:
         """Slide files seen but never ready (still being written)."""
         return sorted(p for p in self._seen if p not in self.returned and p.exists())
@@ -368,13 +373,12 @@ class _Batch:
     def checkpoint(self, state: str = "running", why: str = "", triage: bool = True) -> dict[str, int]:
         """Rewrite triage.csv and scan_state.json from the ledger (after every finished slide, so a
         killed scan leaves a list as current as its last slide); returns the counts per status."""
-        counts: dict[str, int] = {}
-        for r in self.ledger.rows():
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        rows = triage_rows(self.ledger)  # one read of the ledger for the list and the counts
+        counts = dict(collections.Counter(r["status"] for r in rows))
         now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
         try:
             if triage:
-                write_triage(self.opts.out, self.ledger)
+                write_triage(self.opts.out, rows=rows)
             left = len(self.waiting) + self.active
             write_state(self.opts.out, {
                 "state": state, "why": why, "started": self.started_at, "updated": now, "pid": os.getpid(),
@@ -442,7 +446,7 @@ class _Batch:
             self.jobs[fp].names.append(p)
             self.jobs[fp].case = self.jobs[fp].case or case
             return None
-        return _SlideJob(fp, p, [p], st.st_size, case=case, stamp=(st.st_size, st.st_mtime_ns))
+        return _SlideJob(fp, p, [p], st.st_size, case=case, mtime_ns=st.st_mtime_ns)
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -564,7 +568,7 @@ class _Batch:
             now = (st.st_size, st.st_mtime_ns)
         except OSError:
             now = None
-        if now == job.stamp:
+        if now == (job.size, job.mtime_ns):
             return False
         self.ledger.set_not_analysed(job.fp, "the file changed while it was read; read again as a new version")
         job.selection, job.tables = None, []
@@ -578,8 +582,7 @@ class _Batch:
             self.n_done += 1
         else:
             self.log(f"  {job.path.name}: the file changed while it was read: reading it again")
-            self.folder.returned.discard(job.path)
-            self.folder._seen.pop(job.path, None)
+            self.folder.forget(job.path)
             self.discover()
         self._admit()
         self.checkpoint()

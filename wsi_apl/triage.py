@@ -81,16 +81,17 @@ def triage_rows(ledger: Ledger) -> list[dict]:
     return rows
 
 
-def write_triage(results: str | Path, ledger: Ledger | None = None) -> Path:
-    """(Re)write ``triage.csv`` from the ledger, atomically."""
+def write_triage(results: str | Path, ledger: Ledger | None = None, rows: list[dict] | None = None) -> Path:
+    """(Re)write ``triage.csv`` from the ledger (or from its ``triage_rows`` already read), atomically."""
     results = Path(results)
-    own = ledger is None
-    ledger = ledger or Ledger(results)
-    try:
-        rows = triage_rows(ledger)
-    finally:
-        if own:
-            ledger.close()
+    if rows is None:
+        own = ledger is None
+        ledger = ledger or Ledger(results)
+        try:
+            rows = triage_rows(ledger)
+        finally:
+            if own:
+                ledger.close()
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(COLUMNS)
