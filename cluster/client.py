@@ -1,20 +1,31 @@
 """Getting a Dask client: an embedded LocalCluster by default, an existing scheduler, or SLURM.
 
 - default: a LocalCluster on this machine (one worker per GPU, or CPU workers);
-- ``scheduler="tcp://HOST:PORT"`` or ``"tls://…"`` with a :class:`TlsFiles` for an existing cluster
-  (``dask scheduler`` / ``dask worker`` started by the site);
+- ``scheduler="tls://HOST:PORT"`` with a :class:`TlsFiles` for an existing cluster (``dask
+  scheduler`` / ``dask worker`` started by the site), or ``tcp://`` on loopback (or anywhere with
+  ``--insecure``);
 - :class:`SlurmOptions` through dask-jobqueue: one worker per GPU, each job asking for its GPUs.
+
+Dask connections must be trusted: a task is pickled code that the worker unpickles and runs, and a
+result is unpickled by the client, so whoever can talk to the scheduler runs code as its workers'
+user. The embedded LocalCluster and the SLURM cluster therefore use TLS with temporary
+certificates (``Security.temporary()``), made afresh for each run: every connection, client,
+worker or nanny, must show that certificate, which only this process (and, on SLURM, the files
+dask-jobqueue writes with mode 0600 for the jobs) has. A plain ``tcp://`` scheduler on another host
+is refused unless the network is declared trusted (``--insecure``).
 
 Facts the design respects:
 
 - a nanny-started worker sets ``OMP_NUM_THREADS=1``; the LocalCluster here sets the torch thread
   count per worker explicitly (``distributed.nanny.pre-spawn-environ`` and the bundle plugin);
-- the LocalCluster's dashboard and scheduler listen on loopback only;
+- the LocalCluster's dashboard and scheduler listen on loopback only, the scheduler, workers and
+  nannies over TLS (loopback alone would let every local user in);
 - tasks get explicit keys, so a resubmitted area is a new task, not a cached failure.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
@@ -25,6 +36,8 @@ from distributed import Client, LocalCluster
 
 from .plugin import BundlePlugin
 
+log = logging.getLogger(__name__)
+
 
 class ClusterError(RuntimeError):
     """A cluster could not be set up as asked (the message says what to change)."""
@@ -32,11 +45,14 @@ class ClusterError(RuntimeError):
 
 @dataclass
 class TlsFiles:
-    """Certificates for a ``tls://`` scheduler (PEM files, as for ``dask scheduler --tls-*``)."""
+    """How to reach an existing scheduler safely: certificates for a ``tls://`` scheduler (PEM files,
+    as for ``dask scheduler --tls-*``), or ``insecure`` to accept a plain ``tcp://`` one on another
+    host (``--insecure``: the network is trusted)."""
 
     ca_file: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    insecure: bool = False
 
     def given(self) -> bool:
         return any((self.ca_file, self.cert, self.key))
@@ -57,12 +73,66 @@ class TlsFiles:
                         tls_client_key=str(self.key), require_encryption=True)
 
 
+def _temporary_security():
+    """Fresh self-signed TLS credentials for one cluster (in memory; ``distributed.Security``)."""
+    from distributed.security import Security
+
+    try:
+        return Security.temporary()
+    except ImportError as exc:
+        raise ClusterError("the Dask cluster encrypts and authenticates its connections with temporary "
+                           "certificates, which needs the 'cryptography' package: pip install cryptography") from exc
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def check_scheduler_address(scheduler: str, tls: TlsFiles) -> None:
+    """Refuse a scheduler address this client should not talk to, before any connection is made.
+
+    ``tls://`` needs the three TLS files; ``tcp://`` is neither encrypted nor authenticated, so it is
+    accepted on loopback (with a warning: other users of this machine can reach it too) or, with
+    ``tls.insecure``, anywhere.
+    """
+    if not scheduler.startswith(("tcp://", "tls://")):
+        raise ClusterError(f"{scheduler}: a scheduler address starts with tcp:// or tls://")
+    if scheduler.startswith("tls://") and not tls.given():
+        raise ClusterError(f"{scheduler}: a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key")
+    if tls.given() and not scheduler.startswith("tls://"):
+        raise ClusterError(f"{scheduler}: TLS files given for a plain tcp:// address; use tls://")
+    if scheduler.startswith("tcp://"):
+        from distributed.comm.addressing import parse_address, parse_host_port
+
+        try:
+            host, _ = parse_host_port(parse_address(scheduler)[1])
+        except ValueError as exc:
+            raise ClusterError(f"{scheduler}: not a scheduler address (tcp://HOST:PORT): {exc}") from exc
+        if not _is_loopback(host) and not tls.insecure:
+            raise ClusterError(f"{scheduler} is not encrypted and not authenticated: anyone who can reach it can "
+                               "run code as this user (Dask unpickles tasks). Use tls:// with --tls-ca-file/"
+                               "--tls-cert/--tls-key, or pass --insecure if this network is trusted")
+        if not tls.insecure:
+            log.warning("%s is a plain tcp:// scheduler: every user of this machine can reach it and run code "
+                        "on its workers; prefer tls://", scheduler)
+
+
 @dataclass
 class SlurmOptions:
     """An ephemeral Dask cluster on SLURM through dask-jobqueue.
 
     Each job runs ``gpus_per_job`` worker processes (one per GPU, each advertising ``GPU=1``), or one
     CPU worker when ``gpus_per_job`` is 0. ``cores`` and ``memory`` are per job.
+
+    The scheduler and workers talk TLS with temporary certificates; dask-jobqueue writes the
+    workers' copy (files ``.dask-jobqueue.worker.*``, mode 0600, removed when the cluster closes) into
+    ``shared_temp_directory``, by default ``log_directory`` (which the compute nodes must see
+    anyway), else the home directory.
     """
 
     queue: str | None = None
@@ -75,6 +145,7 @@ class SlurmOptions:
     interface: str | None = None
     extra_directives: list[str] = field(default_factory=list)
     log_directory: str | None = None
+    shared_temp_directory: str | None = None
 
 
 def slurm_cluster(opts: SlurmOptions, submit: bool = True):
@@ -93,11 +164,14 @@ def slurm_cluster(opts: SlurmOptions, submit: bool = True):
         directives.append(f"--gres=gpu:{opts.gpus_per_job}")
         worker_args += ["--resources", "GPU=1"]
     prologue = [f"export OMP_NUM_THREADS={threads}", f"export MKL_NUM_THREADS={threads}"]
+    shared = opts.shared_temp_directory or opts.log_directory or os.path.expanduser("~")
+    os.makedirs(shared, exist_ok=True)  # the certificates are written before the log folder is made
     cluster = SLURMCluster(queue=opts.queue, account=opts.account, cores=opts.cores, processes=processes,
                            memory=opts.memory, walltime=opts.walltime, interface=opts.interface,
                            job_extra_directives=directives, worker_extra_args=worker_args,
                            job_script_prologue=prologue, log_directory=opts.log_directory,
-                           job_name="wsi-apl", scheduler_options={"dashboard_address": "127.0.0.1:0"})
+                           job_name="wsi-apl", scheduler_options={"dashboard_address": "127.0.0.1:0"},
+                           security=_temporary_security(), protocol="tls://", shared_temp_directory=shared)
     if submit:
         cluster.scale(jobs=opts.jobs)
     return cluster
@@ -110,6 +184,23 @@ class ClusterHandle:
     dashboard: str
     workers: int
     gpus: int
+    security: object | None = None  # the embedded or SLURM cluster's temporary TLS credentials
+
+    def tls_files(self, folder: Path) -> TlsFiles:
+        """Write this cluster's temporary credentials as PEM files (mode 0600) into ``folder``, so that
+        another process of this user can join it (``--scheduler ADDRESS --tls-ca-file … --tls-cert …
+        --tls-key …``); they are useless once the cluster is closed."""
+        if self.security is None:
+            raise ClusterError("this cluster was not started here: its TLS files are the site's")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = TlsFiles(folder / "dask-ca.pem", folder / "dask-cert.pem", folder / "dask-key.pem")
+        for path, pem in ((files.ca_file, self.security.tls_ca_file), (files.cert, self.security.tls_client_cert),
+                          (files.key, self.security.tls_client_key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(pem)
+        return files
 
     def close(self) -> None:
         try:
@@ -117,6 +208,10 @@ class ClusterHandle:
         finally:
             if self.cluster is not None:
                 self.cluster.close()
+                for name in ("_job_ca_file", "_job_cert", "_job_key"):  # dask-jobqueue's copies for the jobs
+                    f = getattr(self.cluster, name, None)
+                    if f is not None:
+                        f.close()  # a NamedTemporaryFile: closing removes it
 
 
 def _gpu_count() -> int:
@@ -147,7 +242,8 @@ def _count(client: Client) -> tuple[int, int]:
 def start_cluster(scheduler: str | None = None, n_workers: int | None = None, torch_threads: int | None = None,
                   memory_limit: str = "auto", tls: TlsFiles | None = None, slurm: SlurmOptions | None = None,
                   wait_s: float = 600.0) -> ClusterHandle:
-    """Connect to ``scheduler`` (``tcp://`` or ``tls://``), start SLURM jobs, or a LocalCluster on loopback.
+    """Connect to ``scheduler`` (``tls://``, or ``tcp://`` as :func:`check_scheduler_address` allows),
+    start SLURM jobs, or a LocalCluster on loopback; the last two use TLS with temporary certificates.
 
     The LocalCluster gets one worker per GPU, or CPU workers (default: one per two cores, at least
     one) with ``torch_threads`` threads each so the cores are used but not oversubscribed. On SLURM
@@ -157,12 +253,7 @@ def start_cluster(scheduler: str | None = None, n_workers: int | None = None, to
     if scheduler and slurm:
         raise ClusterError("give either --scheduler or --cluster slurm, not both")
     if scheduler:
-        if not scheduler.startswith(("tcp://", "tls://")):
-            raise ClusterError(f"{scheduler}: a scheduler address starts with tcp:// or tls://")
-        if scheduler.startswith("tls://") and not tls.given():
-            raise ClusterError(f"{scheduler}: a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key")
-        if tls.given() and not scheduler.startswith("tls://"):
-            raise ClusterError(f"{scheduler}: TLS files given for a plain tcp:// address; use tls://")
+        check_scheduler_address(scheduler, tls)
         security = tls.security() if tls.given() else None
         try:
             client = Client(scheduler, security=security, timeout="30s")
@@ -190,7 +281,7 @@ def start_cluster(scheduler: str | None = None, n_workers: int | None = None, to
             raise ClusterError(f"no SLURM worker started within {wait_s:.0f} s (jobs still queued? see "
                                "'squeue'); try again later or ask for fewer resources") from exc
         workers, gpus = _count(client)
-        return ClusterHandle(client, cluster, loopback_dashboard(cluster), workers, gpus)
+        return ClusterHandle(client, cluster, loopback_dashboard(cluster), workers, gpus, cluster.security)
     cores = os.cpu_count() or 1
     gpus = _gpu_count()
     if n_workers is None:
@@ -199,14 +290,16 @@ def start_cluster(scheduler: str | None = None, n_workers: int | None = None, to
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                 "OPENBLAS_NUM_THREADS": str(threads)})
+    security = _temporary_security()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
                           "distributed.scheduler.allowed-failures": 2}):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               protocol="tls://", security=security,
                                dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
                                silence_logs=logging.ERROR,
                                resources={"GPU": 1} if gpus else None)
-        client = Client(cluster)
-    return ClusterHandle(client, cluster, client.dashboard_link or "", n_workers, gpus)
+        client = Client(cluster, security=security)
+    return ClusterHandle(client, cluster, client.dashboard_link or "", n_workers, gpus, security)
 
 
 def register_bundles(handle: ClusterHandle, bundles: dict[str, str], torch_threads: int | None = None,

@@ -36,10 +36,14 @@ class TaskWindow:
     _tags: dict = field(default_factory=dict)
     _ac: as_completed | None = None
     bytes_submitted: int = 0
+    stopped: bool = False
 
     def add(self, tag: Any, key: str, fn: Callable, *args, gpu_task: bool = False, retries: int = 0,
             front: bool = False) -> None:
-        """Queue a task (``front``: before the others); it is submitted when the window has room."""
+        """Queue a task (``front``: before the others); it is submitted when the window has room
+        (after :meth:`stop`, nothing is queued any more)."""
+        if self.stopped:
+            return
         item = (tag, key, fn, args, gpu_task, retries)
         if front:
             self._queue.appendleft(item)
@@ -56,6 +60,13 @@ class TaskWindow:
             if predicate(tag):
                 fut.cancel()
                 n += 1
+        return n
+
+    def stop(self) -> int:
+        """Submit nothing more: drop the queued tasks (returned: how many); those submitted finish."""
+        self.stopped = True
+        n = len(self._queue)
+        self._queue.clear()
         return n
 
     @property

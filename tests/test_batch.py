@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -163,9 +164,11 @@ def test_a_file_that_changes_while_it_is_read_is_read_again(trained, slides, tmp
     try:
         handle.client.register_plugin(AppendOnce(str(tmp_path / "appended"), str(target)))
         out = tmp_path / "results"
+        tls = handle.tls_files(tmp_path / "tls")  # the embedded cluster talks TLS with temporary certificates
         r = CliRunner().invoke(main, ["scan", str(folder), "--out", str(out), "--bundle", str(bundle.path),
                                       "--allow-synthetic", "--scheduler", handle.client.scheduler.address,
-                                      "--max-active-slides", "1", *SCAN_ARGS])
+                                      "--tls-ca-file", str(tls.ca_file), "--tls-cert", str(tls.cert),
+                                      "--tls-key", str(tls.key), "--max-active-slides", "1", *SCAN_ARGS])
     finally:
         handle.close()
     assert (tmp_path / "appended").exists()
@@ -190,8 +193,11 @@ def test_worker_killed_while_holding_an_area_task(trained, slides, reference, tm
         flag = tmp_path / "killed.txt"
         handle.client.register_plugin(KillOnce(str(flag)))
         out = tmp_path / "results"
+        tls = handle.tls_files(tmp_path / "tls")  # the embedded cluster talks TLS with temporary certificates
         r = subprocess.run(CLI + ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--allow-synthetic",
-                                  "--scheduler", address, *SCAN_ARGS], capture_output=True, text=True, timeout=600)
+                                  "--scheduler", address, "--tls-ca-file", str(tls.ca_file),
+                                  "--tls-cert", str(tls.cert), "--tls-key", str(tls.key), *SCAN_ARGS],
+                           capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout + r.stderr
         key, worker, pid = flag.read_text().split("\t")
         assert key.startswith("area-") and int(pid) in pids_before  # the dead worker held an area task
@@ -251,6 +257,41 @@ def test_sigkill_mid_batch_then_rerun(trained, slides, reference, tmp_path):
     assert sorted(t["slide"] for t in triage) == sorted(p.name for p in slides.iterdir())
     st = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).output)
     assert st["scan"]["state"] == "complete" and st["final"] is True
+    _same_results(reference, out)
+
+
+def test_sigterm_finishes_the_tasks_in_hand_writes_the_list_and_exits_non_zero(trained, slides, reference,
+                                                                                 tmp_path):
+    _, bundle = trained
+    out = tmp_path / "results"
+    args = ["scan", str(slides), "--out", str(out), "--bundle", str(bundle.path), "--allow-synthetic", "--workers", "2",
+            "--max-active-slides", "1", *SCAN_ARGS]
+    proc = subprocess.Popen(CLI + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if any(st == "running" for _, st, _ in _ledger(out)):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the scan ended before the test could stop it"
+        proc.send_signal(signal.SIGTERM)  # the CLI only, as `kill PID` or a service manager would
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "SIGTERM: stopping" in output and "Stopped by SIGTERM" in output
+    rows = {r["slide"]: r for r in csv.DictReader((out / "triage.csv").open())}
+    assert set(rows) == {p.name for p in slides.iterdir()}  # none lost
+    assert {r["status"] for r in rows.values()} <= {"flagged", "not_flagged", "inconclusive", "not_analysed"}
+    stopped = [r for r in rows.values() if r["status"] == "not_analysed"]
+    assert stopped and all("stopped" in r["reason"] for r in stopped)  # never silently negative
+    assert all(st != "running" for _, st, _ in _ledger(out))
+    st = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).output)
+    assert st["scan"]["state"] == "interrupted" and "SIGTERM" in st["scan"]["why"] and st["final"] is False
+    r = CliRunner().invoke(main, args)  # the next run finishes the batch, with the results of an undisturbed one
+    assert r.exit_code == 0, r.output
     _same_results(reference, out)
 
 
@@ -318,13 +359,26 @@ def test_triage_waits_for_a_running_scan(tmp_path):
 def test_deadline_leaves_not_analysed_rows(trained, slides, tmp_path):
     _, bundle = trained
     folder = tmp_path / "slides"
-    shutil.copytree(slides, folder, copy_function=shutil.copy2)
+    shutil.copytree(slides, folder, copy_function=shutil.copy2)  # copies keep their old mtimes
     growing = folder / "being_written.svs"
-    growing.write_bytes(b"II*\x00" + b"\x00" * 100)  # just written: not read until its size is stable
+    growing.write_bytes(b"II*\x00" + b"\x00" * 100)
+    stop = threading.Event()
+
+    def scanner_writing():  # a scanner still writing: the size changes more often than --settle
+        while not stop.wait(0.2):
+            with growing.open("ab") as f:
+                f.write(b"\x00" * 64)
+
+    writer = threading.Thread(target=scanner_writing, daemon=True)
+    writer.start()
     out = tmp_path / "results"
-    r = CliRunner().invoke(main, ["scan", str(folder), "--out", str(out), "--bundle", str(bundle.path), "--allow-synthetic",
-                                  "--workers", "1", "--max-active-slides", "1", "--watch", "--deadline", "+2s",
-                                  "--settle", "60", "--poll", "0.5", *SCAN_ARGS])
+    try:
+        r = CliRunner().invoke(main, ["scan", str(folder), "--out", str(out), "--bundle", str(bundle.path),
+                                      "--allow-synthetic", "--workers", "1", "--max-active-slides", "1", "--watch",
+                                      "--deadline", "+2s", "--settle", "1", "--poll", "0.5", *SCAN_ARGS])
+    finally:
+        stop.set()
+        writer.join()
     assert r.exit_code == 1, r.output  # some slides were not analysed
     assert "Deadline reached" in r.output
     rows = {row["slide"]: row for row in csv.DictReader((out / "triage.csv").open())}
@@ -336,6 +390,48 @@ def test_deadline_leaves_not_analysed_rows(trained, slides, tmp_path):
     assert {row["status"] for row in rows.values()} <= {"flagged", "not_flagged", "inconclusive", "not_analysed"}
     st = json.loads(CliRunner().invoke(main, ["status", str(out), "--json"]).output)
     assert st["counts"]["not_analysed"] == len(late) + 1
+
+
+def test_a_file_settles_by_our_own_observation_not_by_its_mtime(tmp_path):
+    """An old mtime (a copy that kept it, a share with a skewed clock) does not make a file ready: it
+    must stay unchanged for --settle seconds that we watched ourselves."""
+    from wsi_apl.scan import _Folder
+
+    now = [100.0]
+    f = tmp_path / "copied.svs"
+    f.write_bytes(b"II*\x00" + b"\x00" * 100)
+    os.utime(f, (time.time() - 86400, time.time() - 86400))  # yesterday's mtime, as cp -p leaves it
+    folder = _Folder(tmp_path, settle_s=30.0, clock=lambda: now[0])
+    assert folder.poll()[0] == []  # first seen now: not ready, however old its mtime
+    now[0] += 20
+    with f.open("ab") as h:  # still being copied
+        h.write(b"\x00" * 10)
+    os.utime(f, (time.time() - 86400, time.time() - 86400))
+    assert folder.poll()[0] == []  # changed: the wait starts again
+    now[0] += 29
+    assert folder.poll()[0] == []
+    now[0] += 2
+    assert folder.poll()[0] == [f]  # 31 s unchanged under our eyes
+    assert folder.poll()[0] == []  # returned once
+
+
+def test_results_of_another_bundle_are_not_current(trained, reference, slides, tmp_path):
+    """Tonight's scan runs another bundle and reaches its deadline before any slide: yesterday's
+    results are not passed off as tonight's (not_analysed, naming the old result)."""
+    _, bundle = trained
+    out = tmp_path / "results"
+    shutil.copytree(reference, out)
+    other = _bundle_flagging_everything(bundle, tmp_path / "other_bundle")
+    r = CliRunner().invoke(main, ["scan", str(slides), "--out", str(out), "--bundle", str(other), "--allow-synthetic",
+                                  "--workers", "1", "--deadline", "+0s", *SCAN_ARGS])
+    assert r.exit_code == 1, r.output
+    before = {row["slide"]: row for row in csv.DictReader((reference / "triage.csv").open())}
+    rows = {row["slide"]: row for row in csv.DictReader((out / "triage.csv").open())}
+    assert set(rows) == set(before)
+    for name, row in rows.items():
+        assert row["status"] == "not_analysed", row
+        assert f"another bundle ({before[name]['bundle']}: {before[name]['status']}" in row["reason"]
+        assert row["suspicion"] == ""
 
 
 def test_parse_deadline():

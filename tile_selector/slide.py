@@ -11,10 +11,13 @@ Label and macro images are listed by name only; this module never returns their 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+import struct
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +25,6 @@ import numpy as np
 from PIL import Image
 
 from .errors import MissingResolution, ResolutionTooCoarse, SlideError, UnreadableSlide, UnsupportedFormat
-
-Image.MAX_IMAGE_PIXELS = 2_000_000_000
 
 PLAIN_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
 TIFF_EXTENSIONS = {".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".svslide"}
@@ -44,6 +45,14 @@ MAX_PLAUSIBLE_MPP = 25.0
 UPSAMPLE_TOLERANCE = 1.25
 
 READERS = ("auto", "openslide", "tiffslide", "pil")
+#: The largest plain picture (JPEG, PNG, BMP, single-page TIFF) read: unlike a pyramid, it is decoded
+#: whole and kept in memory (Pillow's 4 bytes/px, a converted copy and the 3 bytes/px array: ~1 GB at
+#: this size while opening, 236 MB kept per open picture). A bundle's area is one camera frame of at
+#: most 2560x1920 px, so 16 frames' worth (e.g. 10240x7680 stitched) is generous headroom; it is also
+#: below Pillow's own MAX_IMAGE_PIXELS (89.5 Mpx), so a picture read here never trips Pillow's
+#: decompression-bomb check, which this module leaves as it is for the whole process.
+PLAIN_MAX_PIXELS = 16 * 2560 * 1920   # 78,643,200 px
+PYRAMID_FIX = "convert it to a pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid) so it is read in tiles"
 
 
 @dataclass(frozen=True)
@@ -237,9 +246,32 @@ def _stored_tiff_sizes(path: Path) -> set[tuple[int, int]] | None:
         return None
 
 
+#: Tiles larger than this (pixels) are a corrupt TIFF header, not a scanner's choice (scanners tile at
+#: 240-4096 px): openslide allocates a whole tile per read and glib aborts the process when it cannot.
+MAX_TILE_PIXELS = 1 << 26
+
+
+def _oversized_tile(path: Path) -> str | None:
+    """A description of the first TIFF page whose tiles exceed :data:`MAX_TILE_PIXELS`, else None."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            for p in tf.pages:
+                if p.is_tiled and int(p.tilewidth) * int(p.tilelength) > MAX_TILE_PIXELS:
+                    return f"page {p.index} claims {p.tilewidth}x{p.tilelength}-pixel tiles"
+    except Exception:  # not a TIFF, or unreadable: the reader decides
+        return None
+    return None
+
+
 def _open_openslide(path: Path):
     import openslide
 
+    oversized = _oversized_tile(path)
+    if oversized:  # refused before openslide reads a tile (it would abort, not raise)
+        raise UnreadableSlide(path, f"corrupt TIFF header: {oversized}",
+                              "the file may be truncated or corrupt; copy it again from the scanner")
     try:
         handle = openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as exc:
@@ -308,9 +340,58 @@ def _pil_mpp(im: Image.Image) -> tuple[float | None, float | None]:
         return None, None
 
 
+@contextlib.contextmanager
+def _open_header(path: Path) -> Iterator[Image.Image]:
+    """The picture as a lazy Pillow image (header parsed, no pixels decoded), like ``Image.open`` but
+    without Pillow's process-wide decompression-bomb check: callers compare ``im.size`` with their
+    own limit. Thread-safe: no process-wide state (``Image.MAX_IMAGE_PIXELS``) is changed.
+    Raises ``PIL.UnidentifiedImageError`` when no Pillow plugin reads the header."""
+    with open(path, "rb") as fp:
+        prefix = fp.read(16)
+        tried: set[str] = set()
+        for load in (Image.preinit, Image.init):   # the common plugins first, then all of them
+            load()
+            for fmt in [f for f in Image.ID if f not in tried]:
+                tried.add(fmt)
+                factory, accept = Image.OPEN[fmt]
+                ok = accept(prefix) if accept else True
+                if not ok or isinstance(ok, str):   # a str: Pillow's warning that the format is not read
+                    continue
+                fp.seek(0)
+                try:
+                    im = factory(fp, str(path))
+                except (SyntaxError, IndexError, TypeError, struct.error):
+                    continue   # what Image.open treats as "not this format"
+                try:
+                    yield im
+                finally:
+                    im.close()
+                return
+    raise Image.UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
+
+
+def picture_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) from a picture's header, for any size (slides included), without decoding pixels
+    or touching ``Image.MAX_IMAGE_PIXELS``; None when Pillow cannot read the header."""
+    try:
+        with _open_header(Path(path)) as im:
+            return tuple(im.size)
+    except Exception:  # an unreadable header: the caller decides
+        return None
+
+
+def _check_plain_size(path: Path, size: tuple[int, int]) -> None:
+    w, h = size
+    if w * h > PLAIN_MAX_PIXELS:
+        raise UnreadableSlide(path, f"a plain picture of {w}x{h} = {w * h:,} pixels, more than the "
+                              f"{PLAIN_MAX_PIXELS:,} pixels (16 camera frames of 2560x1920) read whole into memory",
+                              PYRAMID_FIX)
+
+
 def _open_pil(path: Path):
     try:
-        with Image.open(path) as im:
+        with _open_header(path) as im:
+            _check_plain_size(path, im.size)   # before any pixel is decoded
             n_frames = getattr(im, "n_frames", 1)
             if n_frames > 1 and im.format == "TIFF":
                 raise UnsupportedFormat(path, "a multi-page TIFF that is not a tiled slide pyramid",

@@ -41,6 +41,7 @@ _VIA2_SETTINGS = {
 }
 
 Box = tuple[float, float, float, float]
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # boxes are float32: larger coordinates would become inf
 
 
 @dataclass
@@ -136,17 +137,12 @@ def _via3_box(xy: list) -> Box | None:
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) from the image header (no pixels decoded); None when PIL cannot read it."""
-    from PIL import Image
+    """(width, height) from the image header (no pixels decoded); None when PIL cannot read it (an
+    unreadable header only means no clipping). Slides of any size: Pillow's decompression-bomb limit is
+    neither applied nor changed (no process-wide state, so threads reading annotations are safe)."""
+    from tile_selector.slide import picture_size
 
-    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # slides would trip the bomb check
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except Exception:  # an unreadable header only means no clipping
-        return None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+    return picture_size(path)
 
 
 def _resolve(names: list[str], roots: list[Path], source: Path) -> Path:
@@ -158,7 +154,11 @@ def _resolve(names: list[str], roots: list[Path], source: Path) -> Path:
             for cand in (root / rel, root / Path(rel).name):
                 if cand not in tried:
                     tried.append(cand)
-                if cand.is_file():
+                try:
+                    found = cand.is_file()
+                except OSError:  # a name the file system refuses (e.g. too long): not there
+                    found = False
+                if found:
                     return cand.resolve()
     shown = names[0] if names else "?"
     raise FileNotFoundError(f"{source}: image {shown!r} not found (looked for "
@@ -177,6 +177,9 @@ def _item(image: Path, shapes: list[tuple[Box, dict[str, str]]], file_attrs: dic
         if size is not None:
             x0, x1 = np.clip([x0, x1], 0, size[0])
             y0, y1 = np.clip([y0, y1], 0, size[1])
+        if not all(abs(float(v)) <= _FLOAT32_MAX for v in (x0, y0, x1, y1)):  # NaN, inf, beyond float32
+            notes["box with non-finite coordinates (dropped)"] += 1
+            continue
         if x1 - x0 < 1 or y1 - y0 < 1:
             notes["degenerate box (dropped)"] += 1
             continue
@@ -203,7 +206,7 @@ def read_via(json_path: str | Path, images_dir: str | Path | None = None) -> lis
     path = Path(json_path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise ValueError(f"{path}: not a readable JSON file ({e}); expected a VIA 2 or VIA 3 project") from e
     roots = [Path(images_dir)] if images_dir is not None else [path.parent]
     notes: Counter = Counter()
@@ -219,7 +222,7 @@ def read_via(json_path: str | Path, images_dir: str | Path | None = None) -> lis
             else:
                 raise ValueError("unknown layout")
             items = [_via2_image(meta[k], path, roots, notes) for k in order]
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise ValueError(f"{path}: not a VIA annotation file ({type(e).__name__}: {e}); expected a VIA 2 "
                          "project (_via_img_metadata), a VIA 1/2 export ({key: {filename, regions}}) or a "
                          "VIA 3 project (file, view, metadata)") from e
@@ -313,7 +316,7 @@ def read_voc(xml_dir: str | Path, images_dir: str | Path | None = None) -> list[
                               and len(c) == 0})
                 shapes.append((box, attrs))
             w, h = (int(float(root.findtext(f"size/{k}") or 0)) for k in ("width", "height"))
-        except (ET.ParseError, ValueError, TypeError) as e:
+        except (ET.ParseError, ValueError, TypeError, OverflowError) as e:
             raise ValueError(f"{xml}: not a Pascal VOC annotation ({e}); expected <annotation> with "
                              "<filename> and <object><name>/<bndbox> xmin ymin xmax ymax") from e
         roots = ([Path(images_dir)] if images_dir is not None else []) + [xml.parent.parent / "JPEGImages",

@@ -11,6 +11,7 @@ import click
 
 from . import __version__
 from .pipeline import DECISION_SUPPORT
+from .status import Status
 from .train.cells import TRAIN_CELLS_DEFAULTS as _CELLS
 
 
@@ -110,7 +111,7 @@ def estimate_mpp_cmd(pictures, red_cell_um, max_pictures, as_json) -> None:
             try:
                 with Image.open(f) as im:
                     yield np.asarray(im.convert("RGB"))
-            except (OSError, SyntaxError) as exc:
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 _echo_err(f"{f}: skipped, cannot read it ({exc})")
 
     try:
@@ -258,7 +259,8 @@ def _one_source(via, voc, cohort, paper=None) -> None:
 @click.option("--area", default="640x480", show_default=True, help="--truth: area size in pixels at --mpp.")
 @click.option("--backbone", type=click.Choice(["mobilenet_v3", "resnet50_fpn_v2"]), default="mobilenet_v3", show_default=True)
 @click.option("--epochs", type=int, default=60, show_default=True)
-@click.option("--budget", type=float, default=None, help="Training time budget in seconds (all trials together).")
+@click.option("--budget", type=float, default=None,
+              help="Upper bound on the training time in seconds (all trials together); a warning when reached.")
 @click.option("--trials", type=click.IntRange(min=0), default=0, show_default=True,
               help="Optuna search over learning rate, momentum, weight decay and schedule with N trials.")
 @click.option("--init", "init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -278,7 +280,8 @@ def train_detector_cmd(via, voc, cohort, images, paper, out, classes, mpp, area,
     """
     from workers.bundle import BundleError, load_bundle
 
-    from .train.data import read_cohort, split_by_patient
+    from .train.data import read_cohort
+    from .train.splits import split_by_patient
     from .train.steps import (
         _synthetic,
         collect_samples,
@@ -498,16 +501,23 @@ def train_enn_cmd(slides_csv, paper, image_mpp, bundle_dir, target_sensitivity, 
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
 @click.option("--mpp", type=float, default=0.5, show_default=True)
 @click.option("--area", default="640x480", show_default=True)
-@click.option("--detector-budget", type=float, default=600, show_default=True, help="Seconds.")
-@click.option("--cells-budget", type=float, default=300, show_default=True, help="Seconds.")
+@click.option("--detector-epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--cells-epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--detector-budget", type=float, default=None,
+              help="Upper bound on the detector's training time in seconds; a warning when reached.")
+@click.option("--cells-budget", type=float, default=None,
+              help="Upper bound on the cell heads' training time in seconds; a warning when reached.")
 @click.option("--min-cells", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--seed", type=int, default=0)
-def train_all_cmd(cohort, out, mpp, area, detector_budget, cells_budget, min_cells, seed) -> None:
-    """Detector, cell heads and slide-level nets from one labelled cohort."""
+def train_all_cmd(cohort, out, mpp, area, detector_epochs, cells_epochs, detector_budget, cells_budget, min_cells,
+                  seed) -> None:
+    """Detector, cell heads and slide-level nets from one labelled cohort (fixed epochs: the same seed gives
+    the same models on any machine, up to floating-point noise)."""
     from .train.steps import train_all
 
-    train_all(cohort, out, geometry=_geometry(mpp, area), detector_budget_s=detector_budget,
-              cells_budget_s=cells_budget, min_cells=min_cells, seed=seed, log=click.echo)
+    train_all(cohort, out, geometry=_geometry(mpp, area), detector_epochs=detector_epochs, cells_epochs=cells_epochs,
+              detector_budget_s=detector_budget, cells_budget_s=cells_budget, min_cells=min_cells, seed=seed,
+              log=click.echo)
 
 
 @main.command()
@@ -692,10 +702,12 @@ def evaluate_enn_cmd(bundle_dir, slides_csv, results_dir, max_areas, target_cell
 @click.option("--max-areas", type=int, default=12, show_default=True)
 @click.option("--target-cells", type=int, default=500, show_default=True)
 @click.option("--force", is_flag=True, help="Redo slides already analysed with this bundle.")
-@click.option("--scheduler", default=None, help="Use an existing Dask scheduler (tcp://HOST:PORT or tls://HOST:PORT).")
+@click.option("--scheduler", default=None, help="Use an existing Dask scheduler: tls://HOST:PORT (tcp:// only on loopback, or with --insecure).")
 @click.option("--tls-ca-file", type=click.Path(path_type=Path), default=None, help="CA certificate (PEM) of a tls:// scheduler.")
 @click.option("--tls-cert", type=click.Path(path_type=Path), default=None, help="Client certificate (PEM) for a tls:// scheduler.")
 @click.option("--tls-key", type=click.Path(path_type=Path), default=None, help="Client private key (PEM) for a tls:// scheduler.")
+@click.option("--insecure", is_flag=True,
+              help="Accept a plain tcp:// --scheduler on another host (unencrypted, unauthenticated: trusted networks only).")
 @click.option("--cluster", "cluster_kind", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
               help="local: an embedded LocalCluster (or --scheduler); slurm: Dask workers as SLURM jobs (dask-jobqueue).")
 @click.option("--slurm-queue", default=None, help="SLURM partition.")
@@ -721,7 +733,7 @@ def evaluate_enn_cmd(bundle_dir, slides_csv, results_dir, max_areas, target_cell
 @click.option("--on-flag", default=None,
               help="Command run the moment a slide is flagged, with the slide path, case id and suspicion as arguments.")
 def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, target_cells, force, scheduler, tls_ca_file, tls_cert,
-         tls_key, cluster_kind, slurm_queue, slurm_account, slurm_jobs, slurm_gpus, slurm_cores, slurm_memory,
+         tls_key, insecure, cluster_kind, slurm_queue, slurm_account, slurm_jobs, slurm_gpus, slurm_cores, slurm_memory,
          slurm_walltime, workers, max_active_slides, cases, watch, deadline, settle_s, poll_s, on_flag) -> None:
     """Scan every slide of a folder and write the triage list."""
     from cluster.client import ClusterError, SlurmOptions, TlsFiles
@@ -747,7 +759,7 @@ def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, t
         click.echo("Watching the folder until Ctrl-C (give --deadline HH:MM to stop in time for the morning list)")
     opts = ScanOptions(slides=slides_dir, out=out, bundle=bundle_dir, reader=reader, mpp=mpp, max_areas=max_areas,
                        target_cells=target_cells, force=force, scheduler=scheduler, workers=workers, cases=cases,
-                       max_active_slides=max_active_slides, tls=TlsFiles(tls_ca_file, tls_cert, tls_key),
+                       max_active_slides=max_active_slides, tls=TlsFiles(tls_ca_file, tls_cert, tls_key, insecure),
                        slurm=slurm, watch=watch, deadline=deadline_at, settle_s=settle_s, poll_s=poll_s,
                        on_flag=on_flag, allow_synthetic=allow_synthetic)
     try:
@@ -755,10 +767,15 @@ def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, t
     except (BundleError, LedgerLocked, FileNotFoundError, ValueError, ClusterError) as exc:
         _echo_err(str(exc))
         sys.exit(2)
-    bad = sum(v for k, v in summary["counts"].items() if k in ("failed", "not_analysed", "pending"))
+    bad = sum(v for k, v in summary["counts"].items() if k in (Status.FAILED, Status.NOT_ANALYSED))
     if bad:
         click.echo(f"{bad} slide(s) failed or were not analysed: see the reasons in triage.csv "
                    f"('wsi-apl status {out}')")
+    if summary.get("stopped_by"):
+        import signal
+
+        click.echo(f"Stopped by {summary['stopped_by']}: the list is written but not final.")
+        sys.exit(128 + int(getattr(signal, summary["stopped_by"])))
     sys.exit(1 if bad else 0)
 
 
@@ -768,12 +785,18 @@ def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, t
 def status(results: Path, as_json: bool) -> None:
     """Counts per status, throughput, and what failed and why."""
     from .ledger import Ledger
+    from .triage import triage_rows
 
     led = Ledger(results)
     try:
         rows = led.rows()
+        listed = {t["path"]: t for t in triage_rows(led)}  # the list's status and reason (results of another bundle)
     finally:
         led.close()
+    for r in rows:
+        t = listed.get(r["path"]) or {}
+        if t.get("status") and t["status"] != r["status"]:
+            r["status"], r["error"] = t["status"], t["reason"]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -796,8 +819,8 @@ def status(results: Path, as_json: bool) -> None:
         click.echo("No scan state recorded (a scan by an older version, or none yet): triage.csv may not be final")
     elif state["state"] == "complete":
         click.echo(f"The scan ended at {state['updated']}: triage.csv is final")
-    elif state["state"] == "running":
-        click.echo(f"A scan is running (since {state['started']}): triage.csv is rewritten after every slide "
+    elif state["state"] in ("running", "stopping"):
+        click.echo(f"A scan is {'stopping' if state['state'] == 'stopping' else 'running'} (since {state['started']}): triage.csv is rewritten after every slide "
                    f"({state['slides_done']} done, {state['slides_left']} left, last update {state['updated']})")
     else:
         click.echo(f"The scan was interrupted ({state.get('why') or 'stopped'}); triage.csv holds the slides "
@@ -806,7 +829,7 @@ def status(results: Path, as_json: bool) -> None:
     if per_hour:
         click.echo(f"{per_hour} slides per hour")
     for s in slides:
-        if s["status"] in ("failed", "not_analysed"):
+        if s["status"] in (Status.FAILED, Status.NOT_ANALYSED):
             click.echo(f"  {s['status']}: {s['path']}: {s['error'] or ''}")
     click.echo(DECISION_SUPPORT)
 

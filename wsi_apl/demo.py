@@ -40,7 +40,7 @@ def run_demo(out: Path, quick: bool = False, log: Callable[[str], None] = print)
     log("[2/4] Training the bundle (detector, cell heads, slide-level nets)")
     bundle_dir = out / "bundle"
     bundle = train_all(cohort, bundle_dir, geometry=Geometry(0.5, (512, 384)),
-                       detector_budget_s=60 if quick else 240, cells_budget_s=40 if quick else 300,
+                       detector_epochs=4 if quick else 14, cells_epochs=3 if quick else 12,
                        min_cells=60 if quick else 100, name="demo-synthetic", max_areas=8, target_cells=400,
                        log=lambda s: log("  " + s))
     t_train = time.time()

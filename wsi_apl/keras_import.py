@@ -1,12 +1,12 @@
 """Import Keras Xception cell classifiers into a bundle's ``cells`` part (``wsi-apl bundle import-keras``).
 
 The 2022 paper's cell models are Keras ``Xception`` backbones with a dense head, one binary network
-per finding. :func:`import_keras` reads one such network (``.keras`` or legacy ``.h5``), copies its
-weights into the torch :class:`workers.xception.Xception` and a :class:`workers.classifier.Head`,
-checks on random images that Keras and torch agree, and adds the network to a bundle as one more
-separate backbone + head (``CellConfig(backbone="xception", separate=True)``). Importing three
-networks (say myeloblast, promyelocyte, auer_rod) into one directory gives the paper's three
-networks; the workers then run them with torch only, no TensorFlow.
+per finding. :func:`import_keras` reads one such network (``.keras`` or legacy ``.h5``) in a child
+process, copies its weights into the torch :class:`workers.xception.Xception` and a
+:class:`workers.classifier.Head`, checks on random images that Keras and torch agree, and adds the
+network to a bundle as one more separate backbone + head (``CellConfig(backbone="xception",
+separate=True)``). Importing three networks (say myeloblast, promyelocyte, auer_rod) into one
+directory gives the paper's three networks; the workers then run them with torch only, no TensorFlow.
 
 What is understood:
 
@@ -29,14 +29,26 @@ own pixels. An existing bundle keeps its geometry (``mpp`` must then be left out
 network in one bundle must take the same input size and preprocessing.
 
 Safety: Keras model files can run code when loaded (legacy ``.h5`` files ignore Keras' safe mode),
-so nothing is loaded without ``trust=True``. TensorFlow is imported only inside these functions
-(``pip install 'wsi-apl[keras]'``).
+so nothing is loaded without ``trust=True``. Even then the file is loaded only in a child process
+(``python -m wsi_apl.keras_import``, :func:`read_in_child`): it imports TensorFlow/Keras, loads the
+model (Keras' own safe mode as before), maps it (:func:`analyse_model`, :func:`export_arrays`) and
+computes Keras' outputs on the check images; it hands back only a safetensors file of plain arrays and
+a JSON of facts. The calling process never imports TensorFlow or Keras, builds the torch model from the
+arrays and runs the equality check itself; a child that fails, crashes or outlives
+:data:`CHILD_TIMEOUT_S` gives a :class:`KerasImportError` naming the model file. The child is not a
+sandbox (it runs as the same user): ``trust`` still means what it says. (``pip install 'wsi-apl[keras]'``)
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +67,8 @@ TOLERANCE_PROB = 1e-4           # max |p_torch - p_keras| on the check images
 TOLERANCE_LOGIT = 1e-4          # max |z_torch - z_keras| <= TOLERANCE_LOGIT * max(1, max |z_keras|)
 CHECK_IMAGES = 4
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+CHILD_TIMEOUT_S = 900.0        # the child reading one model (TensorFlow's import, loading, the check) takes ~30 s
+CHILD_FACTS, CHILD_ARRAYS, CHILD_ERROR = "facts.json", "arrays.safetensors", "error.txt"
 NO_OP_LAYERS = ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianDropout", "GaussianNoise",
                 "AlphaDropout", "ActivityRegularization", "Flatten")
 
@@ -245,39 +259,73 @@ def _copy(param: torch.Tensor, arr: np.ndarray, what: str, path) -> None:
         param.copy_(torch.from_numpy(np.ascontiguousarray(arr)))
 
 
-def copy_backbone(net: KerasNetwork, model: Xception, keras, path="model") -> None:
-    """Keras Xception weights -> torch: conv HWIO -> OIHW, depthwise (kh, kw, cin, 1) -> (cin, 1, kh, kw)."""
-    for name, mod in weighted_modules(model):
-        lay = net.layers[name]
+def export_arrays(net: KerasNetwork, keras, path="model") -> tuple[dict[str, np.ndarray], dict]:
+    """(child) The Keras weights as plain float32 arrays in Keras' layouts, and the facts needed to place
+    them: ``backbone.<module>.<kernel|depthwise_kernel|pointwise_kernel|gamma|beta|moving_mean|
+    moving_variance>`` per torch backbone module, ``head.<i>.<kernel|bias>`` per Dense layer."""
+    arrays: dict[str, np.ndarray] = {}
+    epsilon: dict[str, float] = {}
+    for name, mod in weighted_modules(_xception_meta()):
+        lay, k = net.layers[name], f"backbone.{name}."
         if getattr(lay, "use_bias", False):
             raise KerasImportError(f"{path}: layer {lay.name} has a bias; keras.applications.Xception has none")
         if isinstance(mod, SeparableConv2d):
             if getattr(lay, "depth_multiplier", 1) != 1:
                 raise KerasImportError(f"{path}: layer {lay.name} has depth_multiplier {lay.depth_multiplier}")
-            _copy(mod.depthwise.weight, _np(keras, lay.depthwise_kernel).transpose(2, 3, 0, 1), lay.name, path)
-            _copy(mod.pointwise.weight, _np(keras, lay.pointwise_kernel).transpose(3, 2, 0, 1), lay.name, path)
+            arrays[k + "depthwise_kernel"] = _np(keras, lay.depthwise_kernel)
+            arrays[k + "pointwise_kernel"] = _np(keras, lay.pointwise_kernel)
         elif isinstance(mod, torch.nn.BatchNorm2d):
-            c = mod.num_features
-            _copy(mod.weight, _np(keras, lay.gamma) if lay.scale else np.ones(c, np.float32), lay.name, path)
-            _copy(mod.bias, _np(keras, lay.beta) if lay.center else np.zeros(c, np.float32), lay.name, path)
-            _copy(mod.running_mean, _np(keras, lay.moving_mean), lay.name, path)
-            _copy(mod.running_var, _np(keras, lay.moving_variance), lay.name, path)
-            mod.eps = float(lay.epsilon)
+            c = int(lay.moving_mean.shape[0])
+            arrays[k + "gamma"] = _np(keras, lay.gamma) if lay.scale else np.ones(c, np.float32)
+            arrays[k + "beta"] = _np(keras, lay.beta) if lay.center else np.zeros(c, np.float32)
+            arrays[k + "moving_mean"] = _np(keras, lay.moving_mean)
+            arrays[k + "moving_variance"] = _np(keras, lay.moving_variance)
+            epsilon[name] = float(lay.epsilon)
         else:
-            _copy(mod.weight, _np(keras, lay.kernel).transpose(3, 2, 0, 1), lay.name, path)
+            arrays[k + "kernel"] = _np(keras, lay.kernel)
+    dense = []
+    for i, (d, act) in enumerate(net.dense):
+        arrays[f"head.{i}.kernel"] = _np(keras, d.kernel)
+        arrays[f"head.{i}.bias"] = _np(keras, d.bias) if d.use_bias else np.zeros(d.units, np.float32)
+        dense.append({"name": d.name, "units": int(d.units), "activation": act})
+    facts = {"layers": {n: lay.name for n, lay in net.layers.items()}, "epsilon": epsilon, "dense": dense}
+    return arrays, facts
 
 
-def copy_head(net: KerasNetwork, head: torch.nn.Module, keras, positive_class: int = 1, path="model") -> None:
+def _arr(arrays: dict, key: str, path) -> np.ndarray:
+    if key not in arrays:
+        raise KerasImportError(f"{path}: the Keras child process gave no {key}; nothing was written")
+    return arrays[key]
+
+
+def copy_backbone(arrays: dict[str, np.ndarray], facts: dict, model: Xception, path="model") -> None:
+    """Keras Xception weights -> torch: conv HWIO -> OIHW, depthwise (kh, kw, cin, 1) -> (cin, 1, kh, kw)."""
+    for name, mod in weighted_modules(model):
+        k, what = f"backbone.{name}.", facts["layers"].get(name, name)
+        if isinstance(mod, SeparableConv2d):
+            _copy(mod.depthwise.weight, _arr(arrays, k + "depthwise_kernel", path).transpose(2, 3, 0, 1), what, path)
+            _copy(mod.pointwise.weight, _arr(arrays, k + "pointwise_kernel", path).transpose(3, 2, 0, 1), what, path)
+        elif isinstance(mod, torch.nn.BatchNorm2d):
+            _copy(mod.weight, _arr(arrays, k + "gamma", path), what, path)
+            _copy(mod.bias, _arr(arrays, k + "beta", path), what, path)
+            _copy(mod.running_mean, _arr(arrays, k + "moving_mean", path), what, path)
+            _copy(mod.running_var, _arr(arrays, k + "moving_variance", path), what, path)
+            mod.eps = float(facts["epsilon"][name])
+        else:
+            _copy(mod.weight, _arr(arrays, k + "kernel", path).transpose(3, 2, 0, 1), what, path)
+
+
+def copy_head(arrays: dict[str, np.ndarray], facts: dict, head: torch.nn.Module, positive_class: int = 1,
+              path="model") -> None:
     """Dense (in, out) -> Linear (out, in); a two-unit softmax output becomes ``z_pos - z_neg``."""
     linears = [head.net[i] for i in head.linear_indices()]
-    for (d, _), lin in zip(net.dense, linears, strict=True):
-        w = _np(keras, d.kernel)
-        b = _np(keras, d.bias) if d.use_bias else np.zeros(d.units, np.float32)
-        if lin is linears[-1] and d.units == 2:
+    for i, (d, lin) in enumerate(zip(facts["dense"], linears, strict=True)):
+        w, b = _arr(arrays, f"head.{i}.kernel", path), _arr(arrays, f"head.{i}.bias", path)
+        if lin is linears[-1] and d["units"] == 2:
             p, q = positive_class, 1 - positive_class
             w, b = (w[:, p] - w[:, q])[:, None], np.asarray([b[p] - b[q]], np.float32)
-        _copy(lin.weight, w.T, d.name, path)
-        _copy(lin.bias, b, d.name, path)
+        _copy(lin.weight, w.T, d["name"], path)
+        _copy(lin.bias, b, d["name"], path)
 
 
 def _keras_outputs(net: KerasNetwork, keras, x: np.ndarray, positive_class: int) -> tuple[np.ndarray, np.ndarray]:
@@ -313,14 +361,17 @@ def check_images(n: int, px: int, seed: int = 0) -> np.ndarray:
     return out
 
 
-def check_equal(net: KerasNetwork, torch_model: CellClassifier, keras, n: int = CHECK_IMAGES, seed: int = 0,
-                positive_class: int = 1) -> dict:
-    """Run Keras and torch on the same random images; the max abs differences and whether they pass."""
+def check_equal(torch_model: CellClassifier, images: np.ndarray, keras_prob: np.ndarray,
+                keras_logit: np.ndarray) -> dict:
+    """Run torch on the check ``images`` (n, px, px, 3 uint8) and compare with Keras' probabilities and
+    logits of the finding on the same images (computed by the child); the max abs differences and
+    whether they pass."""
     px = torch_model.cfg.crop_px
-    x255 = check_images(n, px, seed).astype(np.float32)
-    # a model with Rescaling layers takes 0-255 pixels; otherwise Keras' xception.preprocess_input is applied
-    keras_in = x255 if net.rescaling else x255 / 127.5 - 1.0
-    p_k, z_k = _keras_outputs(net, keras, keras_in, positive_class)
+    n = int(images.shape[0])
+    if images.shape[1:] != (px, px, 3) or keras_prob.shape != (n,) or keras_logit.shape != (n,):
+        raise KerasImportError(f"check images {images.shape} / outputs {keras_prob.shape} do not fit {px} px crops")
+    x255 = images.astype(np.float32)
+    p_k, z_k = keras_prob.astype(np.float64), keras_logit.astype(np.float64)
     torch_model.eval()
     with torch.inference_mode():
         z_t = torch_model(torch.from_numpy(x255 / 255.0).permute(0, 3, 1, 2).float())[:, 0].double().numpy()
@@ -333,6 +384,126 @@ def check_equal(net: KerasNetwork, torch_model: CellClassifier, keras, n: int = 
             "keras_prob_range": [float(p_k.min()), float(p_k.max())],
             "keras_logit_range": [float(z_k.min()), float(z_k.max())],
             "passed": bool(d_prob <= TOLERANCE_PROB and d_logit <= logit_tol)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the child process: the only place that imports TensorFlow/Keras and loads the model file
+
+
+def read_keras_model(path: Path, positive_class: int = 1, n_check: int = CHECK_IMAGES,
+                     seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+    """(child) Load and map the model; its arrays (weights, check images and Keras' outputs on them:
+    ``check.images``, ``check.keras_prob``, ``check.keras_logit``) and JSON-able facts."""
+    keras, tf = _keras()
+    kmodel = load_keras_model(path, keras)
+    net = analyse_model(kmodel, keras, path)
+    arrays, facts = export_arrays(net, keras, path)
+    x255 = check_images(n_check, net.input_px, seed)
+    # a model with Rescaling layers takes 0-255 pixels; otherwise Keras' xception.preprocess_input is applied
+    xf = x255.astype(np.float32)
+    p_k, z_k = _keras_outputs(net, keras, xf if net.rescaling else xf / 127.5 - 1.0, positive_class)
+    arrays.update({"check.images": x255, "check.keras_prob": np.asarray(p_k, np.float64),
+                   "check.keras_logit": np.asarray(z_k, np.float64)})
+    facts.update({"keras": keras.__version__, "tensorflow": tf.__version__, "keras_model": str(kmodel.name),
+                  "input_px": int(net.input_px), "rescaling": bool(net.rescaling),
+                  "scale": [float(v) for v in net.scale], "offset": [float(v) for v in net.offset],
+                  "dropout": float(net.dropout), "output": net.output, "head": net.describe_head()})
+    return facts, arrays
+
+
+def _child_main(argv: list[str]) -> int:
+    """``python -m wsi_apl.keras_import MODEL OUT_DIR --trust [...]``: writes OUT_DIR/arrays.safetensors and
+    then OUT_DIR/facts.json, or OUT_DIR/error.txt (a :class:`KerasImportError`'s one line) and exits 2."""
+    import argparse
+
+    from safetensors.numpy import save_file
+
+    ap = argparse.ArgumentParser(prog="python -m wsi_apl.keras_import",
+                                 description="Read a Keras model for wsi-apl bundle import-keras (its child process).")
+    ap.add_argument("model")
+    ap.add_argument("out_dir")
+    ap.add_argument("--trust", action="store_true")
+    ap.add_argument("--positive-class", type=int, default=1)
+    ap.add_argument("--n-check", type=int, default=CHECK_IMAGES)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    out = Path(a.out_dir)
+    try:
+        if not a.trust:
+            raise KerasImportError(f"{a.model}: not loaded without --trust (Keras model files can run code)")
+        facts, arrays = read_keras_model(Path(a.model), a.positive_class, a.n_check, a.seed)
+    except KerasImportError as exc:
+        (out / CHILD_ERROR).write_text(str(exc), encoding="utf-8")
+        return 2
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out / CHILD_ARRAYS))
+    (out / CHILD_FACTS).write_text(json.dumps(facts), encoding="utf-8")  # last: its presence means done
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the calling process: never imports TensorFlow/Keras
+
+
+def _require_keras() -> None:
+    missing = [m for m in ("tensorflow", "keras") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise KerasImportError(f"TensorFlow/Keras is not installed (no {', '.join(missing)}); install it with: "
+                               "pip install 'wsi-apl[keras]'")
+
+
+def _child_command() -> list[str]:
+    return [sys.executable, "-m", "wsi_apl.keras_import"]
+
+
+def _tail(text: str, lines: int = 6, chars: int = 600) -> str:
+    last = [ln.strip() for ln in (text or "").splitlines() if ln.strip()][-lines:]
+    return " | ".join(last)[-chars:] or "nothing"
+
+
+def read_in_child(path: Path, positive_class: int = 1, n_check: int = CHECK_IMAGES, seed: int = 0,
+                  timeout_s: float = CHILD_TIMEOUT_S) -> tuple[dict, dict[str, np.ndarray]]:
+    """Run :func:`read_keras_model` in a child Python process and return its facts and arrays.
+    Raises :class:`KerasImportError` naming ``path`` when the child refuses the model, fails, is killed
+    or runs longer than ``timeout_s``."""
+    from safetensors.numpy import load_file
+
+    root = str(Path(__file__).resolve().parents[1])   # the child imports this very copy of wsi_apl
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with tempfile.TemporaryDirectory(prefix="wsi-apl-keras-") as tmp:
+        cmd = _child_command() + ["--trust", "--positive-class", str(int(positive_class)), "--n-check",
+                                  str(int(n_check)), "--seed", str(int(seed)), "--", str(path), tmp]
+        try:
+            proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  errors="replace", timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise KerasImportError(f"{path}: reading the model in its Keras child process took longer than "
+                                   f"{timeout_s:g} s; the child was stopped and nothing was written") from exc
+        except OSError as exc:
+            raise KerasImportError(f"{path}: cannot start the Keras child process ({exc}); "
+                                   "nothing was written") from exc
+        tmp_dir = Path(tmp)
+        if (tmp_dir / CHILD_ERROR).is_file():
+            raise KerasImportError((tmp_dir / CHILD_ERROR).read_text(encoding="utf-8"))
+        if proc.returncode != 0 or not (tmp_dir / CHILD_FACTS).is_file():
+            rc = proc.returncode
+            if rc < 0:
+                try:
+                    how = f"was killed by signal {signal.Signals(-rc).name}"
+                except ValueError:
+                    how = f"was killed by signal {-rc}"
+            else:
+                how = f"failed (exit code {rc})"
+            raise KerasImportError(f"{path}: the Keras child process reading the model {how}; nothing was written; "
+                                   f"its last output: {_tail(proc.stderr or proc.stdout)}")
+        try:
+            facts = json.loads((tmp_dir / CHILD_FACTS).read_text(encoding="utf-8"))
+            arrays = load_file(str(tmp_dir / CHILD_ARRAYS))
+        except Exception as exc:
+            raise KerasImportError(f"{path}: the Keras child process left unreadable results ({type(exc).__name__}: "
+                                   f"{exc}); nothing was written") from exc
+    return facts, arrays
 
 
 def _geometry(out: Path, mpp: float | None) -> tuple[object | None, float]:
@@ -351,7 +522,7 @@ def _geometry(out: Path, mpp: float | None) -> tuple[object | None, float]:
 def import_keras(model_path: str | os.PathLike, head: str, out_bundle: str | os.PathLike, trust: bool,
                  log: Callable[[str], None] = print, *, mpp: float | None = None,
                  area: tuple[int, int] = DEFAULT_AREA, positive_class: int = 1, n_check: int = CHECK_IMAGES,
-                 name: str | None = None) -> dict:
+                 name: str | None = None, timeout_s: float = CHILD_TIMEOUT_S) -> dict:
     """Import one Keras Xception classifier as head ``head`` into the bundle ``out_bundle``.
 
     A new bundle is created at ``mpp`` µm/px (default 0.0668, the paper's frames) with areas of
@@ -359,6 +530,8 @@ def import_keras(model_path: str | os.PathLike, head: str, out_bundle: str | os.
     its other parts, and gets ``head`` as one more separate backbone + head (re-importing a head
     replaces it). Nothing is written unless Keras and torch agree on the check images within
     :data:`TOLERANCE_PROB` (probabilities) and :data:`TOLERANCE_LOGIT` (logits, relative to their scale).
+    The model file is loaded with Keras only in a child process (:func:`read_in_child`, stopped after
+    ``timeout_s``); this process never imports TensorFlow or Keras.
     Returns the check results and the provenance recorded in bundle.json.
     """
     path, out = Path(model_path), Path(out_bundle)
@@ -373,28 +546,34 @@ def import_keras(model_path: str | os.PathLike, head: str, out_bundle: str | os.
         raise KerasImportError(f"--head {head!r}: use lower-case letters, digits and _ (e.g. promyelocyte)")
     bundle, work_mpp = _geometry(out, mpp)
 
-    keras, tf = _keras()
+    _require_keras()
     t0 = time.time()
-    log(f"Reading {path} (Keras {keras.__version__}, TensorFlow {tf.__version__})")
-    kmodel = load_keras_model(path, keras)
-    net = analyse_model(kmodel, keras, path)
-    log(f"  Xception {net.input_px}x{net.input_px} + {net.describe_head()}"
-        + (f" (positive class {positive_class})" if net.dense[-1][0].units == 2 else ""))
-    if net.rescaling:
-        mean = tuple(float(v) for v in -net.offset / (255.0 * net.scale))
-        std = tuple(float(v) for v in 1.0 / (255.0 * net.scale))
-        pre = f"Rescaling in the model (scale {net.scale.tolist()}, offset {net.offset.tolist()} on 0-255 pixels)"
+    sha = sha256_file(path)
+    log(f"Reading {path} with Keras in a child process")
+    facts, arrays = read_in_child(path, positive_class, n_check, timeout_s=timeout_s)
+    if sha256_file(path) != sha:
+        raise KerasImportError(f"{path}: the file changed while it was read; nothing was written; import it again")
+    two_units = facts["dense"][-1]["units"] == 2
+    log(f"  Keras {facts['keras']}, TensorFlow {facts['tensorflow']}: Xception {facts['input_px']}x{facts['input_px']} "
+        f"+ {facts['head']}" + (f" (positive class {positive_class})" if two_units else ""))
+    scale, offset = np.asarray(facts["scale"], np.float64), np.asarray(facts["offset"], np.float64)
+    if facts["rescaling"]:
+        mean = tuple(float(v) for v in -offset / (255.0 * scale))
+        std = tuple(float(v) for v in 1.0 / (255.0 * scale))
+        pre = f"Rescaling in the model (scale {scale.tolist()}, offset {offset.tolist()} on 0-255 pixels)"
     else:
         mean = std = (0.5, 0.5, 0.5)
         pre = "x / 127.5 - 1 (keras xception.preprocess_input, applied outside the model)"
-    sizes = [int(d.units) for d, _ in net.dense[:-1]]
-    cfg = CellConfig(backbone="xception", heads=(head,), separate=True, crop_px=net.input_px,
-                     crop_um=round(net.input_px * work_mpp, 6), image_mean=mean, image_std=std,
-                     head_sizes={head: sizes}, dropout=net.dropout or 0.3)
+    px = int(facts["input_px"])
+    sizes = [int(d["units"]) for d in facts["dense"][:-1]]
+    cfg = CellConfig(backbone="xception", heads=(head,), separate=True, crop_px=px,
+                     crop_um=round(px * work_mpp, 6), image_mean=mean, image_std=std,
+                     head_sizes={head: sizes}, dropout=facts["dropout"] or 0.3)
     model = CellClassifier(cfg)
-    copy_backbone(net, model.backbones[head], keras, path)
-    copy_head(net, model.heads[head], keras, positive_class, path)
-    check = check_equal(net, model, keras, n=n_check, positive_class=positive_class)
+    copy_backbone(arrays, facts, model.backbones[head], path)
+    copy_head(arrays, facts, model.heads[head], positive_class, path)
+    check = check_equal(model, _arr(arrays, "check.images", path), _arr(arrays, "check.keras_prob", path),
+                        _arr(arrays, "check.keras_logit", path))
     log(f"  check on {check['images']} random {check['px']}x{check['px']} images: max |Δp| "
         f"{check['max_abs_diff_prob']:.2e} (tolerance {TOLERANCE_PROB:g}), max |Δlogit| "
         f"{check['max_abs_diff_logit']:.2e} (tolerance {check['tolerance_logit']:.2e}); Keras probabilities "
@@ -403,13 +582,13 @@ def import_keras(model_path: str | os.PathLike, head: str, out_bundle: str | os.
         raise KerasImportError(f"{path}: torch and Keras disagree (max |Δp| {check['max_abs_diff_prob']:.2e}, "
                                f"max |Δlogit| {check['max_abs_diff_logit']:.2e}); nothing was written; the model "
                                "has a layer this import does not reproduce")
-    provenance = {"source": path.name, "sha256": sha256_file(path), "format": path.suffix.lower().lstrip("."),
-                  "keras_model": str(kmodel.name), "keras": keras.__version__, "tensorflow": tf.__version__,
-                  "torch": torch.__version__, "head": net.describe_head(), "preprocessing": pre,
-                  "positive_class": positive_class if net.dense[-1][0].units == 2 else None,
+    provenance = {"source": path.name, "sha256": sha, "format": path.suffix.lower().lstrip("."),
+                  "keras_model": facts["keras_model"], "keras": facts["keras"], "tensorflow": facts["tensorflow"],
+                  "torch": torch.__version__, "head": facts["head"], "preprocessing": pre,
+                  "positive_class": positive_class if two_units else None,
                   "check": check, "imported": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     state = model.state_dict()
-    del kmodel, net
+    del arrays
     bundle = _write(out, head, cfg, state, provenance, bundle, work_mpp, area, name, log)
     log(f"  {head}: written to {out} ({time.time() - t0:.0f} s); bundle {bundle.label}, heads {', '.join(bundle.heads)}")
     return {"bundle": str(out), "head": head, "heads": bundle.heads, "check": check, "provenance": provenance}
@@ -471,3 +650,7 @@ def _write(out: Path, head: str, cfg: CellConfig, state: dict, provenance: dict,
         log(f"  the bundle has no detector yet: train one into {out} at {bundle.mpp:g} µm/px with {w}x{h} px areas "
             "(wsi-apl train detector --out ...); a bundle re-created at another geometry drops its parts")
     return bundle
+
+
+if __name__ == "__main__":  # the child process of read_in_child
+    sys.exit(_child_main(sys.argv[1:]))

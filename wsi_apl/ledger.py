@@ -10,7 +10,9 @@ Two tables:
   under two names is analysed once; both names get a row with that result.
 
 A rerun skips fingerprints already finished with the same bundle; ``--force`` redoes them. A slide
-left ``running`` by a crash is redone.
+left ``running`` by a crash is redone. A result is current only for the bundle that made it: the
+``meta`` table holds the bundle of the latest scan, and a slide whose result came from another bundle
+is listed as ``not_analysed`` (with the old result named in its reason) until this bundle redoes it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from pathlib import Path
 
 from workers.bundle import update_hash
 
-DONE = ("flagged", "not_flagged", "inconclusive")
+from .status import PENDING, RESULTS, RUNNING, Status
+
+DONE = RESULTS
+_DONE_SQL = ", ".join(f"'{s}'" for s in (*RESULTS, Status.FAILED))
 LEDGER = "ledger.sqlite"
 LOCK_FILE = ".scan.lock"  # flock'd by the scan that writes a results folder
 
@@ -69,6 +74,7 @@ class Ledger:
             CREATE TABLE IF NOT EXISTS files (
                 path TEXT PRIMARY KEY, name TEXT NOT NULL, fingerprint TEXT, case_id TEXT,
                 status TEXT, error TEXT, first_seen REAL, last_seen REAL);
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
         """)
         self._lock_fd: int | None = None
 
@@ -113,22 +119,30 @@ class Ledger:
         self.unlock()
         self.db.close()
 
+    # -- the bundle of the latest scan ----------------------------------------------------------
+    def set_bundle(self, bundle_id: str, label: str) -> None:
+        """The bundle this folder's results are current for (the scan that writes it now)."""
+        self.db.execute("INSERT INTO meta(key, value) VALUES('bundle', ?) ON CONFLICT(key) DO UPDATE SET "
+                        "value=excluded.value", (json.dumps({"id": bundle_id, "label": label}),))
+
+    def bundle(self) -> dict | None:
+        """``{"id", "label"}`` of the latest scan's bundle (None: no scan has said)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='bundle'").fetchone()
+        return json.loads(row[0]) if row else None
+
     # -- files ---------------------------------------------------------------------------------
     def see_file(self, path: str, name: str, fp: str | None, case_id: str = "", error: str | None = None,
                  status: str | None = None) -> None:
         """Record a path; ``error`` (a file that failed before it had a fingerprint) makes it failed,
         ``status`` says otherwise (``not_analysed``: still being written when the scan ended)."""
         now = time.time()
-        status = status or ("failed" if error else None)
+        status = status or (Status.FAILED if error else None)
         self.db.execute(
             "INSERT INTO files(path, name, fingerprint, case_id, status, error, first_seen, last_seen) "
             "VALUES(?,?,?,?,?,?,?,?) ON CONFLICT(path) DO UPDATE SET name=excluded.name, "
             "fingerprint=excluded.fingerprint, case_id=excluded.case_id, status=excluded.status, "
             "error=excluded.error, last_seen=excluded.last_seen",
             (path, name, fp, case_id, status, error, now, now))
-
-    def mark_file(self, path: str, status: str, error: str | None = None) -> None:
-        self.db.execute("UPDATE files SET status=?, error=? WHERE path=?", (status, error, path))
 
     # -- slides --------------------------------------------------------------------------------
     def slide(self, fp: str) -> dict | None:
@@ -150,25 +164,28 @@ class Ledger:
     def start(self, fp: str, bundle_id: str, size: int) -> None:
         self.db.execute(
             "INSERT INTO slides(fingerprint, status, attempts, bundle, size, started) VALUES(?,?,1,?,?,?) "
-            "ON CONFLICT(fingerprint) DO UPDATE SET status='running', attempts=attempts+1, error=NULL, "
+            f"ON CONFLICT(fingerprint) DO UPDATE SET status='{RUNNING}', attempts=attempts+1, error=NULL, "
             "result=NULL, group_name=NULL, bundle=excluded.bundle, started=excluded.started, finished=NULL",
-            (fp, "running", bundle_id, size, time.time()))
+            (fp, RUNNING, bundle_id, size, time.time()))
 
     def finish(self, fp: str, status: str, result: dict, group_name: str | None) -> None:
         self.db.execute("UPDATE slides SET status=?, result=?, group_name=?, finished=?, error=? WHERE fingerprint=?",
                         (status, json.dumps(result), group_name, time.time(),
-                         result.get("reason") if status == "failed" else None, fp))
+                         result.get("reason") if status == Status.FAILED else None, fp))
 
     def fail(self, fp: str, error: str, result: dict | None = None) -> None:
-        self.db.execute("UPDATE slides SET status='failed', error=?, result=?, finished=? WHERE fingerprint=?",
-                        (error, json.dumps(result) if result else None, time.time(), fp))
+        self.db.execute(f"UPDATE slides SET status='{Status.FAILED}', error=?, result=?, finished=? "
+                        "WHERE fingerprint=?", (error, json.dumps(result) if result else None, time.time(), fp))
 
-    def set_not_analysed(self, fp: str, reason: str) -> None:
-        """A slide seen but not analysed in this run (a result from an earlier run is kept)."""
+    def set_not_analysed(self, fp: str, reason: str, bundle_id: str | None = None) -> None:
+        """A slide seen but not analysed in this run. A result of an earlier run with the same bundle
+        (``bundle_id``) is kept; one of another bundle is not current: the slide becomes not_analysed,
+        and the list names the old result in its reason (the old result stays in the row)."""
         self.db.execute(
-            "INSERT INTO slides(fingerprint, status, attempts, error) VALUES(?, 'not_analysed', 0, ?) "
-            "ON CONFLICT(fingerprint) DO UPDATE SET status='not_analysed', error=excluded.error "
-            "WHERE status NOT IN ('flagged','not_flagged','inconclusive','failed')", (fp, reason))
+            f"INSERT INTO slides(fingerprint, status, attempts, error) VALUES(?, '{Status.NOT_ANALYSED}', 0, ?) "
+            f"ON CONFLICT(fingerprint) DO UPDATE SET status='{Status.NOT_ANALYSED}', error=excluded.error "
+            f"WHERE status NOT IN ({_DONE_SQL}) OR (? IS NOT NULL AND bundle IS NOT ?)",
+            (fp, reason, bundle_id, bundle_id))
 
     # -- reading -------------------------------------------------------------------------------
     def rows(self) -> list[dict]:
@@ -180,10 +197,10 @@ class Ledger:
         out = []
         for (path, name, fp, case_id, fstatus, ferror, sstatus, serror, result, attempts, started, finished,
              bundle, group) in cur.fetchall():
-            status = (fstatus or "pending") if not fp else (sstatus or fstatus or "pending")
-            in_hand = status == "running"
-            if status in ("running", "pending"):  # in hand, interrupted, or never started: not a result
-                status = "not_analysed"
+            status = (fstatus or PENDING) if not fp else (sstatus or fstatus or PENDING)
+            in_hand = status == RUNNING
+            if status in (RUNNING, PENDING):  # in hand, interrupted, or never started: not a result
+                status = Status.NOT_ANALYSED
             out.append({"path": path, "name": name, "fingerprint": fp, "case": case_id or "", "status": status,
                         "error": ferror or serror, "result": json.loads(result) if result else None,
                         "attempts": attempts or 0, "started": started, "finished": finished, "bundle": bundle,

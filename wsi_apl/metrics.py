@@ -143,21 +143,27 @@ def match_detections(pred: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou: 
 
 
 def roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate) at every threshold, from (0, 0) to (1, 1)."""
+    """(false positive rate, true positive rate) at every threshold, from (0, 0) to (1, 1)
+    (scikit-learn's ``roc_curve``: tied scores make one point, whatever their order)."""
+    from sklearn.metrics import roc_curve
+
     y = np.asarray(y).astype(bool)
-    order = np.argsort(-np.asarray(s, np.float64), kind="mergesort")
-    tp = np.concatenate([[0], np.cumsum(y[order])])
-    fp = np.concatenate([[0], np.cumsum(~y[order])])
-    return fp / max(1, int((~y).sum())), tp / max(1, int(y.sum()))
+    if y.all() or not y.any():  # one class: no curve to draw
+        return np.array([0.0, 1.0]), np.array([0.0, 1.0])
+    fpr, tpr, _ = roc_curve(y, np.asarray(s, np.float64), drop_intermediate=False)
+    return fpr, tpr
 
 
 def pr_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(recall, precision) at every threshold."""
+    """(recall, precision) at every threshold, highest threshold first (scikit-learn's
+    ``precision_recall_curve``, without its closing point at recall 0)."""
+    from sklearn.metrics import precision_recall_curve
+
     y = np.asarray(y).astype(bool)
-    order = np.argsort(-np.asarray(s, np.float64), kind="mergesort")
-    tp = np.cumsum(y[order])
-    k = np.arange(1, len(y) + 1)
-    return tp / max(1, int(y.sum())), tp / k
+    if not y.any():
+        return np.array([0.0]), np.array([0.0])
+    prec, rec, _ = precision_recall_curve(y, np.asarray(s, np.float64), drop_intermediate=False)
+    return rec[-2::-1], prec[-2::-1]
 
 
 def coco_metrics(images: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import glob
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +69,13 @@ def _column(fields: list[str], path: Path, *names: str) -> str:
 
 
 def _find_picture(root: Path, name: str) -> Path:
-    for cand in (root / name, root / "images" / name, root / "img" / name):
-        if cand.is_file():
-            return cand
-    hits = sorted(root.rglob(Path(name).name))
+    try:
+        for cand in (root / name, root / "images" / name, root / "img" / name):
+            if cand.is_file():
+                return cand
+        hits = sorted(p for p in root.rglob(glob.escape(Path(name).name)) if p.is_file())  # '': folders
+    except (OSError, ValueError):  # a name the file system or glob refuses (e.g. too long): not there
+        hits = []
     if hits:
         return hits[0]
     raise FileNotFoundError(f"{root}: picture {name!r} of {FRAMES_CSV} not found (next to the CSVs or in images/)")
@@ -83,14 +87,19 @@ def read_frames(root: Path) -> list[PaperFrame]:
     path = root / FRAMES_CSV
     if not path.is_file():
         raise FileNotFoundError(f"{root}: no {FRAMES_CSV} (the paper's layout: {FRAMES_CSV} and {CELLS_CSV})")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = list(reader.fieldnames or [])
-        c_id, c_img, c_lab = (_column(fields, path, "id"), _column(fields, path, "imgName", "image"),
-                              _column(fields, path, "label", "diagnosis"))
-        rows = list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            c_id, c_img, c_lab = (_column(fields, path, "id"), _column(fields, path, "imgName", "image"),
+                                  _column(fields, path, "label", "diagnosis"))
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: not a readable CSV file ({exc}); save it as CSV in UTF-8") from exc
     out = []
-    for r in rows:
+    for line, r in enumerate(rows, start=2):
+        if None in (r[c_id], r[c_img], r[c_lab]):
+            raise ValueError(f"{path}, line {line}: fewer fields than columns")
         dx = _key(r[c_lab])
         out.append(PaperFrame(_find_picture(root, r[c_img].strip()), str(r[c_id]).strip(), _DIAGNOSES.get(dx, dx)))
     if not out:
@@ -105,7 +114,7 @@ def parse_labels(text: str, where: str) -> frozenset[str]:
         return frozenset()
     try:
         value = ast.literal_eval(t)  # literals only: never eval
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError):  # TypeError: an unhashable member, {['a']}
         raise ValueError(f"{where}: labels {t!r} are not a set literal such as {{'Promyelocyte'}}") from None
     if isinstance(value, str):
         value = {value}
@@ -119,8 +128,10 @@ def parse_bbox(text: str, where: str) -> tuple[float, float, float, float]:
     try:
         v = ast.literal_eval(str(text).strip())
         r0, c0, r1, c1 = (float(x) for x in v)
-    except (ValueError, SyntaxError, TypeError):
+    except (ValueError, SyntaxError, TypeError, OverflowError):  # OverflowError: float() of a huge int
         raise ValueError(f"{where}: bbox {text!r} is not [min_row, min_col, max_row, max_col]") from None
+    if not np.isfinite([r0, c0, r1, c1]).all():
+        raise ValueError(f"{where}: bbox {text!r} is not finite numbers")
     if r1 <= r0 or c1 <= c0:
         raise ValueError(f"{where}: bbox {text!r} is empty (max_row <= min_row or max_col <= min_col)")
     return c0, r0, c1, r1
@@ -131,16 +142,22 @@ def read_objects(root: Path) -> list[PaperObject]:
     path = Path(root) / CELLS_CSV
     if not path.is_file():
         raise FileNotFoundError(f"{root}: no {CELLS_CSV} (the paper's layout: {FRAMES_CSV} and {CELLS_CSV})")
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields = list(reader.fieldnames or [])
-        c_img, c_box = _column(fields, path, "imgName", "image"), _column(fields, path, "bbox")
-        c_lab, c_typ = _column(fields, path, "labels", "label"), _column(fields, path, "objectType", "object_type")
-        out = []
-        for line, r in enumerate(reader, start=2):
-            where = f"{path}, line {line}"
-            out.append(PaperObject(r[c_img].strip(), parse_bbox(r[c_box], where), parse_labels(r[c_lab], where),
-                                   _key(r[c_typ]) or "cell", line))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            c_img, c_box = _column(fields, path, "imgName", "image"), _column(fields, path, "bbox")
+            c_lab, c_typ = _column(fields, path, "labels", "label"), _column(fields, path, "objectType", "object_type")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: not a readable CSV file ({exc}); save it as CSV in UTF-8") from exc
+    out = []
+    for line, r in enumerate(rows, start=2):
+        where = f"{path}, line {line}"
+        if None in (r[c_img], r[c_box], r[c_lab], r[c_typ]):
+            raise ValueError(f"{where}: fewer fields than columns")
+        out.append(PaperObject(r[c_img].strip(), parse_bbox(r[c_box], where), parse_labels(r[c_lab], where),
+                               _key(r[c_typ]) or "cell", line))
     return out
 
 

@@ -24,6 +24,7 @@ import datetime as dt
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.client import SlurmOptions, TlsFiles, register_bundles, start_cluster
+from cluster.client import ClusterError, SlurmOptions, TlsFiles, register_bundles, start_cluster
 from cluster.plugin import area_task, select_task
 from cluster.submit import TaskWindow
 from tile_selector.slide import REFUSED_FORMATS, SLIDE_EXTENSIONS
@@ -75,6 +76,8 @@ class ScanOptions:
     on_flag: str | None = None         # the site's command, run once per flagged slide
     area_retries: int = 1              # an area task that raises is retried this often, then its slide fails
     stall_s: float = 3600.0            # no task finished for this long while some run: their slides fail
+    stop_grace_s: float = 120.0        # SIGTERM: wait at most this long for the tasks in hand
+    scheduler_lost_s: float = 60.0     # the client cut off from its scheduler this long: the scan ends
     allow_synthetic: bool = False      # a bundle trained on synthetic data scans only when asked (demo, tests)
 
 
@@ -160,11 +163,18 @@ def read_cases(path: Path | None) -> dict[str, str]:
     """``slide`` (file name) → case id from a CSV with columns slide, case."""
     if path is None:
         return {}
-    with Path(path).open(newline="") as f:
-        reader = csv.DictReader(f)
-        if not {"slide", "case"} <= set(reader.fieldnames or []):
-            raise ValueError(f"{path}: needs columns 'slide' and 'case' (one row per slide file name)")
-        return {row["slide"].strip(): row["case"].strip() for row in reader}
+    try:
+        with Path(path).open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not {"slide", "case"} <= set(reader.fieldnames or []):
+                raise ValueError(f"{path}: needs columns 'slide' and 'case' (one row per slide file name)")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: not a readable CSV file ({exc}); save it as CSV in UTF-8") from exc
+    for line, row in enumerate(rows, start=2):
+        if row["slide"] is None or row["case"] is None:
+            raise ValueError(f"{path}, line {line}: fewer fields than columns (needs 'slide' and 'case')")
+    return {row["slide"].strip(): row["case"].strip() for row in rows}
 
 
 def parse_deadline(text: str | None, now: float | None = None) -> float | None:
@@ -194,12 +204,15 @@ class _Folder:
     """The slide folder, listed again and again; yields each entry once, when it is ready to read.
 
     Without ``settle_s`` every entry is ready at once. With it, a file is ready when its size and
-    modification time have not changed for ``settle_s`` (a scanner still writing it is not read).
+    modification time have stayed the same for ``settle_s`` seconds of our own observation (a
+    monotonic clock from the first time we saw it): an old-looking mtime proves nothing, since copies
+    keep the source's mtime and a share's clock may be skewed.
     """
 
-    def __init__(self, folder: Path, settle_s: float = 0.0):
+    def __init__(self, folder: Path, settle_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self.folder = folder
         self.settle_s = settle_s
+        self._clock = clock
         self.returned: set[Path] = set()
         self.others: set[Path] = set()
         self._seen: dict[Path, tuple[int, int, float]] = {}
@@ -209,7 +222,7 @@ class _Folder:
         slides, others = list_slides(self.folder)
         new_others = [p for p in others if p not in self.others]
         self.others.update(new_others)
-        now = time.time()
+        now = self._clock()
         ready = []
         for p in slides:
             if p in self.returned:
@@ -223,10 +236,8 @@ class _Folder:
                 continue
             sig = (st.st_size, st.st_mtime_ns)
             prev = self._seen.get(p)
-            if prev is None or prev[:2] != sig:
-                since = now if now - st.st_mtime < self.settle_s else st.st_mtime
-                self._seen[p] = (*sig, since)
-                prev = self._seen[p]
+            if prev is None or prev[:2] != sig:  # first seen, or changed: the wait starts now
+                self._seen[p] = prev = (*sig, now)
             if now - prev[2] >= self.settle_s:
                 ready.append(p)
         self.returned.update(ready)
@@ -310,10 +321,12 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     folder = _Folder(opts.slides, opts.settle_s if opts.watch else 0.0)
     ledger = Ledger(opts.out)
     ledger.lock()
+    ledger.set_bundle(bundle.id, bundle.label)  # results of other bundles are no longer current
     clean_staging(opts.out)
     batch = _Batch(opts, bundle, nets, ledger, cases, folder, log)
     alerts = batch.alerts
     ended_well = False
+    restore = _catch_stop_signals(batch)
     try:
         batch.discover(first=True)
         if batch.skipped:
@@ -323,20 +336,24 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
             batch.run()
         ended_well = True
     finally:
+        restore()
         alerts.wait()
         batch.close_unfinished()
         # whatever happened above, tonight's list is rewritten from the ledger: every slide seen has a row
         out = write_triage(opts.out, ledger)
         exc = sys.exc_info()[1]
-        why = "" if ended_well else (f"{type(exc).__name__}: {exc}" if exc is not None else "stopped")
-        counts = batch.checkpoint("complete" if ended_well else "interrupted", why, triage=False)
+        stopped_by = signal.Signals(batch.stop_signal).name if batch.stop_signal else ""
+        why = (f"stopped by {stopped_by}" if stopped_by else "" if ended_well else
+               f"{type(exc).__name__}: {exc}" if exc is not None else "stopped")
+        counts = batch.checkpoint("complete" if ended_well and not stopped_by else "interrupted", why, triage=False)
         ledger.close()
     elapsed = time.time() - t_start
     summary = {"counts": counts, "seconds": round(elapsed, 1), "triage": str(out),
                "store": str(opts.out / "cells.zarr"), "skipped": batch.skipped, "bundle": bundle.label,
                "areas": batch.areas_done, "cells": batch.cells_done, "workers": batch.n_workers,
                "bytes_to_workers": batch.bytes_submitted, "area_tasks": batch.area_tasks,
-               "stage_seconds": {k: round(v, 3) for k, v in batch.stage_seconds.items()}}
+               "stage_seconds": {k: round(v, 3) for k, v in batch.stage_seconds.items()},
+               "stopped_by": stopped_by}
     log("")
     log("Summary: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" in {elapsed:.0f} s")
     log(f"Triage list: {out}")
@@ -344,6 +361,27 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     if bundle.synthetic:
         log("The bundle is a demo model trained on synthetic data: not for diagnosis.")
     return summary
+
+
+def _catch_stop_signals(batch: "_Batch") -> Callable[[], None]:
+    """SIGTERM (a service manager, ``kill``) stops the batch in order: no new slide or area, the tasks
+    in hand finish, the list is written, and the exit status is not zero. A second SIGTERM stops at
+    once (the list is still written). Returns the function that puts the old handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_signal(signum, _frame):
+        if batch.stop_signal is not None:
+            raise SystemExit(128 + signum)
+        batch.stop_signal = signum
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM,)}
+
+    def restore() -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 class _Batch:
@@ -364,6 +402,8 @@ class _Batch:
         self.area_tasks = 0
         self.stage_seconds: dict[str, float] = collections.defaultdict(float)
         self.closed = False  # the deadline passed: no new slide is started
+        self.stop_signal: int | None = None  # SIGTERM received: finish the tasks in hand, write the list, stop
+        self.stop_by: float | None = None
         self.attempts: dict[str, int] = {}
         self.changed: dict[Path, int] = {}  # files that changed while they were read, and how often
         self.window: TaskWindow | None = None
@@ -467,8 +507,24 @@ class _Batch:
             self._admit()
             self.t0 = time.time()
             last_poll = last_progress = time.time()
+            cut_off_since = None
             for done in window.results(tick=1.0):
                 now = time.time()
+                if handle.client.status != "running":  # the scheduler is gone (a site's scheduler died)
+                    cut_off_since = cut_off_since or now
+                    if now - cut_off_since > opts.scheduler_lost_s:
+                        raise ClusterError(f"the Dask scheduler ({opts.scheduler or 'embedded'}) has not answered "
+                                           f"for {opts.scheduler_lost_s:.0f} s: the slides in hand are listed as "
+                                           "not_analysed; start the scheduler again (or scan without --scheduler) "
+                                           "and run the same scan command")
+                else:
+                    cut_off_since = None
+                if self.stop_signal is not None and self.stop_by is None:
+                    self._stop(now)
+                if self.stop_by is not None and now > self.stop_by:
+                    n = window.cancel(lambda tag: True)
+                    self.log(f"  {n} task(s) still in hand after {opts.stop_grace_s:.0f} s: abandoned")
+                    break
                 if opts.deadline is not None and now >= opts.deadline and not self.closed:
                     self._close(f"the --deadline {time.strftime('%H:%M', time.localtime(opts.deadline))} was "
                                 "reached before this slide was started")
@@ -570,7 +626,8 @@ class _Batch:
             now = None
         if now == (job.size, job.mtime_ns):
             return False
-        self.ledger.set_not_analysed(job.fp, "the file changed while it was read; read again as a new version")
+        self.ledger.set_not_analysed(job.fp, "the file changed while it was read; read again as a new version",
+                                      self.bundle.id)
         job.selection, job.tables = None, []
         self.active -= 1
         n = self.changed[job.path] = self.changed.get(job.path, 0) + 1
@@ -604,21 +661,42 @@ class _Batch:
 
     def _close(self, reason: str) -> None:
         """The deadline: slides not started are recorded as not analysed; those in hand are finished."""
+        if self.opts.watch:
+            self.discover()  # slides that have settled since the last look are listed with the deadline's reason
         self.closed = True
         n = len(self.waiting)
         while self.waiting:
             job = self.waiting.popleft()
-            self.ledger.set_not_analysed(job.fp, reason)
+            self.ledger.set_not_analysed(job.fp, reason, self.bundle.id)
         self.log(f"Deadline reached: {n} slide(s) not started are listed as not_analysed; finishing "
                  f"{self.active} slide(s) in hand")
         self.checkpoint()
+
+    def _stop(self, now: float) -> None:
+        """A stop signal (SIGTERM): start nothing more, let the tasks in hand finish, then end."""
+        name = signal.Signals(self.stop_signal).name
+        self.stop_by = now + self.opts.stop_grace_s
+        self.closed = True
+        dropped = self.window.stop() if self.window is not None else 0
+        reason = f"the scan was stopped ({name}) before this slide was started; scan again to analyse it"
+        n = len(self.waiting)
+        while self.waiting:
+            self.ledger.set_not_analysed(self.waiting.popleft().fp, reason, self.bundle.id)
+        in_hand = self.window.in_flight if self.window is not None else 0
+        self.log(f"{name}: stopping. {n} slide(s) not started and {dropped} queued area task(s) dropped; "
+                 f"finishing the {in_hand} task(s) in hand, then writing the list")
+        self.checkpoint("stopping", f"stopped by {name}")
 
     def close_unfinished(self) -> None:
         """At the end, whatever the cause: every slide seen but without a result says so."""
         reason = "not analysed before the scan ended; look at this slide yourself"
         for job in list(self.waiting):
-            self.ledger.set_not_analysed(job.fp, reason)
+            self.ledger.set_not_analysed(job.fp, reason, self.bundle.id)
         self.waiting.clear()
+        for job in self.jobs.values():
+            if job.started and not job.finished:
+                self.ledger.set_not_analysed(job.fp, "the scan stopped before this slide was finished; scan again "
+                                             "to analyse it", self.bundle.id)
         if self.opts.watch:
             try:
                 late, _ = self.folder.poll()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .ledger import Ledger
 from .pipeline import DECISION_SUPPORT
+from .status import RESULTS, TRIAGE_ORDER, Status
 
 TRIAGE = "triage.csv"
 STATE = "scan_state.json"
@@ -26,7 +27,6 @@ COLUMNS = ["rank", "case", "slide", "path", "status", "suspicion", "p_apl_vs_aml
            "cells", "areas", "mean_focus", "qc", "bundle", "scanned_at",
            "reason", "suspicion_ci_low", "suspicion_ci_high", "blast_percent", "fingerprint", "note"]
 
-_ORDER = {"flagged": 0, "inconclusive": 1, "failed": 2, "not_analysed": 3, "pending": 3, "not_flagged": 4}
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -46,14 +46,30 @@ def neutralise(value) -> str:
     return s
 
 
+def _other_bundle(r: dict, current: dict | None) -> str:
+    """The reason a row's result is not current: it came from another bundle than the latest scan's
+    ("" when it is current, or when no scan has named its bundle)."""
+    if not current or not r["result"] or not r["bundle"] or r["bundle"] == current["id"]:
+        return ""
+    old = r["result"]
+    was = old.get("status") or r["status"]
+    susp = old.get("suspicion")
+    return (f"no result of this scan's bundle ({current['label']}) yet: analysed earlier with another bundle "
+            f"({old.get('bundle') or r['bundle'][:12]}: {was}"
+            + (f", suspicion {susp:.2f}" if isinstance(susp, (int, float)) and susp == susp else "")
+            + "); scan again to redo it with this bundle")
+
+
 def triage_rows(ledger: Ledger) -> list[dict]:
     rows = []
+    current = ledger.bundle()
     for r in ledger.rows():
-        res = r["result"] or {}
-        status = r["status"]
+        stale = _other_bundle(r, current) if r["status"] in (*RESULTS, Status.NOT_ANALYSED) else ""
+        res = {} if stale else (r["result"] or {})
+        status = Status.NOT_ANALYSED if stale else r["status"]
         ratios = res.get("ratios", {}) or {}
-        reason = res.get("reason") or (r["error"] or "")
-        if status == "not_analysed" and not reason:
+        reason = stale or res.get("reason") or (r["error"] or "")
+        if status == Status.NOT_ANALYSED and not reason:
             reason = ("no result yet: being analysed now, or the scan stopped before it finished this slide"
                       if r.get("in_hand") else "not analysed before the scan ended; look at this slide yourself")
         row = {
@@ -74,7 +90,7 @@ def triage_rows(ledger: Ledger) -> list[dict]:
             row[f"{head}_ci_low"] = rr.get("ci_low")
             row[f"{head}_ci_high"] = rr.get("ci_high")
         rows.append(row)
-    rows.sort(key=lambda x: (_ORDER.get(x["status"], 3), -(x["suspicion"] if x["suspicion"] is not None else -1),
+    rows.sort(key=lambda x: (TRIAGE_ORDER.get(x["status"], 3), -(x["suspicion"] if x["suspicion"] is not None else -1),
                              x["slide"]))
     for i, row in enumerate(rows, start=1):
         row["rank"] = i
@@ -140,7 +156,7 @@ def read_state(results: str | Path) -> dict | None:
         state = json.loads((results / STATE).read_text())
     except (OSError, ValueError):
         return None
-    if state.get("state") == "running" and not Ledger.lock_held(results):
+    if state.get("state") in ("running", "stopping") and not Ledger.lock_held(results):
         state["state"] = "interrupted"
         state["why"] = "the scan process ended without finishing (killed, out of memory or a power cut)"
     return state

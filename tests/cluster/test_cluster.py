@@ -27,7 +27,7 @@ def _square(x):
 def test_local_cluster_is_on_loopback(cluster):
     assert cluster.workers == 2
     info = cluster.client.scheduler_info()
-    assert info["address"].startswith("tcp://127.0.0.1")
+    assert info["address"].startswith("tls://127.0.0.1")  # TLS with temporary certificates: see test_security
     assert "127.0.0.1" in cluster.dashboard
 
 

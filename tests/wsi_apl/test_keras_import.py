@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +19,14 @@ from click.testing import CliRunner
 
 from workers.bundle import load_bundle, save_part
 from workers.classifier import CellClassifier, CellConfig, classify
+from wsi_apl import keras_import
 from wsi_apl.cli import main
-from wsi_apl.keras_import import TOLERANCE_PROB, check_images
+from wsi_apl.keras_import import TOLERANCE_PROB, KerasImportError, check_images
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
                                 reason="tensorflow is not installed (pip install 'wsi-apl[keras]')")
 
+ROOT = Path(__file__).resolve().parents[2]
 PX = 299
 N_IMAGES = 3
 keras = None  # set by the keras_mod fixture
@@ -199,3 +204,47 @@ def test_model_without_xception_is_refused(keras_mod, tmp_path):
     (tmp_path / "junk.keras").write_bytes(b"not a zip")
     r = _import(tmp_path / "junk.keras", "myeloblast", tmp_path / "bundle", "--trust")
     assert r.exit_code == 2 and "could not read" in r.stderr
+
+
+def test_parent_process_never_imports_tensorflow(keras_models, tmp_path):
+    """The legacy .h5 (whose code Keras runs when loading) is read in a child process: in a fresh Python
+    that imports it, neither TensorFlow nor Keras ends up in sys.modules, and the import still checks."""
+    code = """
+import json, sys
+from wsi_apl.keras_import import import_keras
+r = import_keras(sys.argv[1], "myeloblast", sys.argv[2], True, log=lambda s: None)
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf_keras"))
+print(json.dumps({"passed": r["check"]["passed"], "heads": r["heads"], "loaded": loaded}))
+"""
+    out = tmp_path / "bundle"
+    r = subprocess.run([sys.executable, "-c", code, str(keras_models["dir"] / "a.h5"), str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["loaded"] == [], f"the calling process imported {res['loaded'][:5]}"
+    assert res["passed"] and res["heads"] == ["myeloblast"]
+    assert load_bundle(out).part("cells")["provenance"]["heads"]["myeloblast"]["keras"] == keras.__version__
+
+
+def test_child_crash_exit_and_timeout_name_the_model_file(tmp_path, monkeypatch):
+    src = tmp_path / "crashy.h5"
+    src.write_bytes(b"\x89HDF\r\n\x1a\n")
+    out = tmp_path / "bundle"
+
+    def child(code: str):
+        monkeypatch.setattr(keras_import, "_child_command", lambda: [sys.executable, "-c", code])
+
+    child("import os, signal, sys; sys.stderr.write('loading the weights\\n'); sys.stderr.flush(); "
+          "os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(KerasImportError) as err:
+        keras_import.import_keras(src, "myeloblast", out, True, log=lambda s: None)
+    msg = str(err.value)
+    assert msg.startswith(f"{src}: ") and "SIGSEGV" in msg and "loading the weights" in msg
+    assert "nothing was written" in msg
+    child("import sys; print('Traceback: boom'); sys.exit(3)")
+    with pytest.raises(KerasImportError, match=r"crashy\.h5: .*exit code 3.*boom"):
+        keras_import.import_keras(src, "myeloblast", out, True, log=lambda s: None)
+    child("import time; time.sleep(60)")
+    with pytest.raises(KerasImportError, match=r"crashy\.h5: .*longer than 1 s"):
+        keras_import.import_keras(src, "myeloblast", out, True, log=lambda s: None, timeout_s=1)
+    assert not out.exists()

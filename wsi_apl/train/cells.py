@@ -17,6 +17,7 @@ from workers.crops import cell_centres, extract_crops
 
 from ..metrics import auroc
 from .augment import DEFAULT_STAIN_AUG, STAIN_AUGMENTS, hed_jitter, stain_jitter
+from .budget import Budget
 from .data import AreaSample
 
 #: Exponent of the label-pattern balancing of training draws (0.5: square-root sampling).
@@ -206,6 +207,7 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
     kept = model if averaged is None else averaged.module  # the weights validated and kept
     val_crops = val.crops(cfg) if len(val) else None
     t0 = time.time()
+    budget = Budget(time_budget_s, "cell heads")
     best_score, best_state, best_epoch = -1.0, copy.deepcopy(model.state_dict()), 0
     history = []
     stale = 0
@@ -228,9 +230,7 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
             idx = order[bi:bi + batch_size]
             x = crops_to_tensor(_augment_batch(crops[idx], rng, stain_aug)).to(device)
             t = torch.from_numpy(y[seen[idx]]).to(device)
-            frac = step / max(1, steps_total)
-            if time_budget_s:
-                frac = max(frac, (time.time() - t0) / time_budget_s)
+            frac = step / max(1, steps_total)  # the schedule follows the planned steps, never the clock
             for g in opt.param_groups:
                 g["lr"] = lr * max(0.02, 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
             logits = model(x)
@@ -244,8 +244,6 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
                 averaged.update_parameters(model)
             losses.append(float(loss.detach()))
             step += 1
-            if time_budget_s and time.time() - t0 > time_budget_s:
-                break
         aucs = {}
         if val_crops is not None:
             p = classify(kept, val_crops, device)
@@ -264,11 +262,10 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
             stale = 0
         else:
             stale += 1
-        if time_budget_s and time.time() - t0 > time_budget_s:
-            log(f"  time budget of {time_budget_s:.0f} s reached")
-            break
         if stale >= patience:
             log(f"  no improvement for {patience} epochs: stopping")
+            break
+        if epoch + 1 < epochs and budget.stop(epoch + 1, epochs, log):
             break
     model.load_state_dict(best_state)
     model.eval()
@@ -299,10 +296,12 @@ def train_cells(train: CellSet, val: CellSet, cfg: CellConfig, *, epochs: int = 
     return model, {"best_epoch": best_epoch, "val_auroc": best_auc, "history": history,
                    "train_cells": n, "val_cells": len(val), "seconds": round(time.time() - t0, 1),
                    "balance": balance, "stain_aug": stain_aug, "stain_norm": cfg.stain_norm, "threshold_source": threshold_source,
-                   "positives": {h: int(pos[j]) for j, h in enumerate(heads)}}
+                   "positives": {h: int(pos[j]) for j, h in enumerate(heads)}, "budget": budget.record(epochs)}
 
 
 # -- labelled cells from a CSV ------------------------------------------------------------------
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # cell centres are float32
 
 _TRUE = {"1", "1.0", "true", "yes", "y", "pos", "positive", "x"}
 _FALSE = {"0", "0.0", "false", "no", "n", "neg", "negative"}
@@ -337,27 +336,36 @@ def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], imag
 
     path = Path(path)
     root = Path(images) if images is not None else path.parent
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = set(reader.fieldnames or [])
-        column = {head_key(c): c for c in cols}  # head -> the CSV's spelling
-        need = {"image", "x0", "y0", "x1", "y1"}
-        if not need <= cols:
-            raise ValueError(f"{path}: needs columns {', '.join(sorted(need))} (missing: "
-                             f"{', '.join(sorted(need - cols))})")
-        have = [h for h in heads if h in column]
-        if not have:
-            raise ValueError(f"{path}: no label column for any head ({', '.join(heads)}); add a column per "
-                             "finding with 1/0 (empty when not labelled)")
-        rows = list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = set(reader.fieldnames or [])
+            column = {head_key(c): c for c in cols}  # head -> the CSV's spelling
+            need = {"image", "x0", "y0", "x1", "y1"}
+            if not need <= cols:
+                raise ValueError(f"{path}: needs columns {', '.join(sorted(need))} (missing: "
+                                 f"{', '.join(sorted(need - cols))})")
+            have = [h for h in heads if h in column]
+            if not have:
+                raise ValueError(f"{path}: no label column for any head ({', '.join(heads)}); add a column per "
+                                 "finding with 1/0 (empty when not labelled)")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{path}: not a readable CSV file ({exc}); save it as CSV in UTF-8") from exc
     by_image: dict[str, list[tuple[int, dict]]] = {}
     for i, r in enumerate(rows, start=2):
+        if any(r[c] is None for c in need):
+            raise ValueError(f"{path}, line {i}: fewer fields than columns (needs {', '.join(sorted(need))})")
         by_image.setdefault(r["image"].strip(), []).append((i, r))
     images_out, idx, centres, labels, patients = [], [], [], [], []
     unreadable = []
     for name, items in sorted(by_image.items()):
         pic = root / name
-        if not pic.exists():
+        try:
+            found = pic.exists()
+        except OSError:  # a name the file system refuses (e.g. too long): not there
+            found = False
+        if not found:
             raise FileNotFoundError(f"{path}: picture {name!r} not found in {root} (give --images DIR)")
         try:
             img, fac = read_picture(pic, image_mpp, work_mpp)
@@ -371,6 +379,9 @@ def read_cells_csv(path: Path, images: Path | None, heads: tuple[str, ...], imag
                 x0, y0, x1, y1 = (float(r[c]) * fac for c in ("x0", "y0", "x1", "y1"))
             except ValueError as exc:
                 raise ValueError(f"{path}, line {line}: the box is not numbers ({exc})") from exc
+            if not all(abs(v) <= _FLOAT32_MAX for v in (x0, y0, x1, y1)):  # NaN, inf, beyond float32
+                raise ValueError(f"{path}, line {line}: the box ({', '.join(r[c] for c in ('x0', 'y0', 'x1', 'y1'))}) "
+                                 "is not finite numbers")
             y = np.full(len(heads), np.nan, np.float32)
             for j, h in enumerate(heads):
                 try:
@@ -520,19 +531,10 @@ def split_cells(cells: CellSet, seed: int = 0, source: object = "the cells") -> 
 
 
 def patient_folds(patients: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
-    """``k`` folds of cell indices, no patient in two folds (patients shuffled, dealt round-robin by size)."""
-    rng = np.random.default_rng(seed)
-    uniq, counts = np.unique(patients, return_counts=True)
-    order = rng.permutation(len(uniq))
-    order = order[np.argsort(-counts[order], kind="stable")]
-    load = np.zeros(k)
-    fold_of = {}
-    for i in order:
-        f = int(np.argmin(load))
-        fold_of[uniq[i]] = f
-        load[f] += counts[i]
-    fold = np.array([fold_of[p] for p in patients])
-    return [np.flatnonzero(fold == f) for f in range(k)]
+    """``k`` folds of cell indices, no patient in two folds (scikit-learn's GroupKFold, shuffled)."""
+    from .splits import group_folds
+
+    return group_folds(patients, k, None, seed)
 
 
 def cross_validate(cells: CellSet, cfg: CellConfig, *, folds: int = 3, epochs: int = 30,

@@ -9,6 +9,7 @@ read at the bundle's mpp; ground-truth cells are mapped into area pixels.
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import zlib
 from dataclasses import dataclass, field
@@ -45,23 +46,40 @@ def read_labels(labels_csv: str | Path) -> list[SlideEntry]:
     labels_csv = Path(labels_csv)
     base = labels_csv.parent
     out = []
-    with labels_csv.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"slide", "patient", "diagnosis"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{labels_csv}: missing column(s) {', '.join(sorted(missing))} "
-                             "(expected: slide, patient, diagnosis[, path])")
-        for row in reader:
-            rel = row.get("path") or row["slide"]
-            p = Path(rel)
-            path = p if p.is_absolute() else base / p
-            if not path.exists() and not p.suffix:
-                hits = sorted(base.glob(f"{row['slide']}.*"))
-                path = hits[0] if hits else path
-            truth = base / "truth" / f"{row['slide']}.json"
-            out.append(SlideEntry(row["slide"], row["patient"], row["diagnosis"].strip().lower(), path,
-                                  truth if truth.exists() else None))
+    try:
+        with labels_csv.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = {"slide", "patient", "diagnosis"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"{labels_csv}: missing column(s) {', '.join(sorted(missing))} "
+                                 "(expected: slide, patient, diagnosis[, path])")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ValueError(f"{labels_csv}: not a readable CSV file ({exc}); save it as CSV in UTF-8") from exc
+    for line, row in enumerate(rows, start=2):
+        if any(row[k] is None for k in ("slide", "patient", "diagnosis")):
+            raise ValueError(f"{labels_csv}, line {line}: fewer fields than columns (expected: slide, patient, "
+                             "diagnosis[, path])")
+        rel = row.get("path") or row["slide"]
+        p = Path(rel)
+        path = p if p.is_absolute() else base / p
+        if not _exists(path) and not p.suffix:
+            try:
+                hits = sorted(base.glob(f"{glob.escape(row['slide'])}.*"))
+            except (ValueError, NotImplementedError):  # a name glob cannot take (absolute, empty...)
+                hits = []
+            path = hits[0] if hits else path
+        truth = base / "truth" / f"{row['slide']}.json"
+        out.append(SlideEntry(row["slide"], row["patient"], row["diagnosis"].strip().lower(), path,
+                              truth if _exists(truth) else None))
     return out
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name the file system refuses (e.g. too long): not there
+        return False
 
 
 def read_cohort(cohort_dir: str | Path) -> list[SlideEntry]:
@@ -176,31 +194,6 @@ def median_box_size(samples: list, default: float) -> float:
     return float(np.median(np.concatenate(sizes))) if sizes else float(default)
 
 
-def split_by_patient(entries: list, fractions: tuple[float, ...], seed: int = 0,
-                     key=lambda e: e.patient, stratify=lambda e: e.diagnosis) -> list[list]:
-    """Split entries into groups by patient (no patient in two groups), stratified by diagnosis."""
-    rng = np.random.default_rng(seed)
-    by_dx: dict[str, list[str]] = {}
-    pat_dx: dict[str, str] = {}
-    for e in entries:
-        pat_dx.setdefault(key(e), stratify(e))
-    for p, dx in pat_dx.items():
-        by_dx.setdefault(dx, []).append(p)
-    assign: dict[str, int] = {}
-    for _dx, pats in sorted(by_dx.items()):
-        pats = sorted(pats)
-        rng.shuffle(pats)
-        n = len(pats)
-        cuts = np.cumsum([0] + [f * n for f in fractions])
-        for i, p in enumerate(pats):
-            g = int(np.searchsorted(cuts[1:], i + 0.5))
-            assign[p] = min(g, len(fractions) - 1)
-    groups: list[list] = [[] for _ in fractions]
-    for e in entries:
-        groups[assign[key(e)]].append(e)
-    return groups
-
-
 def read_picture(path: Path, image_mpp: float | None = None, work_mpp: float | None = None) -> tuple[np.ndarray, float]:
     """A picture as RGB uint8, resampled to ``work_mpp`` when both pixel sizes are known and differ.
 
@@ -212,7 +205,8 @@ def read_picture(path: Path, image_mpp: float | None = None, work_mpp: float | N
     try:
         with Image.open(path) as im:
             img = im.convert("RGB")
-    except (OSError, SyntaxError) as exc:  # PIL: truncated, corrupt, not a picture
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # PIL: truncated, corrupt,
+        # not a picture, impossible dimensions, a header claiming billions of pixels
         raise ValueError(f"{path}: cannot read this picture ({exc}); convert it to PNG/JPEG/TIFF "
                          "or remove it from the annotations") from exc
     f = 1.0

@@ -15,6 +15,7 @@ from workers.detector import DetectorConfig, build_detector, detect, to_tensor
 
 from ..metrics import coco_metrics
 from .augment import flip_rot, scale_jitter, stain_jitter
+from .budget import Budget
 from .data import AreaSample, median_box_size
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -85,8 +86,9 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
     A checkpoint is better when its validation AP@0.5 is higher, or equal with a higher AP@0.5:0.95
     (small validation sets saturate AP@0.5). Augmentation: random crops, scale jitter, flips and quarter turns, stain/colour/brightness jitter.
     ``schedule``: ``cosine`` (warm-up then cosine decay), ``step`` (x0.1 at 2/3 of the run) or
-    ``constant``. Stops at ``epochs``, at ``time_budget_s`` seconds, or after ``patience`` epochs
-    without improvement. ``trial``: an Optuna trial, told each epoch's AP@0.5 and able to prune.
+    ``constant``, over the planned steps. Stops at ``epochs`` or after ``patience`` epochs without
+    improvement; ``time_budget_s`` is only an upper bound, checked between epochs (see :mod:`.budget`).
+    ``trial``: an Optuna trial, told each epoch's AP@0.5 and able to prune.
     Returns (model with the best weights, history/metrics).
     """
     if schedule not in SCHEDULES:
@@ -109,6 +111,7 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
     total_steps = epochs * steps_per_epoch
     warmup = min(100, total_steps // 5 + 1)
     t0 = time.time()
+    budget = Budget(time_budget_s, "detector")
     best = {"AP50": -1.0, "epoch": -1}
     best_state = copy.deepcopy(model.state_dict())
     history = []
@@ -131,11 +134,8 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
                 imgs.append(to_tensor(img).to(device))
                 targets.append({"boxes": torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)).to(device),
                                 "labels": torch.ones(len(boxes), dtype=torch.int64, device=device)})
-            # learning rate: linear warm-up, then cosine over the planned steps (or the time budget)
-            frac = step / max(1, total_steps)
-            if time_budget_s:
-                frac = max(frac, (time.time() - t0) / time_budget_s)
-            frac = min(1.0, frac)
+            # learning rate: linear warm-up, then the schedule over the planned steps (never the clock)
+            frac = min(1.0, step / max(1, total_steps))
             if schedule == "cosine":
                 decay = 0.5 * (1 + math.cos(math.pi * frac))
             elif schedule == "step":
@@ -157,8 +157,6 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
             opt.step()
             losses.append(float(loss.detach()))
             step += 1
-            if time_budget_s and time.time() - t0 > time_budget_s:
-                break
         model.eval()
         metrics = evaluate_detector(model, cfg, val, device) if val else {"AP50": float("nan")}
         elapsed = time.time() - t0
@@ -182,16 +180,15 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
             stale = 0
         else:
             stale += 1
-        if time_budget_s and time.time() - t0 > time_budget_s:
-            log(f"  time budget of {time_budget_s:.0f} s reached")
-            break
         if stale >= patience:
             log(f"  no improvement for {patience} epochs: stopping")
+            break
+        if epoch + 1 < epochs and budget.stop(epoch + 1, epochs, log):
             break
     model.load_state_dict(best_state)
     model.eval()
     return model, {"best": best, "history": history, "steps": step, "seconds": round(time.time() - t0, 1),
-                   "train_areas": len(usable), "val_areas": len(val)}
+                   "train_areas": len(usable), "val_areas": len(val), "budget": budget.record(epochs)}
 
 
 # -- starting weights ------------------------------------------------------------------------------

@@ -58,17 +58,11 @@ def platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 
 def grouped_folds(diagnoses: np.ndarray, patients: np.ndarray, k: int, seed: int = 0) -> list[np.ndarray]:
-    """Fold index per slide: patients kept together, each diagnosis spread over the folds."""
-    rng = np.random.default_rng(seed)
-    fold_of_patient: dict[str, int] = {}
-    for dx in sorted(set(diagnoses)):
-        pats = sorted(set(patients[diagnoses == dx]))
-        rng.shuffle(pats)
-        offset = int(rng.integers(0, k))
-        for i, p in enumerate(pats):
-            fold_of_patient.setdefault(p, (i + offset) % k)
-    folds = np.array([fold_of_patient[p] for p in patients])
-    return [np.flatnonzero(folds == f) for f in range(k)]
+    """Folds of slide indices: patients kept together, each diagnosis spread over the folds
+    (scikit-learn's StratifiedGroupKFold)."""
+    from .splits import group_folds
+
+    return group_folds(patients, k, diagnoses, seed)
 
 
 DEFAULT_PARAMS = {"hidden": 0, "lr": 0.05, "weight_decay": 1e-3, "epochs": 600}

@@ -212,9 +212,12 @@ def picture_window(path: Path, image_mpp: float, cell_mpp: float, window_px: int
     Raises OSError / ValueError for a picture that cannot be read."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.load()
-        img = im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.convert("RGB")
+    except Image.DecompressionBombError as exc:  # far larger than a picture of one cell
+        raise ValueError(f"{path}: {exc}") from exc
     f = float(image_mpp) / float(cell_mpp)  # output pixels per picture pixel
     w, h = img.size
     # cut the window's footprint first (a large picture is not resampled whole)

@@ -98,7 +98,8 @@ def training_cells(src: CellSources, geometry, cfg: CellConfig, *, seed: int = 0
                    log: Callable[[str], None] = print) -> tuple[CellSet, CellSet, bool, list[str]]:
     """(training, validation, synthetic, notes): every source read at the heads' pixel size, split on
     its own (patients, else pictures), then joined."""
-    from .data import read_cohort, split_by_patient
+    from .data import read_cohort
+    from .splits import split_by_patient
     from .steps import _synthetic, cell_size, collect_samples
 
     cell_mpp = cfg.cell_mpp(geometry.mpp) if geometry.mpp else None

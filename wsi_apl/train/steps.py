@@ -18,11 +18,12 @@ from workers.detector import DetectorConfig
 
 from ..features import feature_names
 from ..pipeline import analyse_slide_local
-from .cells import CellSet, cross_validate, search_heads, train_cells
-from .data import SlideEntry, area_samples, image_samples, median_box_size, read_cohort, split_by_patient
-from .detector import best_score_threshold, train_detector
 from .augment import DEFAULT_STAIN_AUG
+from .cells import CellSet, cross_validate, search_heads, train_cells
+from .data import SlideEntry, area_samples, image_samples, median_box_size, read_cohort
+from .detector import best_score_threshold, train_detector
 from .enn import train_enn
+from .splits import split_by_patient
 
 
 @dataclass
@@ -120,7 +121,7 @@ def step_detector(bundle: ModelBundle, train_s: list, val_s: list, *, backbone: 
     if val_s:
         cfg.score_threshold = best_score_threshold(model, cfg, val_s)
     metrics = {"validation": info["best"], "epochs": len(info["history"]), "seconds": info["seconds"],
-               "train_areas": info["train_areas"], "val_areas": info["val_areas"]}
+               "train_areas": info["train_areas"], "val_areas": info["val_areas"], "budget": info.get("budget")}
     if "params" in info:
         metrics["search"] = {"best": info["params"], "trials": info["search"]}
     if test_s:
@@ -197,7 +198,7 @@ def step_cells_from(bundle: ModelBundle, tr: CellSet, va: CellSet, *, heads: tup
     metrics.update({"validation_auroc": info["val_auroc"], "best_epoch": info["best_epoch"], "seconds": info["seconds"],
                     "train_cells": info["train_cells"], "val_cells": info["val_cells"], "positives": info["positives"],
                     "threshold_source": info["threshold_source"], "balance": info["balance"],
-                    "stain_aug": stain_aug, "stain_norm": cfg.stain_norm})
+                    "stain_aug": stain_aug, "stain_norm": cfg.stain_norm, "budget": info.get("budget")})
     by_source = validation_by_source(model, cfg, va)
     if by_source:
         metrics["validation_by_source"] = by_source
@@ -279,12 +280,16 @@ def step_enn(bundle: ModelBundle, entries: list[SlideEntry], *, target_sensitivi
     return metrics
 
 
-def train_all(cohort: Path, out: Path, *, geometry: Geometry | None = None, detector_budget_s: float = 240,
-              cells_budget_s: float = 150, seed: int = 0, min_cells: int = 200, name: str | None = None,
+def train_all(cohort: Path, out: Path, *, geometry: Geometry | None = None, detector_epochs: int = 30,
+              cells_epochs: int = 30, detector_budget_s: float | None = None, cells_budget_s: float | None = None,
+              seed: int = 0, min_cells: int = 200, name: str | None = None,
               max_areas: int = 12, target_cells: int = 500, cell_share: float = 0.4,
               log: Callable[[str], None] = print) -> ModelBundle:
     """The whole chain from a labelled cohort: detector and heads on one part of the patients, the
-    slide-level nets on the others (so the nets learn from features of slides the cell models never saw)."""
+    slide-level nets on the others (so the nets learn from features of slides the cell models never saw).
+
+    Each model trains for a fixed number of epochs (fewer when validation stops improving); the budgets
+    are upper bounds only (see :mod:`.budget`)."""
     geometry = geometry or Geometry()
     torch.manual_seed(seed)
     entries = read_cohort(cohort)
@@ -302,9 +307,9 @@ def train_all(cohort: Path, out: Path, *, geometry: Geometry | None = None, dete
     fine = cell_size(geometry)
     train_s = sum(collect_samples(cell_train, geometry, log, seed=seed, cells=fine), [])
     val_s = sum(collect_samples(cell_val, geometry, log, n_random=0, seed=seed, cells=fine), [])
-    step_detector(bundle, train_s, val_s, budget_s=detector_budget_s, seed=seed, log=log)
+    step_detector(bundle, train_s, val_s, epochs=detector_epochs, budget_s=detector_budget_s, seed=seed, log=log)
     bundle = load_bundle(out)
-    step_cells(bundle, train_s, val_s, budget_s=cells_budget_s, seed=seed, log=log)
+    step_cells(bundle, train_s, val_s, epochs=cells_epochs, budget_s=cells_budget_s, seed=seed, log=log)
     bundle = load_bundle(out)
     step_enn(bundle, enn_part, min_cells=min_cells, max_areas=max_areas, target_cells=target_cells, seed=seed, log=log)
     return load_bundle(out)
