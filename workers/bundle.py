@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +49,38 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False))
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    """Put a finished temporary file in place so that a power cut leaves the old or the new file:
+    fsync of its data, rename, fsync of the folder (the same rule as the triage list's)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    """bundle.json through a uniquely named temporary file (two trainings writing one bundle never
+    share a temporary name), fsync'd and renamed into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=False))
+        _fsync_replace(Path(tmp), path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -214,10 +243,16 @@ def save_part(bundle: ModelBundle, part: str, tensors: dict, *, config: dict, me
         raise ValueError(f"unknown bundle part {part!r}")
     path = bundle.path
     fname = f"{part}.safetensors"
-    tmp = path / (fname + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"part": part, "bundle": bundle.name})
-    os.replace(tmp, path / fname)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{fname}.", suffix=".tmp", dir=path)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"part": part, "bundle": bundle.name})
+        _fsync_replace(tmp, path / fname)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     meta = json.loads((path / BUNDLE_FILE).read_text())
     entry = {"file": fname, "sha256": sha256_file(path / fname), "config": config, "metrics": metrics or {},
              "provenance": provenance or {}, "trained": _now()}

@@ -49,6 +49,32 @@ def test_bundle_parts_hashes_and_verify(tmp_path):
     assert meta["parts"]["cells"]["file"] == "cells.safetensors"
 
 
+def test_a_failed_save_leaves_the_bundle_as_it_was(tmp_path, monkeypatch):
+    """Weights and bundle.json go through unique temporary files, fsync'd and renamed: a save that
+    fails half-way leaves the old weights, the old bundle.json and no temporary file."""
+    import os
+
+    import workers.bundle as wb
+
+    b = create_bundle(tmp_path / "b", name="t", mpp=0.5, area_size=(64, 48), heads=["x"], synthetic=False)
+    b = save_part(b, "cells", {"w": torch.arange(4.0)}, config={"a": 1})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(wb.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(wb.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_part(b, "cells", {"w": torch.ones(4)}, config={"a": 2})
+    assert synced, "the weights must reach the disk before they are renamed into place"
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+    monkeypatch.undo()
+    assert torch.equal(load_bundle(tmp_path / "b").load_tensors("cells")["w"], torch.arange(4.0))
+
+
 def test_not_a_bundle(tmp_path):
     with pytest.raises(BundleError, match="not a model bundle"):
         load_bundle(tmp_path)
