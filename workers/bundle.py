@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,38 +50,44 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    """Put a finished temporary file in place so that a power cut leaves the old or the new file:
-    fsync of its data, rename, fsync of the folder (the same rule as the triage list's)."""
-    fd = os.open(tmp, os.O_RDONLY)
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """Replace ``path`` so that a reader, a crash or a power cut sees the old file or the new one, never
+    half of one: ``write`` fills a uniquely named temporary file next to it (two writers never share
+    one), which is fsync'd and renamed into place, and the folder is fsync'd. On any failure the
+    temporary file goes and ``path`` is untouched. The one rule for every file the project replaces
+    (bundle weights and bundle.json here; triage.csv and scan_state.json through
+    :func:`wsi_apl.triage.atomic_write`)."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     try:
         dfd = os.open(path.parent, os.O_RDONLY)
     except OSError:
-        return
+        return path
     try:
         os.fsync(dfd)
     except OSError:
         pass
     finally:
         os.close(dfd)
+    return path
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """bundle.json through a uniquely named temporary file (two trainings writing one bundle never
-    share a temporary name), fsync'd and renamed into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=False))
-        _fsync_replace(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False),
+                                                        encoding="utf-8"))
 
 
 @dataclass
@@ -243,16 +250,9 @@ def save_part(bundle: ModelBundle, part: str, tensors: dict, *, config: dict, me
         raise ValueError(f"unknown bundle part {part!r}")
     path = bundle.path
     fname = f"{part}.safetensors"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{fname}.", suffix=".tmp", dir=path)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-                  metadata={"part": part, "bundle": bundle.name})
-        _fsync_replace(tmp, path / fname)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    replace_atomically(path / fname, lambda tmp: save_file(plain, str(tmp), metadata={"part": part,
+                                                                                       "bundle": bundle.name}))
     meta = json.loads((path / BUNDLE_FILE).read_text())
     entry = {"file": fname, "sha256": sha256_file(path / fname), "config": config, "metrics": metrics or {},
              "provenance": provenance or {}, "trained": _now()}

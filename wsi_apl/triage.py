@@ -10,9 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from workers.bundle import replace_atomically
 
 from .ledger import Ledger
 from .pipeline import DECISION_SUPPORT
@@ -118,28 +118,9 @@ def write_triage(results: str | Path, ledger: Ledger | None = None, rows: list[d
 
 def atomic_write(path: Path, text: str) -> Path:
     """Replace ``path`` with ``text`` so that a reader (or a power cut) sees the old or the new file,
-    never half of one: a uniquely named temporary file next to it, fsync, rename, fsync of the folder."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-    return path
+    never half of one (:func:`workers.bundle.replace_atomically`: unique temporary file, fsync, rename,
+    fsync of the folder)."""
+    return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 def write_state(results: str | Path, state: dict) -> Path:
