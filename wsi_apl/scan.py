@@ -343,9 +343,13 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
         out = write_triage(opts.out, ledger)
         exc = sys.exc_info()[1]
         stopped_by = signal.Signals(batch.stop_signal).name if batch.stop_signal else ""
-        why = (f"stopped by {stopped_by}" if stopped_by else "" if ended_well else
-               f"{type(exc).__name__}: {exc}" if exc is not None else "stopped")
-        counts = batch.checkpoint("complete" if ended_well and not stopped_by else "interrupted", why, triage=False)
+        if stopped_by:
+            state, why = "interrupted", f"stopped by {stopped_by}"
+        elif ended_well:
+            state, why = "complete", ""
+        else:
+            state, why = "interrupted", f"{type(exc).__name__}: {exc}" if exc is not None else "stopped"
+        counts = batch.checkpoint(state, why, triage=False)
         ledger.close()
     elapsed = time.time() - t_start
     summary = {"counts": counts, "seconds": round(elapsed, 1), "triage": str(out),
@@ -664,35 +668,33 @@ class _Batch:
         if self.opts.watch:
             self.discover()  # slides that have settled since the last look are listed with the deadline's reason
         self.closed = True
-        n = len(self.waiting)
-        while self.waiting:
-            job = self.waiting.popleft()
-            self.ledger.set_not_analysed(job.fp, reason, self.bundle.id)
+        n = self._not_started(reason)
         self.log(f"Deadline reached: {n} slide(s) not started are listed as not_analysed; finishing "
                  f"{self.active} slide(s) in hand")
         self.checkpoint()
+
+    def _not_started(self, reason: str) -> int:
+        """Every waiting slide leaves the queue as not_analysed with ``reason``; returns how many."""
+        n = len(self.waiting)
+        while self.waiting:
+            self.ledger.set_not_analysed(self.waiting.popleft().fp, reason, self.bundle.id)
+        return n
 
     def _stop(self, now: float) -> None:
         """A stop signal (SIGTERM): start nothing more, let the tasks in hand finish, then end."""
         name = signal.Signals(self.stop_signal).name
         self.stop_by = now + self.opts.stop_grace_s
         self.closed = True
-        dropped = self.window.stop() if self.window is not None else 0
-        reason = f"the scan was stopped ({name}) before this slide was started; scan again to analyse it"
-        n = len(self.waiting)
-        while self.waiting:
-            self.ledger.set_not_analysed(self.waiting.popleft().fp, reason, self.bundle.id)
-        in_hand = self.window.in_flight if self.window is not None else 0
+        dropped = self.window.stop()
+        n = self._not_started(f"the scan was stopped ({name}) before this slide was started; scan again to "
+                              "analyse it")
         self.log(f"{name}: stopping. {n} slide(s) not started and {dropped} queued area task(s) dropped; "
-                 f"finishing the {in_hand} task(s) in hand, then writing the list")
+                 f"finishing the {self.window.in_flight} task(s) in hand, then writing the list")
         self.checkpoint("stopping", f"stopped by {name}")
 
     def close_unfinished(self) -> None:
         """At the end, whatever the cause: every slide seen but without a result says so."""
-        reason = "not analysed before the scan ended; look at this slide yourself"
-        for job in list(self.waiting):
-            self.ledger.set_not_analysed(job.fp, reason, self.bundle.id)
-        self.waiting.clear()
+        self._not_started("not analysed before the scan ended; look at this slide yourself")
         for job in self.jobs.values():
             if job.started and not job.finished:
                 self.ledger.set_not_analysed(job.fp, "the scan stopped before this slide was finished; scan again "
