@@ -1,25 +1,39 @@
 """Area selector against the synthetic ground truth, and its speed on whole slides.
 
-Agreement (held-out synthetic cohort; seeds 701-705 were not used while tuning, which used 601):
+Agreement (held-out synthetic cohort; seeds 901-907 were never used while tuning, which used the
+tuning cohort ``--seed-offset -100``, seeds 801-807):
 
     python benchmarks/bench_selector.py --cohort /tmp/selector-cohort
 
-renders (once) 24 sharp slides of every diagnosis and orientation, 8 slides in the held-out stain
-preset ``leishman``, 8 with strong JPEG compression (quality 60), 6 slides entirely out of focus
-and 6 without a monolayer zone (12000x9000 px at 0.25 µm/px: 3 x 2.25 mm), selects areas of 512x384 px at
-0.5 µm/px (256x192 µm, the demo bundle's geometry) and prints, per group:
+renders (once) the groups below and selects areas of 512x384 px at 0.5 µm/px (256x192 µm, the demo
+bundle's geometry) on every slide:
 
-- the share of slides ending ``inconclusive`` (should be ~0 for sharp groups, 100 % for defects),
-- the share of chosen areas lying in the monolayer zone (>= 90 % of the area) and in focus (truth
-  blur < 1 µm everywhere in the area), the number of chosen areas overlapping a blurred patch
-  (truth blur >= 1 µm anywhere in the area) and the worst truth blur inside a chosen area,
-- for each slide whose status is unexpected, the share of the slide where the truth would have
-  allowed a usable area (0 %: ``inconclusive`` was right after all).
+- small smears at 0.125 µm/px (12000x9000 px: 1.5 x 1.1 mm, a smear of a few areas),
+- smears at 0.25 µm/px (12000x9000 px: 3 x 2.25 mm),
+- large smears (24000x18000 px at 0.25 µm/px: 6 x 4.5 mm),
+- narrow monolayer bands (``synth --smear narrow``: the monolayer is a 250-450 µm band across a
+  tilted smear),
+- a held-out stain preset (``leishman``),
+- two defect groups that must end inconclusive: entirely out of focus, no monolayer zone,
+
+and, over every slide of the sharp groups, four orientation bins of the smear's axis.
+
+Per group it prints:
+
+- ``allow``: slides whose truth allows at least one area (>= 90 % monolayer, truth blur < 1 µm
+  everywhere in it; :func:`usable_positions`),
+- ``false inc.``: the share of those that ended ``inconclusive`` (target <= 5 %),
+- ``mono+focus``: the share of chosen areas that lie >= 90 % in the monolayer and in focus (target
+  >= 95 %), next to the share in the monolayer alone and the worst truth blur inside a chosen area,
+- ``>=3 allow`` / ``mean areas``: slides whose truth allows at least three non-overlapping areas, and
+  the mean number of areas chosen on them (target >= 3),
+- seconds per slide; for each falsely inconclusive slide, its reason.
 
 Overview against the truth: ``--overview SLIDE OUT.png``.
 
 Speed (one process, one core): ``--timing SLIDE [SLIDE ...]`` selects 2560x1920-px areas at
-0.125 µm/px on each slide and prints seconds and decoded megapixels.
+0.125 µm/px on each slide and prints seconds and decoded megapixels; ``--map-cost 100000x80000@0.125``
+times the part that grows with the slide (smear map, dense search, picks) on a synthetic overview.
 """
 
 from __future__ import annotations
@@ -36,24 +50,29 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+SMALL = (12000, 9000)
+EIGHT = "apl:2,aml:2,healthy:2,reactive:2"
 GROUPS = {
-    # name: (seed, diagnoses, synth options)
-    "sharp": (701, "apl:6,aml:6,healthy:6,reactive:6", {}),
-    "held-out stain (leishman)": (702, "apl:2,aml:2,healthy:2,reactive:2", {"stain": "leishman"}),
-    "JPEG quality 60": (703, "apl:2,aml:2,healthy:2,reactive:2", {"jpeg_quality": 60}),
-    "entirely out of focus": (704, "apl:2,aml:2,healthy:1,reactive:1", {"defect": "blurred"}),
-    "no monolayer zone": (705, "apl:2,aml:2,healthy:1,reactive:1", {"defect": "no_monolayer"}),
+    # name: (seed, diagnoses, size, mpp, synth options)
+    "small smears, 0.125 µm/px": (901, EIGHT, SMALL, 0.125, {}),
+    "smears, 0.25 µm/px": (902, EIGHT, SMALL, 0.25, {}),
+    "large smears (6x4.5 mm)": (903, "apl:1,aml:1,healthy:1", (24000, 18000), 0.25, {}),
+    "narrow monolayer bands": (904, EIGHT, SMALL, 0.25, {"smear": "narrow"}),
+    "held-out stain (leishman)": (905, "apl:1,aml:1,healthy:1,reactive:1", SMALL, 0.25, {"stain": "leishman"}),
+    "entirely out of focus": (906, "apl:1,aml:1,healthy:1,reactive:1", SMALL, 0.25, {"defect": "blurred"}),
+    "no monolayer zone": (907, "apl:1,aml:1,healthy:1,reactive:1", SMALL, 0.25, {"defect": "no_monolayer"}),
 }
 DEFECT_GROUPS = {"entirely out of focus", "no monolayer zone"}
 BLUR_LIMIT_UM = 1.0
+MONOLAYER_SHARE = 0.9
 
 
-def make_cohort(root: Path, size=(12000, 9000), mpp=0.25, seed_offset: int = 0) -> None:
+def make_cohort(root: Path, seed_offset: int = 0, only: list[str] | None = None) -> None:
     from wsi_apl.synth.cohort import parse_diagnoses, synth_cohort
 
-    for k, (name, (seed, dx, opts)) in enumerate(GROUPS.items()):
+    for k, (name, (seed, dx, size, mpp, opts)) in enumerate(GROUPS.items()):
         out = root / f"g{k}"
-        if (out / "labels.csv").exists():
+        if (out / "labels.csv").exists() or (only and name not in only):
             continue
         print(f"rendering group '{name}' in {out}", flush=True)
         synth_cohort(out, parse_diagnoses(dx), seed=seed + seed_offset, mpp=mpp, size=size, **opts)
@@ -68,16 +87,33 @@ def truth_stats(truth_dir: Path, truth: dict, box, slide_mpp: float) -> tuple[fl
     return float((z[sl] == 2).mean()), float(b[sl].max())
 
 
-def usable_share(truth_dir: Path, truth: dict, area_um: tuple[float, float]) -> float:
-    """Share of the slide where an area could start and lie >= 90 % in the monolayer, all in focus (truth)."""
-    from scipy import ndimage
-
+def usable_positions(truth_dir: Path, truth: dict, area_um: tuple[float, float]) -> tuple[np.ndarray, tuple[int, int]]:
+    """Top-left positions (truth-map grid) where an area lies >= 90 % in the monolayer, all in focus."""
     maps = np.load(truth_dir / truth["maps"])
     z, b, m = maps["zones"], maps["blur"].astype(np.float32), float(maps["map_mpp"])
-    size = (int(np.ceil(area_um[1] / m)), int(np.ceil(area_um[0] / m)))
-    mono = ndimage.uniform_filter((z == 2).astype(np.float32), size, mode="constant")
-    sharp = ndimage.minimum_filter((b < BLUR_LIMIT_UM).astype(np.float32), size, mode="constant")
-    return float(((mono >= 0.9) & (sharp > 0.5)).mean())
+    h, w = int(np.ceil(area_um[1] / m)), int(np.ceil(area_um[0] / m))
+    if z.shape[0] < h or z.shape[1] < w:
+        return np.zeros((0, 0), bool), (h, w)
+
+    def box_sum(a):
+        s = np.pad(a.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        return s[h:, w:] - s[:-h, w:] - s[h:, :-w] + s[:-h, :-w]
+
+    mono = box_sum(z == 2) / (h * w)
+    blurred = box_sum(b >= BLUR_LIMIT_UM)
+    return (mono >= MONOLAYER_SHARE) & (blurred < 0.5), (h, w)
+
+
+def truth_capacity(usable: np.ndarray, hw: tuple[int, int], cap: int = 3) -> int:
+    """How many non-overlapping usable areas the truth allows (greedy, row by row), up to ``cap``."""
+    free = usable.copy()
+    h, w = hw
+    n = 0
+    while n < cap and free.any():
+        j, i = np.unravel_index(int(np.argmax(free)), free.shape)
+        n += 1
+        free[max(0, j - h + 1):j + h, max(0, i - w + 1):i + w] = False
+    return n
 
 
 def agreement(root: Path, area=(512, 384), area_mpp=0.5) -> dict:
@@ -85,6 +121,7 @@ def agreement(root: Path, area=(512, 384), area_mpp=0.5) -> dict:
     from tile_selector.slide import open_slide
 
     report = {}
+    area_um = (area[0] * area_mpp, area[1] * area_mpp)
     for k, name in enumerate(GROUPS):
         folder = root / f"g{k}"
         rows = []
@@ -95,41 +132,58 @@ def agreement(root: Path, area=(512, 384), area_mpp=0.5) -> dict:
             sel = select_areas(slide, area, area_mpp, SelectorConfig())
             dt = time.perf_counter() - t0
             stats = [truth_stats(folder / "truth", truth, a.box, slide.mpp) for a in sel.areas]
+            usable, hw = usable_positions(folder / "truth", truth, area_um)
             rows.append({"slide": path.name, "status": sel.status, "reason": sel.reason, "seconds": dt,
                          "areas": len(sel.areas), "mono": [s[0] for s in stats], "blur": [s[1] for s in stats],
                          "theta": (truth.get("smear") or {}).get("theta_deg"),
-                         "usable_share": usable_share(folder / "truth", truth, (area[0] * area_mpp, area[1] * area_mpp))})
-        areas = [(m, b) for r in rows for m, b in zip(r["mono"], r["blur"])]
-        good = sum(1 for m, b in areas if m >= 0.9 and b < BLUR_LIMIT_UM)
-        report[name] = {
-            "slides": len(rows),
-            "inconclusive": sum(r["status"] == "inconclusive" for r in rows),
-            "areas": len(areas),
-            "areas_mono_and_in_focus": good,
-            "areas_in_mono": sum(1 for m, _ in areas if m >= 0.9),
-            "areas_overlapping_blur": sum(1 for _, b in areas if b >= BLUR_LIMIT_UM),
-            "worst_blur_um": max((b for _, b in areas), default=0.0),
-            "seconds_per_slide": float(np.mean([r["seconds"] for r in rows])) if rows else 0.0,
-            "rows": rows,
-        }
+                         "usable_positions": int(usable.sum()), "capacity": truth_capacity(usable, hw)})
+        report[name] = summarise(rows)
+    sharp = [r for name in GROUPS if name not in DEFECT_GROUPS for r in report[name]["rows"]]
+    for lo in (0, 45, 90, 135):
+        rows = [r for r in sharp if r["theta"] is not None and lo <= r["theta"] % 180 < lo + 45]
+        report[f"orientation {lo}-{lo + 45}°"] = summarise(rows)
     return report
 
 
+def summarise(rows: list[dict]) -> dict:
+    areas = [(m, b) for r in rows for m, b in zip(r["mono"], r["blur"])]
+    allow = [r for r in rows if r["capacity"] >= 1]
+    three = [r for r in rows if r["capacity"] >= 3]
+    return {
+        "slides": len(rows),
+        "inconclusive": sum(r["status"] == "inconclusive" for r in rows),
+        "allow": len(allow),
+        "falsely_inconclusive": sum(r["status"] == "inconclusive" for r in allow),
+        "areas": len(areas),
+        "areas_mono_and_in_focus": sum(1 for m, b in areas if m >= MONOLAYER_SHARE and b < BLUR_LIMIT_UM),
+        "areas_in_mono": sum(1 for m, _ in areas if m >= MONOLAYER_SHARE),
+        "worst_blur_um": max((b for _, b in areas), default=0.0),
+        "allow_three": len(three),
+        "mean_areas_where_three": float(np.mean([r["areas"] for r in three])) if three else float("nan"),
+        "seconds_per_slide": float(np.mean([r["seconds"] for r in rows])) if rows else 0.0,
+        "rows": rows,
+    }
+
+
 def print_agreement(report: dict) -> None:
-    print(f"{'group':28s} {'slides':>6s} {'inconcl.':>9s} {'areas':>6s} {'mono+focus':>11s} {'mono':>6s} "
-          f"{'on blur':>8s} {'max blur':>9s} {'s/slide':>8s}")
+    print(f"{'group':28s} {'slides':>6s} {'allow':>6s} {'false inc.':>10s} {'inc.':>5s} {'areas':>6s} "
+          f"{'mono+focus':>11s} {'mono':>6s} {'max blur':>9s} {'>=3 allow':>9s} {'mean areas':>10s} {'s/slide':>8s}")
     for name, g in report.items():
         share = g["areas_mono_and_in_focus"] / g["areas"] if g["areas"] else float("nan")
         mono = g["areas_in_mono"] / g["areas"] if g["areas"] else float("nan")
-        inc = g["inconclusive"] / g["slides"] if g["slides"] else float("nan")
-        print(f"{name:28s} {g['slides']:6d} {inc:9.0%} {g['areas']:6d} {share:11.1%} {mono:6.1%} "
-              f"{g['areas_overlapping_blur']:8d} {g['worst_blur_um']:7.2f}µm {g['seconds_per_slide']:8.2f}")
+        false_inc = g["falsely_inconclusive"] / g["allow"] if g["allow"] else float("nan")
+        print(f"{name:28s} {g['slides']:6d} {g['allow']:6d} {false_inc:10.0%} {g['inconclusive']:5d} {g['areas']:6d} "
+              f"{share:11.1%} {mono:6.1%} {g['worst_blur_um']:7.2f}µm {g['allow_three']:9d} "
+              f"{g['mean_areas_where_three']:10.1f} {g['seconds_per_slide']:8.2f}")
     for name, g in report.items():
+        if name.startswith("orientation"):
+            continue
         for r in g["rows"]:
-            expected_inconclusive = name in DEFECT_GROUPS
-            if (r["status"] == "inconclusive") != expected_inconclusive:
-                print(f"  {name}: {r['slide']} {r['status']} {r['reason']} (truth: usable areas could start on "
-                      f"{r['usable_share']:.2%} of the slide)")
+            if name in DEFECT_GROUPS and r["status"] != "inconclusive":
+                print(f"  {name}: {r['slide']} chose {r['areas']} areas on a slide that should be inconclusive")
+            elif name not in DEFECT_GROUPS and r["status"] == "inconclusive" and r["capacity"] >= 1:
+                print(f"  {name}: {r['slide']} falsely inconclusive (truth: {r['usable_positions']} usable positions "
+                      f"on a 4-µm grid): {r['reason']}")
 
 
 def timing(paths: list[str]) -> None:
@@ -144,6 +198,40 @@ def timing(paths: list[str]) -> None:
         w, h = slide.dimensions
         print(f"{Path(p).name}: {w}x{h} px, {dt:.2f} s, {slide.pixels_read / 1e6:.1f} MP decoded, "
               f"{sel.status}, {len(sel.areas)} areas, {sel.candidates} candidates, timings {sel.timings}")
+
+
+def map_cost(size: tuple[int, int], mpp: float, area=(2560, 1920), area_mpp=0.125, rounds: int = 8) -> None:
+    """Seconds of the overview-side work of a slide of ``size`` px at ``mpp``: smear map, dense
+    search and ``rounds`` rounds of picks, on a synthetic 4-µm/px overview (an elliptic smear of
+    dotted cells). The full-resolution reads are bounded by the read budget, whatever the size."""
+    from tile_selector.search import CandidateMap
+    from tile_selector.select import OVERVIEW_MPP, SelectorConfig, _smear_map
+
+    w, h = (int(round(v * mpp / OVERVIEW_MPP)) for v in size)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smear = ((xx - w / 2) / (0.42 * w)) ** 2 + ((yy - h / 2) / (0.4 * h)) ** 2 <= 1
+    dots = (rng.random((h, w)) < 0.45) & smear
+    ov = np.full((h, w, 3), 240, np.uint8)
+    ov[dots] = (170, 120, 170)
+    del yy, xx
+    t0 = time.perf_counter()
+    sm = _smear_map(ov, OVERVIEW_MPP)
+    t1 = time.perf_counter()
+    sx = w / size[0]
+    aw0, ah0 = area[0] * area_mpp / mpp, area[1] * area_mpp / mpp
+    cm = CandidateMap(sm, OVERVIEW_MPP, sx, sx, aw0, ah0, SelectorConfig().border_um)
+    reasons = cm.lattice_reasons()
+    t2 = time.perf_counter()
+    picked = 0
+    for _ in range(rounds):
+        for p in cm.take(12):
+            cm.suppress(p.box, 0.25)
+            picked += 1
+    t3 = time.perf_counter()
+    print(f"{size[0]}x{size[1]} px at {mpp} µm/px: overview {w}x{h} px, map grid {cm.map_mpp:g} µm, "
+          f"{cm.positions:,} positions, {len(reasons)} lattice places; smear map {t1 - t0:.2f} s, "
+          f"search maps {t2 - t1:.2f} s, {rounds} rounds ({picked} picks) {t3 - t2:.2f} s")
 
 
 def truth_overview(slide_path: str, out_png: str, area=(512, 384), area_mpp=0.5) -> None:
@@ -184,8 +272,11 @@ def truth_overview(slide_path: str, out_png: str, area=(512, 384), area_mpp=0.5)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cohort", type=Path, default=Path("/tmp/selector-cohort"))
-    ap.add_argument("--seed-offset", type=int, default=0, help="-100 gives the tuning cohort (seeds 601-605)")
+    ap.add_argument("--seed-offset", type=int, default=0, help="-100 gives the tuning cohort (seeds 801-807)")
+    ap.add_argument("--render-only", action="store_true", help="render the cohort and stop")
     ap.add_argument("--timing", nargs="*", default=None)
+    ap.add_argument("--map-cost", default=None, metavar="WxH@MPP",
+                    help="time the overview-side work for a slide of that size, e.g. 100000x80000@0.125")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--overview", nargs=2, metavar=("SLIDE", "OUT_PNG"), default=None,
                     help="draw the chosen areas on the selector's zones and on the truth zones")
@@ -193,10 +284,16 @@ def main() -> None:
     if args.overview:
         truth_overview(*args.overview)
         return
+    if args.map_cost:
+        dims, mpp = args.map_cost.split("@")
+        map_cost(tuple(int(v) for v in dims.split("x")), float(mpp))
+        return
     if args.timing:
         timing(args.timing)
         return
     make_cohort(args.cohort, seed_offset=args.seed_offset)
+    if args.render_only:
+        return
     report = agreement(args.cohort)
     print_agreement(report)
     if args.json:

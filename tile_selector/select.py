@@ -3,16 +3,21 @@
 1. *Smear map* from a low-resolution overview (about 4 µm/px): glass vs smear from optical density,
    a monolayer level (the median smoothed OD over the smear), thick zone (well above it), thin
    feathered edge (well below), marrow particles (dense, nucleus-rich blobs).
-2. *Candidates*: a half-overlapping grid of areas of the bundle's size at the bundle's mpp over the
-   smear. The low-resolution screen rejects candidates at the smear border, too thick or too thin, and
-   ranks the rest (monolayer level, nucleated-cell signal).
-3. *Full-resolution screen* of the best-ranked candidates only (so the time grows with the number of
-   candidates scored, not with the slide's area): focus, cellularity, coverage, overlap
-   (:mod:`tile_selector.quality`). Focus is judged against the slide's own sharpest areas and an
-   absolute floor, so it is comparable across stains.
+2. *Candidates* (:mod:`tile_selector.search`): every position of an area of the bundle's size on
+   the map's own grid (about 4 µm), scored with integral images: inside the smear's outline (the
+   glass between monolayer cells is not "glass"), close to the monolayer level, uniform, rich in
+   nucleated cells, off the particles. The cost grows with the overview's pixels.
+3. *Full-resolution screen in rounds*: the best non-overlapping positions are read (focus,
+   cellularity, coverage, overlap; :mod:`tile_selector.quality`). Focus is judged against the slide's
+   own sharpest areas and an absolute floor, so it is comparable across stains. After each round the
+   monolayer level is re-learned from the coverage of what was read (a narrow band far from the
+   smear's median OD is found this way), the map is closed around what was read and around blurred
+   blocks, and the next round tries further positions, until enough areas are accepted, nothing
+   new was found in the last reads, or the read budget is spent.
 4. *Selection*: best combined score first, no overlap, spread over the smear, until the target
    nucleated-cell count or the maximum number of areas is reached. Every rejected candidate is
-   counted by reason. No usable area: ``inconclusive`` with the reason in words.
+   counted by reason. No usable area: ``inconclusive`` with the reason in words, which says how
+   many positions were searched and how many areas were read.
 
 Plain pictures (camera frames) are one area: no smear map, only the quality scores.
 """
@@ -27,6 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from .quality import area_measures, background_od, field_equivalent_cells, optical_density
+from .search import CandidateMap, Pick
 from .slide import Slide
 
 OVERVIEW_MPP = 4.0
@@ -102,11 +108,13 @@ ZONE_CODES = {"glass": 0, "thick": 1, "monolayer": 2, "thin": 3, "particle": 4}
 class SelectorConfig:
     max_areas: int = 12
     target_cells: int = 500            # 0: no early stop
-    screen_factor: int = 4             # full-res screen budget: screen_factor * max_areas (at least 32)
+    read_budget: int = 96              # full-resolution reads at most, over all rounds
+    round_size: int = 12               # candidates read per round (at least max_areas)
+    idle_reads: int = 24               # stop after this many reads without a new accepted area (once one is)
     screen_mpp: float = 0.5            # focus / cellularity measured at least this coarse (µm/px)
     min_cells_per_area: int = 3
     max_coverage: float = 0.65         # share of the area covered by cells; above: cells pile up
-    min_coverage: float = 0.33         # below: feathered edge, cells too sparse
+    min_coverage: float = 0.30         # below: feathered edge, cells too sparse
     min_block_coverage: float = 0.22   # the same in every ~64-µm block of the area
     max_block_coverage: float = 0.6
     thick_ratio: float = 1.35          # low-resolution OD over the smear's median OD; above: thick zone
@@ -134,10 +142,6 @@ def _smear_map(ov: np.ndarray, ov_mpp: float) -> dict:
         info.update(level=0.0, zones=np.zeros(od_sum.shape, np.uint8), particles=np.zeros(od_sum.shape, bool))
         return info
     level = float(np.median(smooth[smear]))
-    zones = np.zeros(od_sum.shape, np.uint8)
-    zones[smear] = ZONE_CODES["monolayer"]
-    zones[smear & (smooth > 2.0 * level)] = ZONE_CODES["thick"]
-    zones[smear & (smooth < 0.5 * level)] = ZONE_CODES["thin"]
     # particles: compact, very dense, nucleus-rich (red channel) blobs larger than ~40 µm
     nuc = ndimage.gaussian_filter(od[..., 0], max(1.0, 6.0 / ov_mpp))
     nuc_level = float(np.median(nuc[smear]))
@@ -148,9 +152,20 @@ def _smear_map(ov: np.ndarray, ov_mpp: float) -> dict:
         sizes = np.bincount(lab.ravel())[1:] * ov_mpp * ov_mpp
         big = np.flatnonzero(sizes >= math.pi * 20.0 ** 2) + 1
         particles = np.isin(lab, big)
-    zones[particles] = ZONE_CODES["particle"]
-    info.update(level=level, zones=zones, particles=particles)
+    info.update(level=level, particles=particles)
+    info["zones"] = _zones(info, level)
     return info
+
+
+def _zones(sm: dict, level: float) -> np.ndarray:
+    """Zone codes on the overview grid at a monolayer ``level`` (the overview picture's tints)."""
+    smear, smooth = sm["smear"], sm["smooth"]
+    zones = np.zeros(smooth.shape, np.uint8)
+    zones[smear] = ZONE_CODES["monolayer"]
+    zones[smear & (smooth > 2.0 * level)] = ZONE_CODES["thick"]
+    zones[smear & (smooth < 0.5 * level)] = ZONE_CODES["thin"]
+    zones[sm["particles"]] = ZONE_CODES["particle"]
+    return zones
 
 
 def _not_brightfield(ov: np.ndarray) -> bool:
@@ -182,98 +197,27 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
         return Selection("inconclusive", f"{NOT_A_SMEAR}: no smear found on the glass (empty or label-only scan)",
                          [], {}, 0, **sel_base)
 
-    # -- candidates on a half-overlapping grid, screened on the overview -----------------------
+    # -- every position of an area on the smear map, then the full-resolution screen in rounds ------
     W0, H0 = slide.dimensions
     sx, sy = ov.shape[1] / W0, ov.shape[0] / H0  # overview px per level-0 px
-    step_x, step_y = aw0 / 2.0, ah0 / 2.0
-    inner = ndimage.binary_erosion(smear, iterations=max(1, int(round(cfg.border_um / ov_mpp))))
-    smear_int = np.pad(smear.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    inner_int = np.pad(inner.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    smooth_int = np.pad(sm["smooth"].astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    nuc_int = np.pad(sm["od"][..., 0].astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    part_int = np.pad(sm["particles"].astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-
-    def box_mean(integral, x0, y0, x1, y1):
-        a, b = int(round(x0 * sx)), int(round(y0 * sy))
-        c, d = max(a + 1, int(round(x1 * sx))), max(b + 1, int(round(y1 * sy)))
-        a, b = max(0, a), max(0, b)
-        c, d = min(integral.shape[1] - 1, c), min(integral.shape[0] - 1, d)
-        if c <= a or d <= b:
-            return 0.0
-        s = integral[d, c] - integral[b, c] - integral[d, a] + integral[b, a]
-        return float(s / ((c - a) * (d - b)))
-
-    rejected: dict[str, int] = {}
-    survivors = []
-    n_candidates = 0
-    level = sm["level"]
-    nx = max(1, int(math.floor((W0 - aw0) / step_x)) + 1) if W0 >= aw0 else 0
-    ny = max(1, int(math.floor((H0 - ah0) / step_y)) + 1) if H0 >= ah0 else 0
-    for j in range(ny):
-        for i in range(nx):
-            x0, y0 = i * step_x, j * step_y
-            x1, y1 = x0 + aw0, y0 + ah0
-            frac = box_mean(smear_int, x0, y0, x1, y1)
-            if frac <= 0.0:
-                continue  # plain glass: not a candidate at all
-            n_candidates += 1
-            if box_mean(inner_int, x0, y0, x1, y1) < 0.999:
-                rejected[R_BORDER] = rejected.get(R_BORDER, 0) + 1
-                continue
-            m = box_mean(smooth_int, x0, y0, x1, y1)
-            r = m / max(level, 1e-6)
-            if r > cfg.thick_ratio:
-                rejected[R_THICK] = rejected.get(R_THICK, 0) + 1
-                continue
-            if r < cfg.thin_ratio:
-                rejected[R_THIN] = rejected.get(R_THIN, 0) + 1
-                continue
-            nuc = box_mean(nuc_int, x0, y0, x1, y1)
-            part = box_mean(part_int, x0, y0, x1, y1)
-            closeness = math.exp(-(math.log(max(r, 1e-3)) ** 2) / (2 * 0.45 ** 2))
-            survivors.append(((nuc / max(m, 1e-6) + 0.1) * closeness * (1.0 - part), (x0, y0, x1, y1),
-                              {"lowres_od_ratio": round(r, 4), "lowres_particle": round(part, 4)}))
-    if n_candidates == 0:
+    cmap = CandidateMap(sm, ov_mpp, sx, sy, aw0, ah0, cfg.border_um)
+    lattice = cmap.lattice_reasons()
+    if cmap.positions == 0 or not (cmap.in_smear > 0).any():
         return Selection("inconclusive", f"{NOT_A_SMEAR}: the smear is smaller than one area "
                          f"({area_size[0]}x{area_size[1]} px at {area_mpp} µm/px)", [], {}, 0, **sel_base)
-    survivors.sort(key=lambda s: -s[0])
     timings["candidates"] = round(time.perf_counter() - t0 - t_overview, 3)
-
-    # -- full-resolution screen of the best-ranked survivors, in batches -------------------------
-    screen_mpp = max(area_mpp, cfg.screen_mpp)
-    sw, sh = int(round(area_size[0] * area_mpp / screen_mpp)), int(round(area_size[1] * area_mpp / screen_mpp))
-    batch = max(32, cfg.screen_factor * cfg.max_areas)
-    limit = 4 * batch
-    screened: list[tuple[tuple, dict]] = []
-    t_screen = time.perf_counter()
-    white = np.percentile(ov.reshape(-1, 3), 99.5, axis=0)
-    plasma = None
-    accepted: list = []
-    judged: dict[str, int] = {}
-    focus_ref = 0.0
-    while len(screened) < min(len(survivors), limit):
-        chunk = survivors[len(screened):len(screened) + batch]
-        reads = [(score, box, low, slide.read_area(box, (sw, sh))) for score, box, low in chunk]
-        if plasma is None:
-            # the plasma between cells: its level over the first candidates (most show some)
-            plasma = float(np.median([background_od(r.image, white) for *_, r in reads])) if reads else 0.0
-        for score, box, low, read in reads:
-            meas = area_measures(read.image, screen_mpp, white, background=plasma)
-            sx_, sy_ = (box[2] - box[0]) / sw, (box[3] - box[1]) / sh  # screen px -> level-0 px
-            meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, v)
-                               for x0, y0, x1, y1, v in meas["_blocks"]]
-            meas["outside"] = round(read.outside_fraction, 4)
-            meas["lowres_score"] = round(score, 4)
-            meas.update(low)
-            screened.append((box, meas))
-        del reads
-        accepted, judged, focus_ref = _judge(screened, cfg)
-        if len(accepted) >= 2 * cfg.max_areas:
-            break
+    screened, accepted, judged, focus_ref, picks, search = _screen_rounds(slide, cmap, ov, area_size, area_mpp, cfg)
+    sm["zones"] = _zones(sm, cmap.level)
+    sel_base["zone_map"] = sm["zones"]
+    rejected: dict[str, int] = {}
+    words = {"border": R_BORDER, "thick": R_THICK, "thin": R_THIN}
+    for code in lattice:
+        rejected[words[code]] = rejected.get(words[code], 0) + 1
     for k, v in judged.items():
         rejected[k] = rejected.get(k, 0) + v
-    n_unscreened = len(survivors) - len(screened)
-    timings["screen"] = round(time.perf_counter() - t_screen, 3)
+    n_unscreened = len(picks) - len(screened)
+    n_candidates = len(lattice) + len(picks)
+    timings["screen"] = round(time.perf_counter() - t0 - t_overview - timings["candidates"], 3)
     timings["screened"] = len(screened)
 
     # -- greedy choice: best first, no overlap, spread over the smear ----------------------------
@@ -317,7 +261,11 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
     sel = Selection("ok", "", areas, rejected, n_candidates, qc, warnings, timings, **{
         k: v for k, v in sel_base.items() if k != "timings"})
     sel.screened = screened
-    red_cells = float(np.percentile([m["red_cells_per_mm2"] for _, m in screened], 75)) if screened else 0.0
+    # judged where cells lie apart when the search read such areas: piled-up and bare areas show few
+    # separate discs on any smear
+    apart = [m for _, m in screened if cfg.min_coverage <= m["coverage"] <= cfg.max_coverage]
+    densities = [m["red_cells_per_mm2"] for m in (apart if len(apart) >= 3 else [m for _, m in screened])]
+    red_cells = float(np.percentile(densities, 75)) if densities else 0.0
     sel.qc["red_cells_per_mm2"] = round(red_cells, 1)
     if screened and red_cells < MIN_RED_CELLS_PER_MM2:
         sel.status, sel.areas = "inconclusive", []
@@ -325,8 +273,94 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
                       "a tissue section or not a Romanowsky-stained smear")
     elif not areas:
         sel.status = "inconclusive"
-        sel.reason = "no in-focus monolayer area: " + _reason_text(n_candidates, rejected)
+        sel.reason = "no in-focus monolayer area: " + _search_text(search) + "; " + _reason_text(n_candidates, rejected)
+    sel.qc["search"] = search
     return sel
+
+
+def _screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: tuple[int, int], area_mpp: float,
+                   cfg: SelectorConfig) -> tuple[list, list, dict[str, int], float, list[Pick], dict]:
+    """Read the best candidates at full resolution, round after round, until enough are accepted.
+
+    Each round takes the best open, mutually non-overlapping positions of ``cmap`` (the first also a
+    few probes across the smear's OD range), reads and judges them, re-learns the monolayer level
+    from what was read, and closes the map around what it saw: fully around accepted areas (the
+    final choice needs them apart), within a quarter area of the centre of rejected ones (a shifted area may pass), and
+    wherever a block was found blurred. It stops when ``max_areas`` (or twice the target cells) are
+    accepted, when no open position is left, after ``idle_reads`` reads that found nothing
+    new (once something was found), or at the read budget.
+    """
+    screen_mpp = max(area_mpp, cfg.screen_mpp)
+    sw, sh = int(round(area_size[0] * area_mpp / screen_mpp)), int(round(area_size[1] * area_mpp / screen_mpp))
+    white = np.percentile(ov.reshape(-1, 3), 99.5, axis=0)
+    first_level = cmap.level
+    target_coverage = (cfg.min_coverage + cfg.max_coverage) / 2.0
+    per_round = max(cfg.round_size, cfg.max_areas)
+    screened: list[tuple[tuple, dict]] = []
+    picks: list[Pick] = []
+    accepted: list = []
+    judged: dict[str, int] = {}
+    focus_ref = 0.0
+    plasma = None
+    rounds, stopped = 0, "read budget reached"
+    found, idle = 0, 0
+    while len(screened) < cfg.read_budget:
+        room = cfg.read_budget - len(screened)
+        batch = cmap.take(min(per_round, room))
+        if rounds == 0:
+            batch += cmap.probes(exclude=[p.box for p in batch])[:max(0, room - len(batch))]
+        if not batch:
+            stopped = "no open position left"
+            break
+        rounds += 1
+        reads = [(p, slide.read_area(p.box, (sw, sh))) for p in batch]
+        if plasma is None:
+            # the plasma between cells: its level over the first candidates (most show some)
+            plasma = float(np.median([background_od(r.image, white) for _, r in reads]))
+        for p, read in reads:
+            meas = area_measures(read.image, screen_mpp, white, background=plasma)
+            box = p.box
+            sx_, sy_ = (box[2] - box[0]) / sw, (box[3] - box[1]) / sh  # screen px -> level-0 px
+            meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, v)
+                               for x0, y0, x1, y1, v in meas["_blocks"]]
+            meas["outside"] = round(read.outside_fraction, 4)
+            meas["lowres_score"] = round(p.score, 4)
+            meas.update(p.low)
+            screened.append((box, meas))
+        del reads
+        picks += batch
+        accepted, judged, focus_ref = _judge(screened, cfg)
+        for box, m in screened[-len(batch):]:
+            cmap.suppress(box, 0.0 if m["verdict"] == "accepted" else 0.25)
+        # only where an area passed every coverage test and was blurred: blocks of sparse or piled-up
+        # areas have few clean edges and say little about focus
+        cmap.suppress_blocks(_blurred_blocks([(b, m) for b, m in screened if m["verdict"] == R_BLUR], cfg, focus_ref))
+        cmap.calibrate(screened, target_coverage, first_level, cfg.focus_floor)
+        cells = sum(m["cells"] for _, m in accepted)
+        if len(accepted) >= cfg.max_areas or (cfg.target_cells and cells >= 2 * cfg.target_cells):
+            stopped = "enough areas accepted"
+            break
+        idle = idle + len(batch) if len(accepted) <= found else 0
+        found = max(found, len(accepted))
+        if accepted and idle >= cfg.idle_reads:
+            stopped = f"no further area accepted in the last {idle} reads"
+            break
+    search = {"positions": cmap.positions, "grid_um": round(cmap.map_mpp, 3), "read": len(screened),
+              "read_budget": cfg.read_budget, "rounds": rounds, "stopped": stopped,
+              "level_first": round(first_level, 5), "level": round(cmap.level, 5)}
+    return screened, accepted, judged, focus_ref, picks, search
+
+
+def _blurred_blocks(screened: list, cfg: SelectorConfig, focus_ref: float) -> np.ndarray:
+    focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
+    return np.array([b[:4] for _, m in screened for b in m.get("_blocks", []) if b[4] < focus_min],
+                    np.float64).reshape(-1, 4)
+
+
+def _search_text(search: dict) -> str:
+    return (f"searched {search['positions']:,} positions on a {search['grid_um']:g}-µm grid, read "
+            f"{search['read']} at full resolution in {search['rounds']} round(s) (budget {search['read_budget']}; "
+            f"{search['stopped']})")
 
 
 def _judge(screened: list, cfg: SelectorConfig) -> tuple[list, dict[str, int], float]:
@@ -338,13 +372,17 @@ def _judge(screened: list, cfg: SelectorConfig) -> tuple[list, dict[str, int], f
     """
     focus_ref = float(np.percentile([m["focus_worst_block"] for _, m in screened], 90)) if screened else 0.0
     focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
-    blurred = np.array([b[:4] for _, m in screened for b in m.get("_blocks", []) if b[4] < focus_min],
-                       np.float64).reshape(-1, 4)
+    blurred = _blurred_blocks(screened, cfg, focus_ref)
+    # even the sharpest areas read are below the absolute floor: the slide is out of focus, and blur
+    # spreads the stain so that coverage would call its areas thick
+    slide_blurred = focus_ref < cfg.focus_floor
     accepted, rejected = [], {}
     for box, m in screened:
         reason = None
         if m["outside"] > 0.0:
             reason = R_OUTSIDE
+        elif slide_blurred:
+            reason = R_BLUR
         elif m["coverage"] > cfg.max_coverage or m["coverage_max_block"] > cfg.max_block_coverage:
             reason = R_THICK
         elif m["coverage"] < cfg.min_coverage or m["coverage_min_block"] < cfg.min_block_coverage:

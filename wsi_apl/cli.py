@@ -53,10 +53,12 @@ def main() -> None:
               help="Make slides that cannot be analysed (for QC tests).")
 @click.option("--jpeg-quality", type=click.IntRange(10, 100), default=None,
               help="JPEG quality of the tiles (default: drawn per slide, 78-92).")
+@click.option("--smear", "smear_shape", type=click.Choice(["normal", "narrow"]), default="normal", show_default=True,
+              help="narrow: the monolayer is only a 250-450 µm band across the smear (selector tests).")
 @click.option("--layout", type=click.Choice(["wsi-apl", "paper"]), default="wsi-apl", show_default=True,
               help="paper: also write the paper's wsi.csv and labeled_cells.csv (with --plain camera frames).")
 def synth(out_dir: Path, n_slides, diagnoses, seed, mpp, size, stain, plain, slides_per_patient, defect,
-          jpeg_quality, layout) -> None:
+          jpeg_quality, smear_shape, layout) -> None:
     """Write a synthetic bone-marrow-smear cohort with ground truth and labels.csv."""
     from .synth.cohort import DIAGNOSES, parse_diagnoses, synth_cohort
 
@@ -71,7 +73,7 @@ def synth(out_dir: Path, n_slides, diagnoses, seed, mpp, size, stain, plain, sli
     t0 = time.time()
     recs = synth_cohort(out_dir, dx, seed=seed, mpp=mpp, size=(w, h), stain=stain, plain=plain,
                         slides_per_patient=slides_per_patient, defect=defect, jpeg_quality=jpeg_quality,
-                        log=click.echo)
+                        smear=smear_shape, log=click.echo)
     click.echo(f"{len(recs)} slides in {out_dir} ({time.time() - t0:.1f} s); labels: {out_dir / 'labels.csv'}")
     if layout == "paper":
         from .paper_layout import write_paper_layout

@@ -121,3 +121,30 @@ def test_focus_measure_drops_with_blur(medium_slide):
     assert sharp > 0.55 and blurred < 0.45
     m = area_measures(img, 0.5)
     assert m["blur_um"] < 0.8
+
+
+def test_narrow_tilted_monolayer_band_is_found(tmp_path):
+    """A ~400-µm monolayer band across a smear tilted by about 60°, between its thick part and the
+    feathered edge. The half-overlapping lattice search before the dense one (commit 54667a7) called
+    this slide inconclusive ("at the smear border or on glass" / "too thick"); the dense search must
+    find several non-overlapping areas in it, all in the truth's monolayer and in focus."""
+    from wsi_apl.synth.cohort import synth_cohort
+
+    synth_cohort(tmp_path, ["healthy"], seed=8401, mpp=0.5, size=(6000, 4500), smear="narrow")
+    truth = json.loads((tmp_path / "truth" / "slide_8401_000.json").read_text())
+    assert truth["smear_shape"] == "narrow" and truth["smear"]["monolayer_um"] < 450
+    assert 20 < truth["smear"]["theta_deg"] % 90 < 70, "the band must be tilted against the pixel grid"
+    sel = select_areas(open_slide(tmp_path / "slide_8401_000.tiff"), AREA, 0.5,
+                       SelectorConfig(max_areas=6, target_cells=0))
+    assert sel.status == "ok", sel.reason
+    assert len(sel.areas) >= 3
+    maps = np.load(tmp_path / "truth" / "slide_8401_000.maps.npz")
+    m = float(maps["map_mpp"])
+    for a in sel.areas:
+        x0, y0, x1, y1 = (int(round(v * 0.5 / m)) for v in a.box)
+        assert (maps["zones"][y0:y1, x0:x1] == 2).mean() >= 0.9, f"area {a.index} leaves the monolayer band"
+        assert float(maps["blur"][y0:y1, x0:x1].max()) < 1.0, f"area {a.index} is out of focus"
+    search = sel.qc["search"]
+    assert search["read"] <= search["read_budget"]
+    assert search["level"] != search["level_first"], "the monolayer level should have been learned from the reads"
+    assert sum(sel.rejected.values()) + len(sel.areas) == sel.candidates

@@ -165,7 +165,7 @@ def write_plain(scene: Scene, path: Path) -> None:
 def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mpp: float = 0.125,
                  size: tuple[int, int] = (20000, 15000), stain: str | None = None, plain: bool = False,
                  slides_per_patient: int = 1, defect: str = "none", prefix: str = "slide",
-                 jpeg_quality: int | None = None, log: Callable[[str], None] | None = None) -> list[SlideRecord]:
+                 jpeg_quality: int | None = None, smear: str = "normal", log: Callable[[str], None] | None = None) -> list[SlideRecord]:
     """Render one slide per entry of ``diagnoses`` into ``out_dir``; returns the records.
 
     ``stain=None`` draws each slide's preset from the training presets (all but ``leishman``,
@@ -190,6 +190,8 @@ def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mp
             params = SceneParams(**{**params.__dict__, "blur_patches": (0, 0)})
         if defect != "none":
             params = SceneParams(**{**params.__dict__, "defect": defect})
+        if smear != "normal":
+            params = SceneParams(**{**params.__dict__, "smear": smear})
         preset = stain or str(rng.choice(train_presets))
         slide_seed = int(rng.integers(1 << 31))
         st = make_stain(preset, np.random.default_rng([slide_seed, 3]))
@@ -214,7 +216,7 @@ def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mp
         truth = {
             "generator": GENERATOR, "slide": name, "file": path.name, "patient": patient,
             "diagnosis": diagnosis, **info, "seed": slide_seed, "mpp": mpp, "size": [width, height],
-            "plain": plain, "stain": preset, "defect": defect, "jpeg_quality": st.jpeg_quality,
+            "plain": plain, "stain": preset, "defect": defect, "smear_shape": smear, "jpeg_quality": st.jpeg_quality,
             "composition": {k: round(v, 4) for k, v in params.composition.items()},
             "auer_share": params.auer_share, "faggot_share": params.faggot_share,
             "microgranular_share": params.apl_variant_share, "cellularity": params.cellularity,
@@ -222,7 +224,8 @@ def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mp
             "blur_patches": [p.__dict__ for p in scene.blur], "base_blur_um": scene.base_blur,
             "smear": None if scene.geometry is None else {
                 "theta_deg": math.degrees(scene.geometry.theta) % 360, "length_um": scene.geometry.length,
-                "half_width_um": scene.geometry.half_width},
+                "half_width_um": scene.geometry.half_width,
+                "monolayer_um": (scene.geometry.mono_end - scene.geometry.thick_end) * scene.geometry.length},
             "cells": cells,
         }
         truth_path.write_text(json.dumps(truth))

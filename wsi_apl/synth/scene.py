@@ -68,6 +68,7 @@ class SmearGeometry:
     particles: list[tuple[float, float, float, float]]  # (u, v, radius, trail length) in µm
     noise_seed: int
     lateral_thinning: float = 0.65  # coverage factor along the smear's long edges
+    ramp: float = 0.03  # width of the zone transitions, as a fraction of the length
     noise: np.ndarray | None = None  # low-frequency density variation on a NOISE_STEP-µm grid
 
     def uv(self, X, Y):
@@ -308,6 +309,7 @@ class SceneParams:
     abnormal_promyelocytes: bool = False
     cellularity: float = 1.0            # nucleated-cell richness (hemodilution < 0.3)
     defect: str = "none"                # none | blurred | no_monolayer | empty
+    smear: str = "normal"               # normal | narrow (the monolayer is a band of 250-450 µm)
     blur_patches: tuple[int, int] = (1, 4)
 
 
@@ -354,10 +356,23 @@ def _choose_geometry(rng: np.random.Generator, wum: float, hum: float, no_monola
         particles=particles, noise_seed=int(rng.integers(1 << 30)), lateral_thinning=lateral)
 
 
+def _narrow_monolayer(g: SmearGeometry, rng: np.random.Generator) -> None:
+    """Shrink the monolayer to a band of 250-450 µm across the smear, with sharper transitions.
+
+    A real smear spread too fast or from too large a drop often has only such a band between its
+    thick part and the feathered edge. Drawn from its own generator so that normal slides of the
+    same seed stay as they were.
+    """
+    band = float(rng.uniform(250.0, 450.0))
+    g.thick_end = float(rng.uniform(0.3, 0.5))
+    g.mono_end = min(0.95, g.thick_end + band / g.length)
+    g.ramp = 20.0 / g.length
+
+
 def _coverage(g: SmearGeometry, u: np.ndarray, v: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """Area fraction of the glass covered by cells (can exceed 1 where cells pile up)."""
     t = u / g.length
-    ramp = lambda x, w=0.03: 1.0 / (1.0 + np.exp(-x / w))  # noqa: E731
+    ramp = lambda x, w=g.ramp: 1.0 / (1.0 + np.exp(-x / w))  # noqa: E731
     thick = ramp(g.thick_end - t)
     thin = ramp(t - g.mono_end)
     cov = g.coverage_thick * thick + g.coverage_mono * (1 - thick) * (1 - thin)
@@ -398,6 +413,8 @@ def build_scene(width: int, height: int, mpp: float, stain: Stain, params: Scene
         return Scene(width, height, mpp, stain, seed, None, [], np.zeros((0, 2)), np.zeros(0, int),
                      np.zeros((0, 2)), np.zeros(0, int), [], 0.0)
     g = _choose_geometry(rng, wum, hum, params.defect == "no_monolayer", plain)
+    if params.smear == "narrow" and not plain:
+        _narrow_monolayer(g, np.random.default_rng([seed, 7]))
 
     # focus: a slight whole-slide softness and a few out-of-focus patches
     blur = []

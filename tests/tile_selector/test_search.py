@@ -1,0 +1,74 @@
+"""The dense candidate search on a smear map: outline, integral-image boxes, greedy picks, the level."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tile_selector.search import CandidateMap, smear_outline
+
+
+def _map(smooth: np.ndarray, smear: np.ndarray, level: float) -> dict:
+    od = np.repeat(smooth[..., None] / 3.0, 3, axis=2)
+    return {"smooth": smooth, "smear": smear, "od": od, "particles": np.zeros_like(smear), "level": level}
+
+
+def _band_map(angle_deg: float = 35.0, width_px: int = 30):
+    """A 300x240-px overview: a round smear; a tilted band of monolayer OD; thick on one side, thin on the other."""
+    h, w = 240, 300
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    smear = (xx - 150) ** 2 / 140 ** 2 + (yy - 120) ** 2 / 110 ** 2 <= 1
+    t = (xx - 150) * math.cos(math.radians(angle_deg)) + (yy - 120) * math.sin(math.radians(angle_deg))
+    smooth = np.where(t < -width_px / 2, 1.2, np.where(t > width_px / 2, 0.08, 0.4)) * smear
+    return smooth.astype(np.float32), smear, t
+
+
+def test_outline_closes_the_glass_between_monolayer_cells():
+    rng = np.random.default_rng(0)
+    smear = np.zeros((120, 160), bool)
+    smear[20:100, 20:140] = rng.random((80, 120)) < 0.55   # a dotted monolayer: glass between cells
+    outline = smear_outline(smear, 4.0, 50)
+    assert outline[25:95, 25:135].all(), "gaps between cells must not count as glass"
+    assert not outline[:10].any() and not outline[:, :10].any(), "real glass around the smear stays glass"
+
+
+def test_picks_lie_in_a_narrow_tilted_band_and_do_not_overlap():
+    smooth, smear, t = _band_map()
+    cm = CandidateMap(_map(smooth, smear, level=0.4), 4.0, 1.0, 1.0, 16.0, 12.0, border_um=8.0)
+    picks = cm.take(5)
+    assert len(picks) >= 2
+    boxes = [p.box for p in picks]
+    for k, a in enumerate(boxes):
+        for b in boxes[k + 1:]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), "picks overlap"
+    for x0, y0, x1, y1 in boxes:
+        inside = smooth[int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))]
+        assert (np.abs(inside - 0.4) < 1e-6).mean() > 0.8, "a pick leaves the monolayer band"
+
+
+def test_calibration_moves_the_level_to_the_band():
+    smooth, smear, _ = _band_map()
+    cm = CandidateMap(_map(smooth, smear, level=0.12), 4.0, 1.0, 1.0, 16.0, 12.0, border_um=8.0)
+    # full-resolution coverage grows with the overview OD (0.45 at the band's 0.4)
+    screened = [((0, 0, 1, 1), {"lowres_od": od, "coverage": 0.45 * od / 0.4, "lowres_off_share": 0.0,
+                                "focus_worst_block": 0.6}) for od in (0.08, 0.2, 0.3, 0.4)]
+    assert cm.calibrate(screened, 0.45, first_level=0.12, focus_floor=0.33)
+    assert abs(cm.level - 0.4) < 0.01
+    # blurred areas (their stain spreads) and piled-up ones do not count
+    cm2 = CandidateMap(_map(smooth, smear, level=0.12), 4.0, 1.0, 1.0, 16.0, 12.0, border_um=8.0)
+    blurred = [(b, {**m, "focus_worst_block": 0.1}) for b, m in screened]
+    assert not cm2.calibrate(blurred, 0.45, first_level=0.12, focus_floor=0.33)
+
+
+def test_closing_around_what_was_read():
+    smooth, smear, _ = _band_map()
+    cm = CandidateMap(_map(smooth, smear, level=0.4), 4.0, 1.0, 1.0, 16.0, 12.0, border_um=8.0)
+    first = cm.take(1)[0]
+    cm.suppress(first.box, 0.0)
+    again = cm.take(50)
+    for p in again:
+        a, b = p.box, first.box
+        assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
+    cm.suppress_blocks(np.array([[0, 0, 300, 240]], float))
+    assert cm.take(1) == []
