@@ -114,11 +114,9 @@ class SelectorConfig:
     screen_mpp: float = 0.5            # focus / cellularity measured at least this coarse (µm/px)
     min_cells_per_area: int = 3
     max_coverage: float = 0.65         # share of the area covered by cells; above: cells pile up
-    min_coverage: float = 0.30         # below: feathered edge, cells too sparse
+    min_coverage: float = 0.33         # below: feathered edge, cells too sparse
     min_block_coverage: float = 0.22   # the same in every ~64-µm block of the area
     max_block_coverage: float = 0.6
-    thick_ratio: float = 1.35          # low-resolution OD over the smear's median OD; above: thick zone
-    thin_ratio: float = 0.85           # below: thin feathered edge
     border_um: float = 16.0            # areas stay this far inside the smear's edge
     focus_floor: float = 0.33          # absolute edge sharpness (µm⁻¹) of the worst 40-µm block (~1.2 µm blur)
     focus_relative: float = 0.72       # of the slide's sharp areas (90th percentile of the worst blocks)
@@ -332,9 +330,10 @@ def _screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: 
         accepted, judged, focus_ref = _judge(screened, cfg)
         for box, m in screened[-len(batch):]:
             cmap.suppress(box, 0.0 if m["verdict"] == "accepted" else 0.25)
-        # only where an area passed every coverage test and was blurred: blocks of sparse or piled-up
-        # areas have few clean edges and say little about focus
-        cmap.suppress_blocks(_blurred_blocks([(b, m) for b, m in screened if m["verdict"] == R_BLUR], cfg, focus_ref))
+        # around the soft blocks of areas rejected as blurred or thick (blur spreads the stain, so a
+        # blurred monolayer looks thick); blocks of sparse areas have few clean edges and say little
+        cmap.suppress_blocks(_blurred_blocks([(b, m) for b, m in screened if m["verdict"] in (R_BLUR, R_THICK)],
+                                             cfg, focus_ref))
         cmap.calibrate(screened, target_coverage, first_level, cfg.focus_floor)
         cells = sum(m["cells"] for _, m in accepted)
         if len(accepted) >= cfg.max_areas or (cfg.target_cells and cells >= 2 * cfg.target_cells):
