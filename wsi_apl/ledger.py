@@ -130,6 +130,14 @@ class Ledger:
         row = self.db.execute("SELECT value FROM meta WHERE key='bundle'").fetchone()
         return json.loads(row[0]) if row else None
 
+    # -- other facts of the folder (e.g. whether its outputs pseudonymize slide names) -----------
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET "
+                        "value=excluded.value", (key, value))
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+
     # -- files ---------------------------------------------------------------------------------
     def see_file(self, path: str, name: str, fp: str | None, case_id: str = "", error: str | None = None,
                  status: str | None = None) -> None:

@@ -16,6 +16,7 @@ from workers.bundle import replace_atomically
 
 from .ledger import Ledger
 from .pipeline import DECISION_SUPPORT
+from .privacy import Names
 from .status import RESULTS, TRIAGE_ORDER, Status
 
 TRIAGE = "triage.csv"
@@ -61,8 +62,12 @@ def _other_bundle(r: dict, current: dict | None) -> str:
 
 
 def triage_rows(ledger: Ledger) -> list[dict]:
+    """The list's rows, named as the folder's outputs name slides (pseudonyms with ``--pseudonymize``:
+    ``slide`` pseudonymized, ``path`` blank, the slide's path and name replaced in ``reason``). The real
+    path stays in ``file_path``, which is not a column of the list (``wsi-apl status`` matches on it)."""
     rows = []
     current = ledger.bundle()
+    names = Names.of(ledger.results, ledger.meta())
     for r in ledger.rows():
         stale = _other_bundle(r, current) if r["status"] in (*RESULTS, Status.NOT_ANALYSED) else ""
         res = {} if stale else (r["result"] or {})
@@ -73,13 +78,14 @@ def triage_rows(ledger: Ledger) -> list[dict]:
             reason = ("no result yet: being analysed now, or the scan stopped before it finished this slide"
                       if r.get("in_hand") else "not analysed before the scan ended; look at this slide yourself")
         row = {
-            "case": r["case"], "slide": r["name"], "path": r["path"], "status": status,
+            "case": r["case"], "slide": names.slide(r["name"]), "path": names.path(r["path"]), "status": status,
+            "file_path": r["path"],
             "suspicion": res.get("suspicion"), "p_apl_vs_aml": res.get("p_apl_vs_aml"),
             "p_apl_vs_healthy": res.get("p_apl_vs_healthy"),
             "cells": res.get("cells", 0) if res else "", "areas": res.get("areas", 0) if res else "",
-            "mean_focus": res.get("mean_focus"), "qc": " | ".join(res.get("qc", []) or []),
+            "mean_focus": res.get("mean_focus"), "qc": names.text(" | ".join(res.get("qc", []) or []), r["path"]),
             "bundle": res.get("bundle") or "", "scanned_at": res.get("scanned_at") or "",
-            "reason": reason, "fingerprint": r["fingerprint"] or "", "note": DECISION_SUPPORT,
+            "reason": names.text(reason, r["path"]), "fingerprint": r["fingerprint"] or "", "note": DECISION_SUPPORT,
             "blast_percent": res.get("blast_percent"),
         }
         ci = res.get("suspicion_ci") or [None, None]

@@ -190,6 +190,9 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
     triage_hit = flagged | (blasts >= blast_cutoff)
     summary["apl_flagged_or_blast_rule"] = float(triage_hit[is_apl].mean()) if is_apl.any() else None
     metrics["suspicion_oof"] = summary
+    # the distribution a scan of similar slides should show (wsi-apl verify compares a lab's results with
+    # it): out-of-fold, as for slides the nets never saw; sorted, so no value points back to a slide
+    metrics["reference"] = {"suspicion_oof": [round(float(v), 4) for v in np.sort(s)]}
     log(f"  suspicion (APL vs all others), out-of-fold: AUROC {summary['auroc']:.3f}; the rule (each net at its "
         f"threshold: " + ", ".join(f"{t} {v:.3f}" for t, v in net_thresholds.items())
         + f") flags {summary['rule_sensitivity']:.2f} of APL and {1 - summary['rule_specificity']:.2f} of the others")

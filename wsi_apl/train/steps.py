@@ -258,11 +258,23 @@ def slide_feature_table(bundle: ModelBundle, entries: list[SlideEntry], *, max_a
         if feats is not None:
             X[i] = feats["features"]
         extra.append({"slide": e.slide, "cells": res.cells, "areas": res.areas, "selection": sel.status,
-                      "reason": sel.reason, "blast_percent": feats.get("blast_percent") if feats else None})
+                      "reason": sel.reason, "blast_percent": feats.get("blast_percent") if feats else None,
+                      "mean_focus": res.mean_focus})
         why = f" - {sel.reason}" if sel.reason and not res.areas else ""
         log(f"  features {i + 1}/{len(entries)}: {e.slide} ({e.diagnosis}) {res.cells} cells in {res.areas} areas"
             f"{why} ({time.time() - t0:.0f} s)")
     return X, extra
+
+
+def qc_reference(extra: list[dict], min_cells: int) -> dict:
+    """The QC of the slides the slide-level nets were trained on, as a scan reports it: counted cells and
+    mean focus per slide (sorted, so no value points back to a slide) and the share a scan would call
+    inconclusive for QC (no usable area, or fewer than ``min_cells`` counted cells). ``wsi-apl verify``
+    compares a lab's results with these figures (drift)."""
+    qc_fail = [x["selection"] != "ok" or (x["cells"] or 0) < min_cells for x in extra]
+    return {"slides": len(extra), "cells": sorted(int(x["cells"] or 0) for x in extra),
+            "mean_focus": sorted(round(float(x["mean_focus"]), 4) for x in extra if x.get("mean_focus") is not None),
+            "qc_inconclusive": int(sum(qc_fail)), "min_cells": int(min_cells)}
 
 
 def step_enn(bundle: ModelBundle, entries: list[SlideEntry], *, target_sensitivity: float = 0.95,
@@ -275,6 +287,7 @@ def step_enn(bundle: ModelBundle, entries: list[SlideEntry], *, target_sensitivi
         X, [e.diagnosis for e in entries], [e.patient for e in entries], feature_names(bundle.heads),
         target_sensitivity=target_sensitivity, min_cells=min_cells, seed=seed, trials=trials,
         blasts=np.array([x["blast_percent"] if x["blast_percent"] is not None else np.nan for x in extra]), log=log)
+    metrics.setdefault("reference", {}).update(qc_reference(extra, min_cells))
     save_part(bundle, "slide_nets", tensors, config=config, metrics=metrics, decision=decision,
               provenance={"slides": [e.slide for e in entries], "seed": seed})
     return metrics
