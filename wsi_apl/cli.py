@@ -734,9 +734,19 @@ def evaluate_enn_cmd(bundle_dir, slides_csv, results_dir, max_areas, target_cell
               help="--watch: seconds between listings of the folder.")
 @click.option("--on-flag", default=None,
               help="Command run the moment a slide is flagged, with the slide path, case id and suspicion as arguments.")
+@click.option("--report/--no-report", "report", default=True, show_default=True,
+              help="Keep RESULTS/report/index.html, the expert-review pages, up to date as slides finish.")
+@click.option("--occlusion-cells", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Occlusion-sensitivity maps per cell gallery, made once when the scan completes (0: none; "
+                   "about 8 s per map on a CPU).")
+@click.option("--pseudonymize", is_flag=True,
+              help="Name slides in every output (triage.csv, cell store, alerts.log, exports, report) by a keyed "
+                   "pseudonym slide-<12 hex> instead of the file name; the key stays in RESULTS/.pseudonym_key and "
+                   "'wsi-apl pseudonyms RESULTS SLIDES_DIR' prints the table. Kept by later scans of the folder.")
 def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, target_cells, force, scheduler, tls_ca_file, tls_cert,
          tls_key, insecure, cluster_kind, slurm_queue, slurm_account, slurm_jobs, slurm_gpus, slurm_cores, slurm_memory,
-         slurm_walltime, workers, max_active_slides, cases, watch, deadline, settle_s, poll_s, on_flag) -> None:
+         slurm_walltime, workers, max_active_slides, cases, watch, deadline, settle_s, poll_s, on_flag, report,
+         occlusion_cells, pseudonymize) -> None:
     """Scan every slide of a folder and write the triage list."""
     from cluster.client import ClusterError, SlurmOptions, TlsFiles
     from workers.bundle import BundleError
@@ -763,7 +773,8 @@ def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, t
                        target_cells=target_cells, force=force, scheduler=scheduler, workers=workers, cases=cases,
                        max_active_slides=max_active_slides, tls=TlsFiles(tls_ca_file, tls_cert, tls_key, insecure),
                        slurm=slurm, watch=watch, deadline=deadline_at, settle_s=settle_s, poll_s=poll_s,
-                       on_flag=on_flag, allow_synthetic=allow_synthetic)
+                       on_flag=on_flag, allow_synthetic=allow_synthetic, pseudonymize=pseudonymize, report=report,
+                       occlusion_cells=occlusion_cells)
     try:
         summary = run_scan(opts, log=click.echo)
     except (BundleError, LedgerLocked, FileNotFoundError, ValueError, ClusterError) as exc:
@@ -792,7 +803,7 @@ def status(results: Path, as_json: bool) -> None:
     led = Ledger(results)
     try:
         rows = led.rows()
-        listed = {t["path"]: t for t in triage_rows(led)}  # the list's status and reason (results of another bundle)
+        listed = {t["file_path"]: t for t in triage_rows(led)}  # the status and reason as listed (stale results)
     finally:
         led.close()
     for r in rows:
@@ -959,6 +970,18 @@ def demo(out: Path, quick: bool) -> None:
     code = run_demo(out, quick=quick, log=click.echo)
     sys.exit(code)
 
+
+from .report.cli import report_cmd  # noqa: E402  (click only; the report's modules load when it runs)
+
+main.add_command(report_cmd)
+
+from .export_cli import export, pseudonyms  # noqa: E402  (click only; exports load pandas when they run)
+from .verify_cli import verdict, verify  # noqa: E402
+
+main.add_command(export)
+main.add_command(pseudonyms)
+main.add_command(verdict)
+main.add_command(verify)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

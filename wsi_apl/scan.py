@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import csv
 import datetime as dt
+import json
 import os
 import re
 import shlex
@@ -43,6 +44,7 @@ from workers.bundle import BundleError, load_bundle
 from .enn import SlideNets
 from .ledger import Ledger, fingerprint
 from .pipeline import DECISION_SUPPORT, SlideResult, aggregate, few_apl_slides
+from .privacy import META_KEY, Names, create_key, read_key
 from .store import SLIDE_ALLOWLIST, clean_staging, remove_slide_group, write_slide_group
 from .triage import triage_rows, write_state, write_triage
 
@@ -79,6 +81,9 @@ class ScanOptions:
     stop_grace_s: float = 120.0        # SIGTERM: wait at most this long for the tasks in hand
     scheduler_lost_s: float = 60.0     # the client cut off from its scheduler this long: the scan ends
     allow_synthetic: bool = False      # a bundle trained on synthetic data scans only when asked (demo, tests)
+    pseudonymize: bool = False         # outputs name slides by keyed pseudonyms (wsi_apl/privacy.py)
+    report: bool = True                # keep RESULTS/report/ (the expert-review HTML) up to date
+    occlusion_cells: int = 2           # occlusion maps per gallery, made once at the end of the scan (0: none)
 
 
 @dataclass
@@ -195,9 +200,29 @@ def parse_deadline(text: str | None, now: float | None = None) -> float | None:
     return at.timestamp()
 
 
-def group_name(path: Path, fp: str) -> str:
-    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in path.stem)
-    return f"{stem}-{fp[:8]}"
+def group_name(path: Path, fp: str, names: Names | None = None) -> str:
+    """The zarr group of a slide (``names``: the folder's naming; pseudonymized, the pseudonym's)."""
+    return (names or Names()).group(path, fp)
+
+
+def _naming(opts: ScanOptions, ledger: Ledger, log: Callable[[str], None]) -> Names:
+    """How this folder's outputs name slides. ``--pseudonymize`` sticks to a folder (its key and the
+    ledger's ``meta`` say so, and later scans keep it); it is refused on a folder whose outputs already
+    carry file names, which it could not take back."""
+    if ledger.meta().get(META_KEY) == "1":
+        if not opts.pseudonymize:
+            log(f"{opts.out} pseudonymizes slide names (an earlier scan was given --pseudonymize): so does this scan")
+        return Names(read_key(opts.out))
+    if not opts.pseudonymize:
+        return Names()
+    if ledger.rows():
+        raise ValueError(f"{opts.out}: already holds results that name slides by their file names, which "
+                         "--pseudonymize cannot take back out of its outputs; scan into a new, empty --out folder")
+    key = create_key(opts.out)
+    ledger.set_meta(META_KEY, "1")
+    log(f"Slide names are pseudonymized in every output; 'wsi-apl pseudonyms {opts.out} {opts.slides}' prints the "
+        "table for the lab's records")
+    return Names(key)
 
 
 class _Folder:
@@ -261,8 +286,10 @@ class _Alerts:
     limit, and its failure is written to ``alerts.log`` and the terminal, never stops the batch.
     """
 
-    def __init__(self, out: Path, command: str | None, log: Callable[[str], None], timeout_s: float = 300.0):
+    def __init__(self, out: Path, command: str | None, log: Callable[[str], None], timeout_s: float = 300.0,
+                 names: Names | None = None):
         self.out = out
+        self.names = names or Names()  # alerts.log names slides as the other outputs do
         self.argv = shlex.split(command) if command else None
         self.log = log
         self.timeout_s = timeout_s
@@ -275,8 +302,8 @@ class _Alerts:
 
     def flag(self, job: _SlideJob, result: SlideResult) -> None:
         now = time.strftime("%Y-%m-%d %H:%M:%S")
-        self._write(f"{now}\tFLAGGED\t{job.path.name}\tcase={job.case}\tsuspicion={result.suspicion:.3f}"
-                    f"\t{DECISION_SUPPORT}\n")
+        shown = self.names.slide(job.path.name)
+        self._write(f"{now}\tFLAGGED\t{shown}\tcase={job.case}\tsuspicion={result.suspicion:.3f}\t{DECISION_SUPPORT}\n")
         if self.argv:
             t = threading.Thread(target=self._run, args=(job.path, job.case, result.suspicion), daemon=True)
             t.start()
@@ -292,8 +319,10 @@ class _Alerts:
             problem = str(exc)
         if problem:
             now = time.strftime("%Y-%m-%d %H:%M:%S")
-            self._write(f"{now}\tON-FLAG FAILED\t{path.name}\t{problem}\n")
-            self.log(f"  WARNING: the --on-flag command failed for {path.name} ({problem}); the flag is in "
+            shown = self.names.slide(path.name)
+            problem = self.names.text(problem, path)
+            self._write(f"{now}\tON-FLAG FAILED\t{shown}\t{problem}\n")
+            self.log(f"  WARNING: the --on-flag command failed for {shown} ({problem}); the flag is in "
                      "alerts.log and triage.csv")
 
     def wait(self) -> None:
@@ -321,9 +350,15 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     folder = _Folder(opts.slides, opts.settle_s if opts.watch else 0.0)
     ledger = Ledger(opts.out)
     ledger.lock()
+    try:
+        names = _naming(opts, ledger, log)
+    except BaseException:
+        ledger.close()
+        raise
     ledger.set_bundle(bundle.id, bundle.label)  # results of other bundles are no longer current
+    ledger.set_meta("bundle_path", json.dumps(str(Path(opts.bundle).resolve())))  # for 'wsi-apl report'
     clean_staging(opts.out)
-    batch = _Batch(opts, bundle, nets, ledger, cases, folder, log)
+    batch = _Batch(opts, bundle, nets, ledger, cases, folder, log, names)
     alerts = batch.alerts
     ended_well = False
     restore = _catch_stop_signals(batch)
@@ -351,6 +386,8 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
             state, why = "interrupted", f"{type(exc).__name__}: {exc}" if exc is not None else "stopped"
         counts = batch.checkpoint(state, why, triage=False)
         ledger.close()
+        if opts.report and opts.occlusion_cells > 0 and state == "complete":
+            _update_report(opts, log, only=None, occlusion=True)  # every page once more, with occlusion maps
     elapsed = time.time() - t_start
     summary = {"counts": counts, "seconds": round(elapsed, 1), "triage": str(out),
                "store": str(opts.out / "cells.zarr"), "skipped": batch.skipped, "bundle": bundle.label,
@@ -361,10 +398,27 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     log("")
     log("Summary: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" in {elapsed:.0f} s")
     log(f"Triage list: {out}")
+    if opts.report and (opts.out / "report" / "index.html").exists():
+        log(f"Expert-review report: {opts.out / 'report' / 'index.html'} (open it in a browser; works offline)")
     log(DECISION_SUPPORT)
     if bundle.synthetic:
         log("The bundle is a demo model trained on synthetic data: not for diagnosis.")
     return summary
+
+
+def _update_report(opts: ScanOptions, log: Callable[[str], None], only: list[str] | None, occlusion: bool) -> None:
+    """Rewrite RESULTS/report/ (index, and the pages of ``only`` and of rows that changed; None: all).
+
+    The report is derived from triage.csv and the cell store, so its failure is a warning: it never
+    stops the batch, and ``wsi-apl report RESULTS`` rebuilds it."""
+    try:
+        from .report import write_report
+
+        write_report(opts.out, only=only, log=lambda _s: None, bundle=Path(opts.bundle), occlusion=occlusion,
+                     occlusion_cells=max(1, opts.occlusion_cells))
+    except Exception as exc:  # noqa: BLE001 - a derived page must not stop the analysis
+        log(f"WARNING: could not update the report in {opts.out / 'report'} ({type(exc).__name__}: {exc}); "
+            f"'wsi-apl report {opts.out}' rebuilds it")
 
 
 def _catch_stop_signals(batch: "_Batch") -> Callable[[], None]:
@@ -392,10 +446,11 @@ class _Batch:
     """One scan's slides in flight: discovery, admission, results, deadline."""
 
     def __init__(self, opts: ScanOptions, bundle, nets, ledger: Ledger, cases: dict[str, str], folder: _Folder,
-                 log: Callable[[str], None]):
+                 log: Callable[[str], None], names: Names | None = None):
         self.opts, self.bundle, self.nets, self.ledger, self.cases = opts, bundle, nets, ledger, cases
         self.folder, self.log = folder, log
-        self.alerts = _Alerts(opts.out, opts.on_flag, log)
+        self.names = names or Names()
+        self.alerts = _Alerts(opts.out, opts.on_flag, log, names=self.names)
         self.jobs: dict[str, _SlideJob] = {}
         self.waiting: collections.deque[_SlideJob] = collections.deque()
         self.skipped = 0
@@ -432,6 +487,8 @@ class _Batch:
                 "note": DECISION_SUPPORT})
         except OSError as exc:  # a full disk must not stop the analysis; the final write retries
             self.log(f"WARNING: could not rewrite the triage list in {self.opts.out} ({exc})")
+        if triage and self.opts.report:
+            _update_report(self.opts, self.log, only=[], occlusion=False)  # the pages of what changed
         return counts
 
     # -- finding slides -----------------------------------------------------------------------
@@ -452,7 +509,7 @@ class _Batch:
                 self.waiting.append(job)
                 n += 1
                 if not first:
-                    self.log(f"  new slide: {p.name}")
+                    self.log(f"  new slide: {self.names.slide(p.name)}")
         return n
 
     def _register(self, p: Path) -> _SlideJob | None:
@@ -574,7 +631,7 @@ class _Batch:
             job.failed = True
             window.cancel(lambda tag, fp=fp: tag[1] == fp)
             what = "choosing the areas" if kind == "select" else f"area {done.tag[2]}"
-            _finish_failed(job, f"{what}: {done.error}", self.ledger, bundle, opts, self.log)
+            _finish_failed(job, f"{what}: {done.error}", self.ledger, bundle, opts, self.log, self.names)
             finished = True
         elif kind == "select":
             job.selection = sel = done.value
@@ -602,12 +659,12 @@ class _Batch:
         if not job.failed:
             try:
                 t = time.perf_counter()
-                _finish(job, bundle, self.nets, self.ledger, opts, self.log, self.alerts)
+                _finish(job, bundle, self.nets, self.ledger, opts, self.log, self.alerts, self.names)
                 self.stage_seconds["write"] += time.perf_counter() - t
             except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the batch
                 job.failed = True
                 _finish_failed(job, f"could not finish the analysis ({type(exc).__name__}: {exc})", self.ledger,
-                               bundle, opts, self.log)
+                               bundle, opts, self.log, self.names)
         job.selection, job.tables = None, []
         self.active -= 1
         self.n_done += 1
@@ -639,10 +696,10 @@ class _Batch:
             why = ("the file disappeared while it was read" if now is None else
                    "the file kept changing while it was read: wait until the scanner has finished writing it")
             self.ledger.see_file(str(job.path), job.path.name, None, job.case, error=f"{job.path}: {why}")
-            self.log(f"  {job.path.name}: failed: {why}")
+            self.log(f"  {self.names.slide(job.path.name)}: failed: {self.names.text(why, job.path)}")
             self.n_done += 1
         else:
-            self.log(f"  {job.path.name}: the file changed while it was read: reading it again")
+            self.log(f"  {self.names.slide(job.path.name)}: the file changed while it was read: reading it again")
             self.folder.forget(job.path)
             self.discover()
         self._admit()
@@ -657,7 +714,7 @@ class _Batch:
             if job.started and not job.finished:
                 job.failed = job.finished = True
                 self.window.cancel(lambda tag, fp=job.fp: tag[1] == fp)
-                _finish_failed(job, why, self.ledger, self.bundle, self.opts, self.log)
+                _finish_failed(job, why, self.ledger, self.bundle, self.opts, self.log, self.names)
                 self.active -= 1
                 self.n_done += 1
         self._admit()
@@ -743,9 +800,13 @@ def _slide_facts(job: _SlideJob, opts: ScanOptions) -> dict:
     return {k: info[k] for k in SLIDE_ALLOWLIST if k in info}
 
 
-def _finish(job: _SlideJob, bundle, nets, ledger: Ledger, opts: ScanOptions, log, alerts: _Alerts) -> None:
+def _finish(job: _SlideJob, bundle, nets, ledger: Ledger, opts: ScanOptions, log, alerts: _Alerts,
+            names: Names | None = None) -> None:
+    names = names or Names()
     sel = job.selection
-    result, cols, _feats = aggregate(job.path.name, str(job.path), sel, job.tables, bundle, nets)
+    result, cols, _feats = aggregate(names.slide(job.path.name), names.path(job.path), sel, job.tables, bundle, nets)
+    result.reason = names.text(result.reason, job.path)
+    result.qc = [names.text(q, job.path) for q in result.qc]
     result.fingerprint = job.fp
     result.case = job.case
     stages = collections.Counter()
@@ -754,12 +815,12 @@ def _finish(job: _SlideJob, bundle, nets, ledger: Ledger, opts: ScanOptions, log
     result.timings = {"seconds": round(time.time() - job.started, 2),
                       "select": round(float(sel.timings.get("total", 0.0)), 3),
                       **{k: round(v, 3) for k, v in stages.items()}}
-    group = group_name(job.path, job.fp)
+    group = group_name(job.path, job.fp, names)
     attrs = {
         "result": result.to_json(),
         "areas": [a.to_json() for a in sel.areas],
         "rejected": dict(sel.rejected), "candidates": sel.candidates, "qc": sel.qc,
-        "selection_status": sel.status, "selection_reason": sel.reason,
+        "selection_status": sel.status, "selection_reason": names.text(sel.reason, job.path),
         "slide": _slide_facts(job, opts), "provenance": _provenance(bundle, job),
         "case": job.case, "decision_support": DECISION_SUPPORT,
     }
@@ -769,12 +830,15 @@ def _finish(job: _SlideJob, bundle, nets, ledger: Ledger, opts: ScanOptions, log
     ledger.finish(job.fp, result.status, result.to_json(), group)
     extra = f" (suspicion {result.suspicion:.2f})" if result.suspicion is not None else ""
     why = f": {result.reason}" if result.reason else ""
-    log(f"  {job.path.name}: {result.status}{extra}, {result.cells} cells in {result.areas} areas{why}")
+    log(f"  {result.slide}: {result.status}{extra}, {result.cells} cells in {result.areas} areas{why}")
 
 
-def _finish_failed(job: _SlideJob, error: str, ledger: Ledger, bundle, opts: ScanOptions, log) -> None:
-    result = SlideResult(slide=job.path.name, path=str(job.path), status="failed", reason=error,
-                         bundle=bundle.label, scanned_at=time.strftime("%Y-%m-%d %H:%M:%S"), fingerprint=job.fp)
-    remove_slide_group(opts.out, group_name(job.path, job.fp))  # an older result must not outlive this failure
+def _finish_failed(job: _SlideJob, error: str, ledger: Ledger, bundle, opts: ScanOptions, log,
+                   names: Names | None = None) -> None:
+    names = names or Names()
+    result = SlideResult(slide=names.slide(job.path.name), path=names.path(job.path), status="failed",
+                         reason=names.text(error, job.path), bundle=bundle.label,
+                         scanned_at=time.strftime("%Y-%m-%d %H:%M:%S"), fingerprint=job.fp)
+    remove_slide_group(opts.out, group_name(job.path, job.fp, names))  # an older result must not outlive this failure
     ledger.fail(job.fp, error, result.to_json())
-    log(f"  {job.path.name}: failed: {error}")
+    log(f"  {result.slide}: failed: {result.reason}")

@@ -92,5 +92,5 @@ def test_session_bundle_records_fixed_epochs(trained):
     _, bundle = trained
     det = bundle.part("detector")["metrics"]["budget"]
     cells = bundle.part("cells")["metrics"]["budget"]
-    assert det == {"epochs_planned": 3, "budget_s": None, "budget_reached": False, "stopped_at_epoch": None}
+    assert det == {"epochs_planned": 6, "budget_s": None, "budget_reached": False, "stopped_at_epoch": None}
     assert cells["epochs_planned"] == 2 and not cells["budget_reached"]

@@ -1,0 +1,33 @@
+"""``wsi-apl report RESULTS``: rebuild the whole expert-review report of a results folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("report")
+@click.argument("results", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The bundle folder that scanned RESULTS (thresholds, occlusion maps); default: the one the "
+                   "ledger names.")
+@click.option("--no-occlusion", is_flag=True, help="Skip the occlusion maps (the slowest part).")
+def report_cmd(results: Path, bundle_dir: Path | None, no_occlusion: bool) -> None:
+    """Write RESULTS/report/: an offline HTML report for expert review (index and one page per slide)."""
+    from ..pipeline import DECISION_SUPPORT
+    from ..triage import TRIAGE
+    from .build import build_report
+
+    if not (results / TRIAGE).exists():
+        click.echo(f"error: {results}: no {TRIAGE} here; run 'wsi-apl scan SLIDES --out {results}' first", err=True)
+        sys.exit(2)
+    stats = build_report(results, None, log=lambda s: None, bundle=bundle_dir, occlusion=not no_occlusion)
+    per = sum(stats.seconds) / len(stats.seconds) if stats.seconds else 0.0
+    click.echo(str(stats.index))
+    click.echo(f"{stats.mb:.2f} MB, {stats.pages} slide page(s), {per:.1f} s per slide")
+    if stats.occlusion_s:
+        click.echo(f"occlusion maps: {sum(stats.occlusion_s) / len(stats.occlusion_s):.1f} s per slide "
+                   f"({len(stats.occlusion_s)} slide(s))")
+    click.echo(DECISION_SUPPORT)
