@@ -86,9 +86,10 @@ def remove_slide_group(results: Path, name: str) -> None:
 
 
 def read_slide_group(results: Path, name: str) -> tuple[dict[str, np.ndarray], dict]:
-    """(columns, attributes) of one slide group, read with plain zarr."""
+    """(columns, attributes) of one slide group, read with plain zarr; columns in name order (zarr lists
+    a group's members in the file system's order, and outputs built from them must not depend on it)."""
     g = zarr.open_group(str(Path(results) / STORE / name), mode="r")
-    cols = {k: g[k][...] for k in g.array_keys()}
+    cols = {k: g[k][...] for k in sorted(g.array_keys())}
     return cols, dict(g.attrs)
 
 

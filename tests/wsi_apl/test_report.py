@@ -271,18 +271,17 @@ def _save_verdict(chromium: str, profile: Path, page: Path, downloads: Path) -> 
                               session)
             assert "exceptionDetails" not in done, done["exceptionDetails"]
             shown = done["result"]["value"]
+            # wait with the connection open: Chromium drops a client's download settings when it leaves
+            for _ in range(600):
+                if any(p.suffix == ".json" for p in downloads.glob("verdict-*.json")):
+                    break
+                await asyncio.sleep(0.1)
             ws.close()
             return shown
 
         shown = asyncio.run(run())
-        t0 = time.time()
-        files: list[Path] = []
-        while time.time() - t0 < 30:
-            files = [p for p in downloads.glob("verdict-*.json")]
-            if files:
-                break
-            time.sleep(0.2)
-        assert files, "the verdict button offered no download"
+        files = list(downloads.glob("verdict-*.json"))
+        assert files, "the verdict button offered no download within 60 s"
         return shown, files[0]
     finally:
         proc.terminate()
