@@ -738,7 +738,7 @@ def evaluate_enn_cmd(bundle_dir, slides_csv, results_dir, max_areas, target_cell
               help="Keep RESULTS/report/index.html, the expert-review pages, up to date as slides finish.")
 @click.option("--occlusion-cells", type=click.IntRange(min=0), default=2, show_default=True,
               help="Occlusion-sensitivity maps per cell gallery, made once when the scan completes (0: none; "
-                   "about 8 s per map on a CPU).")
+                   "the demo: 9-15 s per slide for 6 maps on a 2-core CPU).")
 @click.option("--pseudonymize", is_flag=True,
               help="Name slides in every output (triage.csv, cell store, alerts.log, exports, report) by a keyed "
                    "pseudonym slide-<12 hex> instead of the file name; the key stays in RESULTS/.pseudonym_key and "
