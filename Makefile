@@ -21,8 +21,8 @@ demo: $(STAMP)
 # is installed when missing, elsewhere the browser test says how and skips.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  { apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
-	    apt-get install -y -qq chromium >/dev/null 2>&1; }; } ; } || echo "no chromium: the report's browser test will skip"
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; }; } ; } || echo "no chromium: the report's browser test will skip"
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
