@@ -29,7 +29,7 @@ import pandas as pd
 
 from workers.bundle import replace_atomically
 
-from .ledger import LEDGER
+from .ledger import LEDGER, connect_readonly
 from .pipeline import DECISION_SUPPORT
 from .privacy import Names
 from .store import STORE, read_slide_group
@@ -83,7 +83,7 @@ def read_ledger(results: Path) -> tuple[pd.DataFrame, dict[str, str]]:
     path = Path(results) / LEDGER
     if not path.exists():
         raise ExportError(f"{results}: no {LEDGER}; give the --out folder of a 'wsi-apl scan'")
-    db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30.0)
+    db = connect_readonly(results)
     try:
         files = pd.read_sql_query(
             "SELECT f.name, f.path, f.fingerprint, f.case_id AS 'case', COALESCE(s.status, f.status) AS status, "

@@ -32,6 +32,12 @@ from .status import PENDING, RESULTS, RUNNING, Status
 DONE = RESULTS
 _DONE_SQL = ", ".join(f"'{s}'" for s in (*RESULTS, Status.FAILED))
 LEDGER = "ledger.sqlite"
+
+
+def connect_readonly(results: Path) -> sqlite3.Connection:
+    """The ledger of ``results`` opened read-only (``mode=ro``), for readers that are not the scan
+    (report, exports, verification): they must never block or change a scan writing the folder."""
+    return sqlite3.connect((Path(results) / LEDGER).resolve().as_uri() + "?mode=ro", uri=True, timeout=30.0)
 LOCK_FILE = ".scan.lock"  # flock'd by the scan that writes a results folder
 
 

@@ -47,6 +47,11 @@ def neutralise(value) -> str:
     return s
 
 
+def unneutralise(s: str) -> str:
+    """A cell as the scan meant it: the inverse of :func:`neutralise` for readers of triage.csv."""
+    return s[1:] if len(s) > 1 and s[0] == "'" and s[1] in _FORMULA_START else s
+
+
 def _other_bundle(r: dict, current: dict | None) -> str:
     """The reason a row's result is not current: it came from another bundle than the latest scan's
     ("" when it is current, or when no scan has named its bundle)."""

@@ -35,7 +35,7 @@ from workers.bundle import replace_atomically
 from .export import find_slide, read_ledger
 from .pipeline import DECISION_SUPPORT
 from .status import RESULTS, Status
-from .triage import TRIAGE
+from .triage import TRIAGE, unneutralise
 
 VERDICTS = "verdicts"
 SAYS = ("apl", "not_apl", "unreadable")
@@ -46,7 +46,6 @@ MIN_DRIFT_SLIDES = 5
 DRIFT_P = 0.01
 _FP = re.compile(r"[0-9a-f]{64}")
 _BUNDLE_ID = re.compile(r"@([0-9a-f]{16})")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _NO_CALL = (Status.INCONCLUSIVE, Status.FAILED, Status.NOT_ANALYSED)
 
 
@@ -128,11 +127,6 @@ def read_verdicts(results: Path) -> tuple[pd.DataFrame, list[str]]:
 # -- the results folders ------------------------------------------------------------------------------
 
 
-def _unneutralise(s: str) -> str:
-    """A cell as the scan meant it (triage.csv quotes text a spreadsheet would run)."""
-    return s[1:] if len(s) > 1 and s[0] == "'" and s[1] in "".join(_FORMULA_START) else s
-
-
 def read_triage(results: Path) -> pd.DataFrame:
     """triage.csv as text, one row per slide file, in the list's order."""
     path = Path(results) / TRIAGE
@@ -140,7 +134,7 @@ def read_triage(results: Path) -> pd.DataFrame:
         raise VerifyError(f"{results}: no {TRIAGE}; give the --out folder of a 'wsi-apl scan' (or run 'wsi-apl "
                           f"triage {results}' to write it from the ledger)")
     t = pd.read_csv(path, dtype=str, keep_default_na=False)
-    return t.map(_unneutralise)
+    return t.map(unneutralise)
 
 
 def bundle_ids(results: Path, triage: pd.DataFrame) -> dict[str, str]:

@@ -17,23 +17,17 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..ledger import LEDGER
+from ..ledger import LEDGER, connect_readonly
 from ..status import RESULTS, Status
-from ..triage import TRIAGE
+from ..triage import TRIAGE, unneutralise
 
 HEADS = ("promyelocyte", "myeloblast", "auer_rod")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _NUMBERS = ("suspicion", "p_apl_vs_aml", "p_apl_vs_healthy", "suspicion_ci_low", "suspicion_ci_high",
             "blast_percent", "mean_focus", *(f"{h}_{k}" for h in HEADS for k in ("ratio", "ci_low", "ci_high")))
 _INTS = ("rank", "cells", "areas")
 # an absolute POSIX path of two or more parts (not "µm/px": a path starts after a space, quote or bracket)
 _POSIX_PATH = re.compile(r"(?<![\w./])/(?:[^\s/:;,'\"()\[\]]+/)+[^\s/:;,'\"()\[\]]*")
 _WINDOWS_PATH = re.compile(r"\b[A-Za-z]:\\[^\s:;,'\"()]*")
-
-
-def _unneutralise(s: str) -> str:
-    """A cell as the scan wrote it (triage.csv prefixes text a spreadsheet would run with a quote)."""
-    return s[1:] if len(s) > 1 and s[0] == "'" and s[1] in "".join(_FORMULA_START) else s
 
 
 def _number(s: str) -> float | None:
@@ -50,7 +44,7 @@ def read_triage(results: Path) -> list[dict]:
     if not path.exists():
         return []
     with path.open(newline="", encoding="utf-8") as f:
-        rows = [{k: _unneutralise(v or "") for k, v in r.items() if k} for r in csv.DictReader(f)]
+        rows = [{k: unneutralise(v or "") for k, v in r.items() if k} for r in csv.DictReader(f)]
     for r in rows:
         for k in _NUMBERS:
             r[k] = _number(r.get(k, ""))
@@ -88,7 +82,7 @@ def read_ledger(results: Path) -> LedgerView:
     view = LedgerView()
     if not path.exists():
         return view
-    db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30.0)
+    db = connect_readonly(results)
     try:
         for fp, group in db.execute("SELECT fingerprint, group_name FROM slides"):
             if group:
