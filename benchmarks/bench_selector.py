@@ -67,12 +67,12 @@ BLUR_LIMIT_UM = 1.0
 MONOLAYER_SHARE = 0.9
 
 
-def make_cohort(root: Path, seed_offset: int = 0, only: list[str] | None = None) -> None:
+def make_cohort(root: Path, seed_offset: int = 0) -> None:
     from wsi_apl.synth.cohort import parse_diagnoses, synth_cohort
 
     for k, (name, (seed, dx, size, mpp, opts)) in enumerate(GROUPS.items()):
         out = root / f"g{k}"
-        if (out / "labels.csv").exists() or (only and name not in only):
+        if (out / "labels.csv").exists():
             continue
         print(f"rendering group '{name}' in {out}", flush=True)
         synth_cohort(out, parse_diagnoses(dx), seed=seed + seed_offset, mpp=mpp, size=size, **opts)
