@@ -136,9 +136,10 @@ class CandidateMap:
         rx, ry = max(1, int(round(self.bw * share))), max(1, int(round(self.bh * share)))
         self.open[max(0, j - ry + 1):max(0, j + ry), max(0, i - rx + 1):max(0, i + rx)] = False
 
-    def suppress_blocks(self, blocks: np.ndarray) -> None:
-        """Close every position whose box touches one of ``blocks`` (level-0 boxes, e.g. blurred)."""
-        for x0, y0, x1, y1 in blocks:
+    def suppress_blocks(self, blocks: np.ndarray, margin: float = 0.0) -> None:
+        """Close every position whose box comes within ``margin`` level-0 px of one of ``blocks``
+        (level-0 boxes, e.g. blurred)."""
+        for x0, y0, x1, y1 in np.asarray(blocks, np.float64).reshape(-1, 4) + np.array([-margin, -margin, margin, margin]):
             i0 = max(0, int(math.floor(x0 * self.sx)) - self.bw + 1)
             i1 = max(0, int(math.ceil(x1 * self.sx)))
             j0 = max(0, int(math.floor(y0 * self.sy)) - self.bh + 1)

@@ -120,7 +120,8 @@ class SelectorConfig:
     border_um: float = 16.0            # areas stay this far inside the smear's edge
     focus_floor: float = 0.33          # absolute edge sharpness (µm⁻¹) of the worst 40-µm block (~1.2 µm blur)
     focus_relative: float = 0.72       # of the slide's sharp areas (90th percentile of the worst blocks)
-    blur_margin_frac: float = 0.08     # a blurred block this close (share of the area width) also rejects
+    blur_margin_um: float = 40.0       # a blurred block this close also rejects (one focus block: a block
+    #                                    judged sharp by its sharpest edges may hide blur where it meets one)
 
 
 def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:
@@ -327,13 +328,13 @@ def _screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: 
             screened.append((box, meas))
         del reads
         picks += batch
-        accepted, judged, focus_ref = _judge(screened, cfg)
+        accepted, judged, focus_ref = _judge(screened, cfg, slide.mpp_x)
         for box, m in screened[-len(batch):]:
             cmap.suppress(box, 0.0 if m["verdict"] == "accepted" else 0.25)
         # around the soft blocks of areas rejected as blurred or thick (blur spreads the stain, so a
         # blurred monolayer looks thick); blocks of sparse areas have few clean edges and say little
         cmap.suppress_blocks(_blurred_blocks([(b, m) for b, m in screened if m["verdict"] in (R_BLUR, R_THICK)],
-                                             cfg, focus_ref))
+                                             cfg, focus_ref), cfg.blur_margin_um / slide.mpp_x)
         cmap.calibrate(screened, target_coverage, first_level, cfg.focus_floor)
         cells = sum(m["cells"] for _, m in accepted)
         if len(accepted) >= cfg.max_areas or (cfg.target_cells and cells >= 2 * cfg.target_cells):
@@ -362,12 +363,13 @@ def _search_text(search: dict) -> str:
             f"{search['stopped']})")
 
 
-def _judge(screened: list, cfg: SelectorConfig) -> tuple[list, dict[str, int], float]:
+def _judge(screened: list, cfg: SelectorConfig, mpp0: float) -> tuple[list, dict[str, int], float]:
     """Accept or reject screened candidates; focus is judged against the slide's sharpest areas.
 
     An area is also blurred when an out-of-focus block of any screened candidate touches it: the
     half-overlapping candidates see its surroundings on another block grid, so a blurred patch at
-    one edge of the area shows there even when the area's own blocks straddle it.
+    one edge of the area shows there even when the area's own blocks straddle it. ``mpp0``: the
+    slide's level-0 µm/px.
     """
     focus_ref = float(np.percentile([m["focus_worst_block"] for _, m in screened], 90)) if screened else 0.0
     focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
@@ -386,7 +388,7 @@ def _judge(screened: list, cfg: SelectorConfig) -> tuple[list, dict[str, int], f
             reason = R_THICK
         elif m["coverage"] < cfg.min_coverage or m["coverage_min_block"] < cfg.min_block_coverage:
             reason = R_THIN
-        elif m["focus_worst_block"] < focus_min or _touches(box, blurred, cfg.blur_margin_frac):
+        elif m["focus_worst_block"] < focus_min or _touches(box, blurred, cfg.blur_margin_um / mpp0):
             reason = R_BLUR
         elif m["overlap"] > 0.3:
             reason = R_CLUMP
@@ -403,11 +405,10 @@ def _judge(screened: list, cfg: SelectorConfig) -> tuple[list, dict[str, int], f
     return accepted, rejected, focus_ref
 
 
-def _touches(box, blocks: np.ndarray, margin_frac: float) -> bool:
-    """Whether any of ``blocks`` (level-0 boxes) meets ``box`` grown by ``margin_frac`` of its width."""
+def _touches(box, blocks: np.ndarray, m: float) -> bool:
+    """Whether any of ``blocks`` (level-0 boxes) meets ``box`` grown by ``m`` level-0 px."""
     if not len(blocks):
         return False
-    m = margin_frac * (box[2] - box[0])
     return bool(np.any((blocks[:, 0] < box[2] + m) & (blocks[:, 2] > box[0] - m)
                        & (blocks[:, 1] < box[3] + m) & (blocks[:, 3] > box[1] - m)))
 

@@ -72,3 +72,19 @@ def test_closing_around_what_was_read():
         assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
     cm.suppress_blocks(np.array([[0, 0, 300, 240]], float))
     assert cm.take(1) == []
+
+
+def test_blurred_blocks_close_positions_within_the_margin():
+    """A block judged sharp may hide blur where it meets a blurred one: positions whose box comes
+    within the margin of a blurred block close too, those farther away stay open."""
+    smooth = np.full((60, 80), 0.4, np.float32)
+    smear = np.ones((60, 80), bool)
+    cm = CandidateMap(_map(smooth, smear, level=0.4), 1.0, 1.0, 1.0, 10.0, 8.0, border_um=0.0)
+    block = np.array([[40.0, 20.0, 44.0, 24.0]])
+    cm.suppress_blocks(block)
+    assert cm.open[20, 45] and cm.open[20, 48], "a box that does not touch the block stays open"
+    assert not cm.open[20, 40], "a box over the block closes"
+    cm.suppress_blocks(block, margin=3.0)
+    assert not cm.open[20, 45] and not cm.open[20, 46], "less than 3 px from the block"
+    assert cm.open[20, 47], "3 px or farther stays open (as _touches judges it)"
+    assert not cm.open[20, 28] and cm.open[20, 26], "the margin holds on the other side too"
