@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from tests.conftest import testdata
 from wsi_apl.cli import main
-from wsi_apl.pipeline import DECISION_SUPPORT
+from wsi_apl.status import DECISION_SUPPORT
 from wsi_apl.store import read_slide_group, slide_groups
 from wsi_apl.triage import COLUMNS
 

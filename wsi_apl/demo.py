@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .pipeline import DECISION_SUPPORT
+from .status import DECISION_SUPPORT
 
 
 def run_demo(out: Path, quick: bool = False, log: Callable[[str], None] = print) -> int:

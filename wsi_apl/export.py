@@ -30,8 +30,8 @@ import pandas as pd
 from workers.bundle import replace_atomically
 
 from .ledger import LEDGER, connect_readonly
-from .pipeline import DECISION_SUPPORT
 from .privacy import Names
+from .status import DECISION_SUPPORT
 from .store import STORE, read_slide_group
 
 #: Heads that name a cell's class in QuPath (the highest at ``CLASS_THRESHOLD`` or more), else OTHER.

@@ -20,9 +20,6 @@ from workers.classifier import CellConfig
 from .enn import SlideNets, decide
 from .features import slide_features
 
-DECISION_SUPPORT = ("Decision support only: an expert must review every slide; "
-                    "not_flagged does not exclude APL.")
-
 STATUSES = ("flagged", "not_flagged", "inconclusive", "failed", "not_analysed")
 
 

@@ -43,8 +43,9 @@ from workers.bundle import BundleError, load_bundle
 
 from .enn import SlideNets
 from .ledger import Ledger, fingerprint
-from .pipeline import DECISION_SUPPORT, SlideResult, aggregate, few_apl_slides
+from .pipeline import SlideResult, aggregate, few_apl_slides
 from .privacy import META_KEY, Names, create_key, read_key
+from .status import DECISION_SUPPORT
 from .store import SLIDE_ALLOWLIST, clean_staging, remove_slide_group, write_slide_group
 from .triage import triage_rows, write_state, write_triage
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import enum
 
+#: What every output says (triage list, report, exports, CLI).
+DECISION_SUPPORT = ("Decision support only: an expert must review every slide; "
+                    "not_flagged does not exclude APL.")
+
 
 class Status(enum.StrEnum):
     FLAGGED = "flagged"              # the slide-level rule fired: an expert looks first

@@ -15,9 +15,8 @@ from pathlib import Path
 from workers.bundle import replace_atomically
 
 from .ledger import Ledger
-from .pipeline import DECISION_SUPPORT
 from .privacy import Names
-from .status import RESULTS, TRIAGE_ORDER, Status
+from .status import DECISION_SUPPORT, RESULTS, TRIAGE_ORDER, Status
 
 TRIAGE = "triage.csv"
 STATE = "scan_state.json"

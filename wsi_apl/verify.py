@@ -33,8 +33,7 @@ import pandas as pd
 from workers.bundle import replace_atomically
 
 from .export import find_slide, read_ledger
-from .pipeline import DECISION_SUPPORT
-from .status import RESULTS, Status
+from .status import DECISION_SUPPORT, RESULTS, Status
 from .triage import TRIAGE, unneutralise
 
 VERDICTS = "verdicts"

@@ -12,7 +12,8 @@ import zarr
 from wsi_apl.features import slide_features
 from wsi_apl.ledger import Ledger, LedgerLocked, fingerprint
 from wsi_apl.metrics import auprc, auroc, bootstrap_ci, coco_metrics, threshold_for_sensitivity
-from wsi_apl.pipeline import DECISION_SUPPORT, SlideResult
+from wsi_apl.pipeline import SlideResult
+from wsi_apl.status import DECISION_SUPPORT
 from wsi_apl.store import clean_staging, read_slide_group, slide_groups, write_slide_group
 from wsi_apl.triage import COLUMNS, neutralise, write_triage
 

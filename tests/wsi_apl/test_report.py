@@ -20,10 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 from tests.conftest import TESTDATA
-from wsi_apl.pipeline import DECISION_SUPPORT
 from wsi_apl.report.data import read_triage, scrub, slide_id
 from wsi_apl.report.html import STATUS_COLOURS, ci_bar, status_chip, synthetic_banner
-from wsi_apl.status import Status
+from wsi_apl.status import DECISION_SUPPORT, Status
 
 SYNTHETIC = "demo-synthetic@162b4b5c0f82dfcc (demo model trained on synthetic data — not for diagnosis)"
 

@@ -17,8 +17,7 @@ from pathlib import Path
 
 from workers.bundle import replace_atomically
 
-from ..pipeline import DECISION_SUPPORT
-from ..status import TRIAGE_ORDER, Status
+from ..status import DECISION_SUPPORT, TRIAGE_ORDER, Status
 from .data import HEADS, BundleInfo, Entry, entries, find_bundle, read_ledger, read_triage, scrub
 from .html import HEAD_COLOURS, STATUS_WORDS, ci_bar, esc, fmt, page, status_chip, synthetic_banner, table
 from .slide_page import OCCLUSION_CELLS, Context, error_page, render_slide

@@ -11,8 +11,7 @@ from html import escape
 
 import numpy as np
 
-from ..pipeline import DECISION_SUPPORT
-from ..status import Status
+from ..status import DECISION_SUPPORT, Status
 
 #: Chip colours per status (background, text): what needs an expert first is the loudest.
 STATUS_COLOURS: dict[str, tuple[str, str]] = {

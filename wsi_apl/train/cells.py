@@ -25,8 +25,6 @@ BALANCE = 0.5
 #: The recipe ``wsi-apl train cells`` follows unless told otherwise: the best on held-out real marrow
 #: cells (README, "Real cells"; ``benchmarks/bench_real_cells.py``). ``wsi-apl train all`` and the
 #: demo keep the library's own defaults (32-µm crops at 0.25 µm/px, as for 40x scans).
-TRAIN_CELLS_DEFAULTS = {"crop_um": 24.0, "crop_px": 128, "epochs": 60, "ema": 0.0, "patience": 15,
-                        "stain_aug": "od"}
 
 
 def train_cells_config(heads: tuple[str, ...], crop_um: float, crop_px: int, backbone: str = "small") -> CellConfig:

@@ -32,7 +32,7 @@ def export_geojson_cmd(results: Path, slide: str | None, out: Path) -> None:
     """Cells (detections) and chosen areas (annotations) per slide, in level-0 pixels, for QuPath.
 
     In QuPath open the slide, then File > Import objects from file (or drag the .geojson onto it)."""
-    from .export import export_geojson
+    from ..export import export_geojson
 
     try:
         files = export_geojson(results, out, slide)
@@ -51,7 +51,7 @@ def export_geojson_cmd(results: Path, slide: str | None, out: Path) -> None:
 def export_via_cmd(results: Path, slide: str, out: Path) -> None:
     """The chosen areas of a slide as pictures and its detected cells as a VIA 2 project, to correct and
     train with ('wsi-apl train cells --via PROJECT --image-mpp MPP', 'wsi-apl train detector --via PROJECT')."""
-    from .export import export_via
+    from ..export import export_via
 
     try:
         project = export_via(results, out, slide)
@@ -69,8 +69,8 @@ def pseudonyms(results: Path, slides_dir: Path) -> None:
     The table undoes the pseudonyms: keep it where the lab keeps patient data, never with the outputs."""
     import pandas as pd
 
-    from .privacy import PseudonymError, key_path, pseudonym, read_key
-    from .scan import list_slides
+    from ..privacy import PseudonymError, key_path, pseudonym, read_key
+    from ..scan import list_slides
 
     if not key_path(results).exists():
         _fail(f"{results}: was not scanned with --pseudonymize (no {key_path(results).name}): its outputs use the "

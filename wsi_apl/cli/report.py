@@ -16,9 +16,9 @@ import click
 @click.option("--no-occlusion", is_flag=True, help="Skip the occlusion maps (the slowest part).")
 def report_cmd(results: Path, bundle_dir: Path | None, no_occlusion: bool) -> None:
     """Write RESULTS/report/: an offline HTML report for expert review (index and one page per slide)."""
-    from ..pipeline import DECISION_SUPPORT
+    from ..report.build import build_report
+    from ..status import DECISION_SUPPORT
     from ..triage import TRIAGE
-    from .build import build_report
 
     if not (results / TRIAGE).exists():
         click.echo(f"error: {results}: no {TRIAGE} here; run 'wsi-apl scan SLIDES --out {results}' first", err=True)

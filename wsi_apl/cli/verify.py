@@ -28,7 +28,7 @@ def verdict(results: Path, slide: str, says: str, comment: str) -> None:
 
     SLIDE: its name in triage.csv's slide column (file name or pseudonym), its file name, or the first digits
     (at least 6) of its fingerprint."""
-    from .verify import write_verdict
+    from ..verify import write_verdict
 
     try:
         path, old = write_verdict(results, slide, says, comment)
@@ -50,8 +50,8 @@ def verify(results: tuple[Path, ...], bundle_dir: Path, as_json: bool) -> None:
     counted apart, never as negatives. Verdicts 'unreadable' are left out and counted."""
     from workers.bundle import BundleError, load_bundle
 
-    from .verify import report_lines
-    from .verify import verify as run
+    from ..verify import report_lines
+    from ..verify import verify as run
 
     try:
         r = run(list(results), load_bundle(bundle_dir, verify=False))
