@@ -143,7 +143,7 @@ def _state(out: Path) -> dict:
 
 def audit(slides: Path, out: Path, damaged: set[str], bundle_label: str | None = None) -> dict:
     """Counts of lost, duplicated and silently negative slides (see the module's doc)."""
-    from wsi_apl.scan import list_slides
+    from wsi_apl.inbox import list_slides
     from wsi_apl.store import slide_groups
 
     entries, _ = list_slides(slides)

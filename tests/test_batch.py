@@ -395,13 +395,13 @@ def test_deadline_leaves_not_analysed_rows(trained, slides, tmp_path):
 def test_a_file_settles_by_our_own_observation_not_by_its_mtime(tmp_path):
     """An old mtime (a copy that kept it, a share with a skewed clock) does not make a file ready: it
     must stay unchanged for --settle seconds that we watched ourselves."""
-    from wsi_apl.scan import _Folder
+    from wsi_apl.inbox import SlideFolder
 
     now = [100.0]
     f = tmp_path / "copied.svs"
     f.write_bytes(b"II*\x00" + b"\x00" * 100)
     os.utime(f, (time.time() - 86400, time.time() - 86400))  # yesterday's mtime, as cp -p leaves it
-    folder = _Folder(tmp_path, settle_s=30.0, clock=lambda: now[0])
+    folder = SlideFolder(tmp_path, settle_s=30.0, clock=lambda: now[0])
     assert folder.poll()[0] == []  # first seen now: not ready, however old its mtime
     now[0] += 20
     with f.open("ab") as h:  # still being copied
@@ -435,7 +435,7 @@ def test_results_of_another_bundle_are_not_current(trained, reference, slides, t
 
 
 def test_parse_deadline():
-    from wsi_apl.scan import parse_deadline
+    from wsi_apl.inbox import parse_deadline
 
     now = dt.datetime(2026, 11, 27, 22, 0).timestamp()
     assert dt.datetime.fromtimestamp(parse_deadline("06:30", now)) == dt.datetime(2026, 11, 28, 6, 30)

@@ -81,6 +81,7 @@ class Selection:
     qc: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    slide: dict = field(default_factory=dict)  # the slide's public facts (select_file; PUBLIC_FACTS)
     overview: np.ndarray | None = None     # RGB uint8
     overview_mpp: float = 0.0
     zone_map: np.ndarray | None = None     # uint8 codes on the overview grid (see ZONE_CODES)
@@ -490,6 +491,13 @@ def _resize(img: np.ndarray, size: tuple[int, int]):
 def select_file(path, area_size: tuple[int, int], area_mpp: float, config: SelectorConfig | None = None,
                 reader: str = "auto", slide_mpp: float | None = None) -> Selection:
     """Open ``path`` (one cached handle per process) and select its areas."""
+    from .errors import SlideError
     from .slide import open_slide_cached
 
-    return select_areas(open_slide_cached(path, reader=reader, mpp=slide_mpp), area_size, area_mpp, config)
+    slide = open_slide_cached(path, reader=reader, mpp=slide_mpp)
+    sel = select_areas(slide, area_size, area_mpp, config)
+    try:
+        sel.slide = slide.public_facts()
+    except (SlideError, OSError):  # facts are optional: the selection's status already says what happened
+        sel.slide = {}
+    return sel

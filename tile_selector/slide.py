@@ -11,11 +11,10 @@ Label and macro images are listed by name only; this module never returns their 
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import functools
 import math
 import os
-import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import MissingResolution, ResolutionTooCoarse, SlideError, UnreadableSlide, UnsupportedFormat
+from .readers import MAX_PLAUSIBLE_MPP, READER_CLASSES, TIFF_EXTENSIONS, Level, SlideReader
 
 PLAIN_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
-TIFF_EXTENSIONS = {".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".svslide"}
 OPENSLIDE_EXTENSIONS = TIFF_EXTENSIONS | {".mrxs", ".vms", ".vmu", ".dcm"}
 SLIDE_EXTENSIONS = OPENSLIDE_EXTENSIONS | PLAIN_EXTENSIONS
 #: Formats we recognise but cannot read, with what to do instead.
@@ -39,27 +38,12 @@ REFUSED_FORMATS = {
     ".ets": ("an Olympus .ets pixel file: it belongs to a .vsi slide that is not supported",
              "export the slide as OME-TIFF or SVS"),
 }
-#: Resolutions coarser than this are screen or print DPI (72 dpi = 352.8 µm/px), not a microscope.
-MAX_PLAUSIBLE_MPP = 25.0
 #: A request finer than the slide by more than this factor is refused, never silently upsampled.
 UPSAMPLE_TOLERANCE = 1.25
 
 READERS = ("auto", "openslide", "tiffslide", "pil")
-#: The largest plain picture (JPEG, PNG, BMP, single-page TIFF) read: unlike a pyramid, it is decoded
-#: whole and kept in memory (Pillow's 4 bytes/px, a converted copy and the 3 bytes/px array: ~1 GB at
-#: this size while opening, 236 MB kept per open picture). A bundle's area is one camera frame of at
-#: most 2560x1920 px, so 16 frames' worth (e.g. 10240x7680 stitched) is generous headroom; it is also
-#: below Pillow's own MAX_IMAGE_PIXELS (89.5 Mpx), so a picture read here never trips Pillow's
-#: decompression-bomb check, which this module leaves as it is for the whole process.
-PLAIN_MAX_PIXELS = 16 * 2560 * 1920   # 78,643,200 px
-PYRAMID_FIX = "convert it to a pyramidal TIFF (e.g. vips tiffsave IN OUT.tif --tile --pyramid) so it is read in tiles"
-
-
-@dataclass(frozen=True)
-class Level:
-    width: int
-    height: int
-    downsample: float
+#: Slide facts allowed into outputs (labels, barcodes and names are patient data).
+PUBLIC_FACTS = ("reader", "vendor", "mpp", "levels", "objective_power")
 
 
 @dataclass
@@ -71,22 +55,13 @@ class AreaRead:
     outside_fraction: float    # share of the area outside the slide (padded with background)
 
 
-def _plausible(mpp: float | None) -> float | None:
-    if mpp is None or not math.isfinite(mpp) or mpp <= 0 or mpp >= MAX_PLAUSIBLE_MPP:
-        return None
-    return float(mpp)
-
-
-def _float(v) -> float | None:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
-
-
 @dataclass
 class Slide:
-    """An open slide. Use :func:`open_slide` to make one."""
+    """An open slide. Use :func:`open_slide` to make one; it is a context manager.
+
+    The pixels come from a :class:`tile_selector.readers.SlideReader`. ``close()`` releases its
+    handles (after the reads in progress); a later read opens the file again.
+    """
 
     path: Path
     reader: str
@@ -97,10 +72,10 @@ class Slide:
     mpp_source: str                 # "metadata" | "user"
     objective_power: float | None
     associated_images: list[str]
-    _handle: object = field(repr=False, default=None)
-    _reader_levels: list[int] = field(repr=False, default_factory=list)
-    _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
-    _plain: np.ndarray | None = field(repr=False, default=None)
+    _source: SlideReader | None = field(repr=False, default=None)
+    _state: threading.Lock = field(repr=False, default_factory=threading.Lock)
+    _busy: int = field(repr=False, default=0)          # reads in progress
+    _close_when_idle: bool = field(repr=False, default=False)
     pixels_read: int = 0            # decoded pixels served so far (for benchmarks)
 
     # -- facts ---------------------------------------------------------------------------------
@@ -116,6 +91,11 @@ class Slide:
     @property
     def is_plain(self) -> bool:
         return self.reader == "pil"
+
+    def public_facts(self) -> dict:
+        """The facts of :data:`PUBLIC_FACTS` only: what outputs may say about a slide."""
+        info = self.info()
+        return {k: info[k] for k in PUBLIC_FACTS if k in info}
 
     def info(self) -> dict:
         """The facts ``wsi-apl info --json`` prints (a contract: reader, vendor, mpp, levels)."""
@@ -147,17 +127,8 @@ class Slide:
             return np.zeros((max(h, 0), max(w, 0), 3), np.uint8)
         self.pixels_read += w * h
         try:
-            if self._plain is not None:
-                return self._plain[y:y + h, x:x + w]
-            ds = self.levels[level].downsample
-            loc = (int(round(x * ds)), int(round(y * ds)))
-            rl = self._reader_levels[level]
-            if self.reader == "openslide":
-                im = self._handle.read_region(loc, rl, (w, h))
-            else:
-                with self._lock:
-                    im = self._handle.read_region(loc, rl, (w, h))
-            arr = np.asarray(im)
+            with self._reading() as source:
+                arr = source.read_region(level, x, y, w, h)
         except SlideError:
             raise
         except Exception as exc:  # the readers raise many types for corrupt tiles
@@ -225,190 +196,40 @@ class Slide:
         read = self.read_area((0, 0, w0, h0), (ow, oh))
         return read.image, self.mpp * (w0 / ow)
 
-    def close(self) -> None:
-        if self._handle is not None and hasattr(self._handle, "close"):
-            self._handle.close()
-        self._handle = None
-
-
-# ---------------------------------------------------------------------------------------------
-# opening
-
-
-def _stored_tiff_sizes(path: Path) -> set[tuple[int, int]] | None:
-    """(width, height) of every page of a TIFF-based file, or None if it is not a TIFF."""
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            return {(int(p.imagewidth), int(p.imagelength)) for p in tf.pages}
-    except Exception:  # not a TIFF, or unreadable: the reader decides
-        return None
-
-
-#: Tiles larger than this (pixels) are a corrupt TIFF header, not a scanner's choice (scanners tile at
-#: 240-4096 px): openslide allocates a whole tile per read and glib aborts the process when it cannot.
-MAX_TILE_PIXELS = 1 << 26
-
-
-def _oversized_tile(path: Path) -> str | None:
-    """A description of the first TIFF page whose tiles exceed :data:`MAX_TILE_PIXELS`, else None."""
-    try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            for p in tf.pages:
-                if p.is_tiled and int(p.tilewidth) * int(p.tilelength) > MAX_TILE_PIXELS:
-                    return f"page {p.index} claims {p.tilewidth}x{p.tilelength}-pixel tiles"
-    except Exception:  # not a TIFF, or unreadable: the reader decides
-        return None
-    return None
-
-
-def _open_openslide(path: Path):
-    import openslide
-
-    oversized = _oversized_tile(path)
-    if oversized:  # refused before openslide reads a tile (it would abort, not raise)
-        raise UnreadableSlide(path, f"corrupt TIFF header: {oversized}",
-                              "the file may be truncated or corrupt; copy it again from the scanner")
-    try:
-        handle = openslide.OpenSlide(str(path))
-    except openslide.OpenSlideUnsupportedFormatError as exc:
-        raise UnsupportedFormat(path, "not a slide format openslide reads", "") from exc
-    except openslide.OpenSlideError as exc:
-        raise UnreadableSlide(path, f"openslide cannot read it ({exc})",
-                              "the file may be truncated or corrupt; copy it again from the scanner") from exc
-    props = handle.properties
-    mpp_x = _plausible(_float(props.get("openslide.mpp-x")))
-    mpp_y = _plausible(_float(props.get("openslide.mpp-y")))
-    vendor = props.get("openslide.vendor", "unknown")
-    power = _float(props.get("openslide.objective-power"))
-    dims = list(handle.level_dimensions)
-    downs = list(handle.level_downsamples)
-    idx = list(range(len(dims)))
-    stored = _stored_tiff_sizes(path) if path.suffix.lower() in TIFF_EXTENSIONS else None
-    if stored:
-        keep = [i for i in idx if tuple(dims[i]) in stored]
-        if keep:  # serve the levels stored in the file (NDPI: openslide adds JPEG-scaled ones)
-            idx = keep
-    levels = [Level(int(dims[i][0]), int(dims[i][1]), float(downs[i])) for i in idx]
-    return handle, "openslide", vendor, levels, idx, mpp_x, mpp_y, power, sorted(handle.associated_images)
-
-
-def _open_tiffslide(path: Path):
-    import tiffslide
-
-    try:
-        handle = tiffslide.TiffSlide(str(path))
-        dims = list(handle.level_dimensions)
-        downs = list(handle.level_downsamples)
-    except Exception as exc:
-        text = str(exc)
-        if "not a TIFF" in text or "not a tiff" in text.lower():
-            raise UnsupportedFormat(path, "not a TIFF-based slide", "") from exc
-        raise UnreadableSlide(path, f"tiffslide cannot read it ({type(exc).__name__}: {exc})",
-                              "the file may be truncated or corrupt; copy it again from the scanner") from exc
-    props = handle.properties
-    mpp_x = _plausible(_float(props.get("tiffslide.mpp-x")))
-    mpp_y = _plausible(_float(props.get("tiffslide.mpp-y")))
-    vendor = props.get("tiffslide.vendor") or "generic-tiff"
-    power = _float(props.get("tiffslide.objective-power"))
-    levels = [Level(int(w), int(h), float(d)) for (w, h), d in zip(dims, downs)]
-    return (handle, "tiffslide", vendor, levels, list(range(len(levels))), mpp_x, mpp_y, power,
-            sorted(handle.associated_images))
-
-
-def _pil_mpp(im: Image.Image) -> tuple[float | None, float | None]:
-    dpi = im.info.get("dpi")
-    if dpi is None and im.format == "TIFF":
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[SlideReader]:
+        with self._state:
+            if self._source is None:  # closed (e.g. evicted from the cache): open the file again
+                self._source = READER_CLASSES[self.reader].open(self.path)
+            self._busy += 1
+            source = self._source
         try:
-            xr, yr = im.tag_v2.get(282), im.tag_v2.get(283)
-            unit = im.tag_v2.get(296, 2)
-            if xr and yr:
-                f = 2.54 if unit == 3 else 1.0  # per-centimetre -> per-inch
-                dpi = (float(xr) * f, float(yr) * f)
-        except AttributeError:
-            dpi = None
-    if im.format == "JPEG" and im.info.get("jfif_unit", 0) == 0:
-        dpi = None  # JFIF unit 0: an aspect ratio, not a resolution
-    if not dpi:
-        return None, None
-    try:
-        return _plausible(25400.0 / float(dpi[0])), _plausible(25400.0 / float(dpi[1]))
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None, None
+            yield source
+        finally:
+            with self._state:
+                self._busy -= 1
+                if self._close_when_idle and not self._busy:
+                    self._release()
 
+    def _release(self) -> None:
+        self._close_when_idle = False
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
-@contextlib.contextmanager
-def _open_header(path: Path) -> Iterator[Image.Image]:
-    """The picture as a lazy Pillow image (header parsed, no pixels decoded), like ``Image.open`` but
-    without Pillow's process-wide decompression-bomb check: callers compare ``im.size`` with their
-    own limit. Thread-safe: no process-wide state (``Image.MAX_IMAGE_PIXELS``) is changed.
-    Raises ``PIL.UnidentifiedImageError`` when no Pillow plugin reads the header."""
-    with open(path, "rb") as fp:
-        prefix = fp.read(16)
-        tried: set[str] = set()
-        for load in (Image.preinit, Image.init):   # the common plugins first, then all of them
-            load()
-            for fmt in [f for f in Image.ID if f not in tried]:
-                tried.add(fmt)
-                factory, accept = Image.OPEN[fmt]
-                ok = accept(prefix) if accept else True
-                if not ok or isinstance(ok, str):   # a str: Pillow's warning that the format is not read
-                    continue
-                fp.seek(0)
-                try:
-                    im = factory(fp, str(path))
-                except (SyntaxError, IndexError, TypeError, struct.error):
-                    continue   # what Image.open treats as "not this format"
-                try:
-                    yield im
-                finally:
-                    im.close()
-                return
-    raise Image.UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
+    def close(self) -> None:
+        """Release the reader's handles now, or when the reads in progress end."""
+        with self._state:
+            if self._busy:
+                self._close_when_idle = True
+            else:
+                self._release()
 
+    def __enter__(self) -> Slide:
+        return self
 
-def picture_size(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(width, height) from a picture's header, for any size (slides included), without decoding pixels
-    or touching ``Image.MAX_IMAGE_PIXELS``; None when Pillow cannot read the header."""
-    try:
-        with _open_header(Path(path)) as im:
-            return tuple(im.size)
-    except Exception:  # an unreadable header: the caller decides
-        return None
-
-
-def _check_plain_size(path: Path, size: tuple[int, int]) -> None:
-    w, h = size
-    if w * h > PLAIN_MAX_PIXELS:
-        raise UnreadableSlide(path, f"a plain picture of {w}x{h} = {w * h:,} pixels, more than the "
-                              f"{PLAIN_MAX_PIXELS:,} pixels (16 camera frames of 2560x1920) read whole into memory",
-                              PYRAMID_FIX)
-
-
-def _open_pil(path: Path):
-    try:
-        with _open_header(path) as im:
-            _check_plain_size(path, im.size)   # before any pixel is decoded
-            n_frames = getattr(im, "n_frames", 1)
-            if n_frames > 1 and im.format == "TIFF":
-                raise UnsupportedFormat(path, "a multi-page TIFF that is not a tiled slide pyramid",
-                                        "save it as a tiled pyramidal TIFF or a single picture")
-            mpp_x, mpp_y = _pil_mpp(im)
-            fmt = im.format or "image"
-            arr = np.asarray(im.convert("RGB"))
-    except SlideError:
-        raise
-    except Exception as exc:
-        if isinstance(exc, (Image.UnidentifiedImageError,)):
-            raise UnsupportedFormat(path, "not an image or slide format this tool reads", "") from exc
-        raise UnreadableSlide(path, f"cannot decode the picture ({type(exc).__name__}: {exc})",
-                              "the file may be truncated; copy it again") from exc
-    h, w = arr.shape[:2]
-    levels = [Level(w, h, 1.0)]
-    return arr, "pil", f"plain-{fmt.lower()}", levels, [0], mpp_x, mpp_y, None, []
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _check_path(path: Path) -> None:
@@ -444,11 +265,10 @@ def open_slide(path: str | os.PathLike, reader: str = "auto", mpp: float | None 
             order = ["openslide", "tiffslide", "pil"]
     else:
         order = [reader]
-    openers = {"openslide": _open_openslide, "tiffslide": _open_tiffslide, "pil": _open_pil}
     errors: list[SlideError] = []
     for name in order:
         try:
-            handle, rname, vendor, levels, idx, mpp_x, mpp_y, power, assoc = openers[name](path)
+            source = READER_CLASSES[name].open(path)
             break
         except UnsupportedFormat as exc:
             errors.append(exc)
@@ -462,30 +282,63 @@ def open_slide(path: str | os.PathLike, reader: str = "auto", mpp: float | None 
             raise unreadable[0]
         raise UnsupportedFormat(path, f"unsupported file format ({ext or 'no extension'})",
                                 "supported: " + ", ".join(sorted(SLIDE_EXTENSIONS)))
-    if not levels or any(lv.width <= 0 or lv.height <= 0 for lv in levels):
+    try:
+        mpp_x, mpp_y, mpp_source = _resolution(path, source, mpp)
+    except BaseException:
+        source.close()
+        raise
+    return Slide(path=path, reader=source.name, vendor=source.vendor, levels=source.levels, mpp_x=mpp_x,
+                 mpp_y=mpp_y, mpp_source=mpp_source, objective_power=source.objective_power,
+                 associated_images=source.associated_images, _source=source)
+
+
+def _resolution(path: Path, source: SlideReader, mpp: float | None) -> tuple[float, float, str]:
+    """(mpp_x, mpp_y, "metadata" | "user"); the file's own resolution wins over ``mpp``."""
+    if not source.levels or any(lv.width <= 0 or lv.height <= 0 for lv in source.levels):
         raise UnreadableSlide(path, "the slide has an empty (zero-size) level", "the file is damaged; rescan it")
-    source = "metadata"
-    if mpp_x is None or mpp_y is None:
-        if mpp is None:
-            raise MissingResolution(path, "no resolution (µm per pixel) in the file",
-                                    "give it with --mpp, e.g. --mpp 0.25 for a 40x scan")
-        if not (0 < mpp < MAX_PLAUSIBLE_MPP):
-            raise ValueError(f"--mpp {mpp} is not a microscope resolution (expected 0 < mpp < {MAX_PLAUSIBLE_MPP})")
-        mpp_x = mpp_y = float(mpp)
-        source = "user"
-    slide = Slide(path=path, reader=rname, vendor=vendor, levels=levels, mpp_x=mpp_x, mpp_y=mpp_y,
-                  mpp_source=source, objective_power=power, associated_images=assoc)
-    if rname == "pil":
-        slide._plain = handle
-    else:
-        slide._handle = handle
-    slide._reader_levels = idx
-    return slide
+    if source.mpp_x is not None and source.mpp_y is not None:
+        return source.mpp_x, source.mpp_y, "metadata"
+    if mpp is None:
+        raise MissingResolution(path, "no resolution (µm per pixel) in the file",
+                                "give it with --mpp, e.g. --mpp 0.25 for a 40x scan")
+    if not (0 < mpp < MAX_PLAUSIBLE_MPP):
+        raise ValueError(f"--mpp {mpp} is not a microscope resolution (expected 0 < mpp < {MAX_PLAUSIBLE_MPP})")
+    return float(mpp), float(mpp), "user"
 
 
-@functools.lru_cache(maxsize=16)
-def _cached(path: str, reader: str, mpp: float | None, stamp: tuple[int, int]) -> Slide:
-    return open_slide(path, reader=reader, mpp=mpp)
+class _OpenSlides:
+    """The per-process cache of open slides (re-opening per read is slow). It closes what it evicts;
+    a holder still reading an evicted slide gets the file opened again (:meth:`Slide._reading`)."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._slides: collections.OrderedDict[tuple, Slide] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, path: str, reader: str, mpp: float | None) -> Slide:
+        with self._lock:
+            slide = self._slides.get(key)
+            if slide is not None:
+                self._slides.move_to_end(key)
+                return slide
+        slide = open_slide(path, reader=reader, mpp=mpp)  # outside the lock: opening may take a while
+        with self._lock:
+            if key in self._slides:  # another thread opened it meanwhile
+                slide.close()
+                return self._slides[key]
+            self._slides[key] = slide
+            while len(self._slides) > self.size:
+                self._slides.popitem(last=False)[1].close()
+        return slide
+
+    def clear(self) -> None:
+        with self._lock:
+            for slide in self._slides.values():
+                slide.close()
+            self._slides.clear()
+
+
+_OPEN = _OpenSlides()
 
 
 def open_slide_cached(path: str | os.PathLike, reader: str = "auto", mpp: float | None = None) -> Slide:
@@ -499,4 +352,4 @@ def open_slide_cached(path: str | os.PathLike, reader: str = "auto", mpp: float 
         stamp = (st.st_size, st.st_mtime_ns)
     except OSError:
         stamp = (0, 0)
-    return _cached(p, reader, mpp, stamp)
+    return _OPEN.get((p, reader, mpp, stamp), p, reader, mpp)

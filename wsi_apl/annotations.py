@@ -140,7 +140,7 @@ def _image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the image header (no pixels decoded); None when PIL cannot read it (an
     unreadable header only means no clipping). Slides of any size: Pillow's decompression-bomb limit is
     neither applied nor changed (no process-wide state, so threads reading annotations are safe)."""
-    from tile_selector.slide import picture_size
+    from tile_selector.readers import picture_size
 
     return picture_size(path)
 

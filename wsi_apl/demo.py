@@ -17,9 +17,10 @@ from .status import DECISION_SUPPORT
 
 
 def run_demo(out: Path, quick: bool = False, log: Callable[[str], None] = print) -> int:
-    from .evaluate import evaluate_cells, evaluate_detector, summarise_slide_results
+    from .evaluate import evaluate_cells, evaluate_detector
     from .ledger import Ledger
     from .scan import ScanOptions, scan
+    from .slide_eval import summarise_slide_results
     from .synth.cohort import parse_diagnoses, synth_cohort
     from .train.data import read_cohort
     from .train.steps import Geometry, train_all

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .status import Status
+
 #: Blasts and blast equivalents (per 100 counted cells) from which a slide that is not flagged is
 #: inconclusive rather than not_flagged (WHO: 20 % blasts make an acute leukaemia).
 DEFAULT_BLAST_CUTOFF = 20.0
@@ -140,23 +142,23 @@ def decide(features: dict, nets: SlideNets, rule: dict) -> Decision:
     reasons = []
     if features["cells"] == 0 or not np.all(np.isfinite(features["features"])):
         reasons.append("no counted cells in the chosen areas")
-        return Decision("inconclusive", float("nan"), (float("nan"), float("nan")), float("nan"), float("nan"),
+        return Decision(Status.INCONCLUSIVE, float("nan"), (float("nan"), float("nan")), float("nan"), float("nan"),
                         reasons)
     if features["cells"] < min_cells:
         reasons.append(f"too few counted cells ({features['cells']} < {min_cells})")
-        return Decision("inconclusive", s, (lo, hi), p1, p2, reasons)
+        return Decision(Status.INCONCLUSIVE, s, (lo, hi), p1, p2, reasons)
     if not np.isfinite(s):
-        return Decision("inconclusive", s, (lo, hi), p1, p2, ["the slide-level nets gave no result"])
+        return Decision(Status.INCONCLUSIVE, s, (lo, hi), p1, p2, ["the slide-level nets gave no result"])
     if bool(flags(probs, rule)[0]):
-        return Decision("flagged", s, (lo, hi), p1, p2, [])
+        return Decision(Status.FLAGGED, s, (lo, hi), p1, p2, [])
     if boot_flagged >= 0.025:
         reasons.append(f"borderline: not flagged, but {100 * boot_flagged:.0f}% of the bootstrap resamples of its "
                        "cells would be (the 95% interval reaches the flag)")
-        return Decision("inconclusive", s, (lo, hi), p1, p2, reasons)
+        return Decision(Status.INCONCLUSIVE, s, (lo, hi), p1, p2, reasons)
     blasts = features.get("blast_percent")
     cutoff = float(rule.get("blast_inconclusive_percent", DEFAULT_BLAST_CUTOFF))
     if blasts is not None and blasts >= cutoff:
         reasons.append(f"{blasts:.0f}% blasts and blast equivalents (acute leukaemia?) without the APL pattern: "
                        "the microgranular APL variant cannot be excluded by morphology")
-        return Decision("inconclusive", s, (lo, hi), p1, p2, reasons)
-    return Decision("not_flagged", s, (lo, hi), p1, p2, [])
+        return Decision(Status.INCONCLUSIVE, s, (lo, hi), p1, p2, reasons)
+    return Decision(Status.NOT_FLAGGED, s, (lo, hi), p1, p2, [])

@@ -13,6 +13,7 @@ from workers.classifier import classify
 from workers.detector import detect
 
 from .metrics import auroc, binary_summary, coco_metrics, match_detections
+from .slide_eval import evaluate_rows, results_rows, scan_rows
 from .train.cells import CellSet
 from .train.data import SlideEntry, area_samples
 from .train.steps import cell_size, collect_samples
@@ -254,8 +255,6 @@ def evaluate_enn(bundle_dir: Path, entries: list[SlideEntry], *, max_areas: int 
                  log: Callable[[str], None] = print) -> dict:
     """Score both tasks and the triage decision on labelled slides: scanned here, or read from the
     results folder of ``wsi-apl scan`` (``results``). See :mod:`wsi_apl.slide_eval`."""
-    from .slide_eval import evaluate_rows, results_rows, scan_rows
-
     bundle = load_bundle(bundle_dir)
     bundle.require("detector", "cells", "slide_nets")
     if results is not None:
@@ -264,44 +263,6 @@ def evaluate_enn(bundle_dir: Path, entries: list[SlideEntry], *, max_areas: int 
         rows = scan_rows(bundle, entries, max_areas=max_areas, target_cells=target_cells, log=log)
     out = evaluate_rows(rows, bundle, curves_dir=curves_dir)
     out["bundle"] = bundle.label
-    return out
-
-
-def summarise_slide_results(rows: list[tuple[str, str, dict]], decision: dict) -> dict:
-    """AUROC/AUPRC per task and triage sensitivity/specificity from (diagnosis, patient, result) rows."""
-    out: dict = {"slides": len(rows), "statuses": {}}
-    for dx, _p, r in rows:
-        out["statuses"].setdefault(dx, {}).setdefault(r["status"], 0)
-        out["statuses"][dx][r["status"]] += 1
-    thresholds = decision.get("thresholds") or {}
-    for task, pos, neg, key in (("apl_vs_aml", ("apl",), ("aml",), "p_apl_vs_aml"),
-                                ("apl_vs_healthy", ("apl",), ("healthy", "reactive"), "p_apl_vs_healthy")):
-        sel = [(dx, p, r) for dx, p, r in rows if dx in pos + neg and r.get(key) is not None]
-        if not sel:
-            continue
-        y = np.array([dx in pos for dx, _, _ in sel])
-        s = np.array([r[key] for _, _, r in sel])
-        groups = np.array([p for _, p, _ in sel])
-        # sensitivity / specificity at the net's stored threshold (chosen on out-of-fold predictions)
-        out[task] = binary_summary(y, s, float(thresholds.get(task, 0.5)), groups=groups, n_boot=500)
-        out[task]["without_score"] = sum(dx in pos + neg for dx, _, _ in rows) - len(sel)
-    scored = [(dx, r) for dx, _p, r in rows]
-    apl = [r for dx, r in scored if dx == "apl"]
-    non = [r for dx, r in scored if dx != "apl"]
-    # triage: flagged or inconclusive both send the slide to an expert first
-    out["triage"] = {
-        "apl_flagged": sum(r["status"] == "flagged" for r in apl),
-        "apl_inconclusive": sum(r["status"] == "inconclusive" for r in apl),
-        "apl_missed": sum(r["status"] == "not_flagged" for r in apl),
-        "apl_total": len(apl),
-        "non_apl_flagged": sum(r["status"] == "flagged" for r in non),
-        "non_apl_not_flagged": sum(r["status"] == "not_flagged" for r in non),
-        "non_apl_total": len(non),
-        "threshold": decision.get("threshold"),
-    }
-    t = out["triage"]
-    t["sensitivity"] = t["apl_flagged"] / t["apl_total"] if t["apl_total"] else None
-    t["specificity"] = t["non_apl_not_flagged"] / t["non_apl_total"] if t["non_apl_total"] else None
     return out
 
 

@@ -19,14 +19,10 @@ finished and every slide seen but not started gets a ``not_analysed`` row.
 from __future__ import annotations
 
 import collections
-import csv
 import datetime as dt
 import json
 import os
-import re
-import shlex
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -38,21 +34,18 @@ from pathlib import Path
 from cluster.client import ClusterError, SlurmOptions, TlsFiles, register_bundles, start_cluster
 from cluster.plugin import area_task, select_task
 from cluster.submit import TaskWindow
-from tile_selector.slide import REFUSED_FORMATS, SLIDE_EXTENSIONS
+from tile_selector.slide import REFUSED_FORMATS
 from workers.bundle import BundleError, load_bundle
 
+from .alerts import Alerts
 from .enn import SlideNets
+from .inbox import SCAN_EXTENSIONS, UNREADABLE_SLIDE_EXTENSIONS, SlideFolder, is_dicom_file, read_cases, slide_store
 from .ledger import Ledger, fingerprint
-from .pipeline import SlideResult, aggregate, few_apl_slides
+from .pipeline import SlideAnalysis, SlideResult, few_apl_slides
 from .privacy import META_KEY, Names, create_key, read_key
-from .status import DECISION_SUPPORT
-from .store import SLIDE_ALLOWLIST, clean_staging, remove_slide_group, write_slide_group
+from .status import DECISION_SUPPORT, Status
+from .store import clean_staging, remove_slide_group, write_slide_group
 from .triage import triage_rows, write_state, write_triage
-
-#: Slide formats a lab may drop in the folder that no reader here understands: listed so that they
-#: get a ``failed`` row with the reason instead of vanishing from the triage list.
-UNREADABLE_SLIDE_EXTENSIONS = set(REFUSED_FORMATS) | {".isyntax", ".qptiff", ".kfb", ".sdpc", ".tmap", ".zvi"}
-SCAN_EXTENSIONS = SLIDE_EXTENSIONS | UNREADABLE_SLIDE_EXTENSIONS - {".ets"}
 
 
 @dataclass
@@ -103,104 +96,6 @@ class _SlideJob:
     finished: bool = False
 
 
-#: Side files that are never slides: named in the summary, no row. Every other file gets a row.
-SIDE_EXTENSIONS = {".csv", ".tsv", ".json", ".txt", ".xml", ".md", ".log", ".ini", ".yaml", ".yml", ".pdf",
-                   ".html", ".htm", ".sha256", ".md5", ".ets",  # an .ets belongs to a .vsi, which has its row
-                   ".part", ".partial", ".tmp", ".crdownload"}  # copies in progress: their final name comes
-
-
-def slide_store(p: Path) -> str | None:
-    """What a folder holds if it looks like a slide stored as a folder (or None): such a folder
-    gets a failed row that says what to do, an ordinary subfolder is skipped."""
-    name = p.name.lower()
-    if name.endswith(".zarr"):
-        return ("an OME-Zarr (or other zarr) slide store: wsi-apl does not read zarr slides; export the slide "
-                "as OME-TIFF or SVS")
-    if (p / "Slidedat.ini").exists():
-        if (p.parent / f"{p.name}.mrxs").exists():
-            return None  # the data folder of an MRXS slide that has its own row
-        return (f"an MRXS data folder without its '{p.name}.mrxs' file: copy the .mrxs file next to it (the "
-                "slide is the .mrxs file and this folder together)")
-    try:
-        has_dicom = (p / "DICOMDIR").exists() or any(c.suffix.lower() == ".dcm" for c in p.iterdir())
-    except OSError:
-        return None
-    if has_dicom:
-        return ("a DICOM slide folder (one file per level): multi-file DICOM slides are not read; export the "
-                "slide as OME-TIFF or SVS, or scan a single-file DICOM")
-    return None
-
-
-def _is_dicom_file(p: Path) -> bool:
-    try:
-        with p.open("rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def list_slides(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(entries that get a row, side files named only in the summary) of ``folder``, sorted.
-
-    Rows: slide files; folders named like slides and folders that hold a slide (DICOM, zarr, an MRXS
-    data folder without its .mrxs), so that they are reported; files of formats we do not read.
-    Hidden entries, ordinary subfolders and side files (csv, json, txt, xml, md, ...) get none."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder of slides")
-    slides, others = [], []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue
-        suffix = p.suffix.lower()
-        if suffix in SCAN_EXTENSIONS:
-            slides.append(p.resolve())
-        elif p.is_dir():
-            if slide_store(p):
-                slides.append(p.resolve())
-        elif suffix in SIDE_EXTENSIONS or (not suffix and not _is_dicom_file(p)):
-            others.append(p)
-        else:
-            slides.append(p.resolve())  # a format we do not read: a failed row that names it
-    return slides, others
-
-
-def read_cases(path: Path | None) -> dict[str, str]:
-    """``slide`` (file name) → case id from a CSV with columns slide, case."""
-    if path is None:
-        return {}
-    try:
-        with Path(path).open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not {"slide", "case"} <= set(reader.fieldnames or []):
-                raise ValueError(f"{path}: needs columns 'slide' and 'case' (one row per slide file name)")
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise ValueError(f"{path}: not a readable CSV file ({exc}); save it as CSV in UTF-8") from exc
-    for line, row in enumerate(rows, start=2):
-        if row["slide"] is None or row["case"] is None:
-            raise ValueError(f"{path}, line {line}: fewer fields than columns (needs 'slide' and 'case')")
-    return {row["slide"].strip(): row["case"].strip() for row in rows}
-
-
-def parse_deadline(text: str | None, now: float | None = None) -> float | None:
-    """``HH:MM`` (the next such time: 06:30 given at 22:00 is tomorrow morning) or ``+N[s|m|h]``."""
-    if not text:
-        return None
-    now = time.time() if now is None else now
-    m = re.fullmatch(r"\+(\d+(?:\.\d+)?)([smh]?)", text.strip())
-    if m:
-        return now + float(m.group(1)) * {"": 60, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip())
-    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59:
-        raise ValueError(f"--deadline {text!r}: give a clock time HH:MM (e.g. 06:30) or +MINUTES (e.g. +90m)")
-    base = dt.datetime.fromtimestamp(now)
-    at = base.replace(hour=int(m.group(1)), minute=int(m.group(2)), second=0, microsecond=0)
-    if at.timestamp() <= now:
-        at += dt.timedelta(days=1)
-    return at.timestamp()
-
-
 def group_name(path: Path, fp: str, names: Names | None = None) -> str:
     """The zarr group of a slide (``names``: the folder's naming; pseudonymized, the pseudonym's)."""
     return (names or Names()).group(path, fp)
@@ -226,111 +121,6 @@ def _naming(opts: ScanOptions, ledger: Ledger, log: Callable[[str], None]) -> Na
     return Names(key)
 
 
-class _Folder:
-    """The slide folder, listed again and again; yields each entry once, when it is ready to read.
-
-    Without ``settle_s`` every entry is ready at once. With it, a file is ready when its size and
-    modification time have stayed the same for ``settle_s`` seconds of our own observation (a
-    monotonic clock from the first time we saw it): an old-looking mtime proves nothing, since copies
-    keep the source's mtime and a share's clock may be skewed.
-    """
-
-    def __init__(self, folder: Path, settle_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
-        self.folder = folder
-        self.settle_s = settle_s
-        self._clock = clock
-        self.returned: set[Path] = set()
-        self.others: set[Path] = set()
-        self._seen: dict[Path, tuple[int, int, float]] = {}
-
-    def poll(self) -> tuple[list[Path], list[Path]]:
-        """(entries ready now, new non-slide files)."""
-        slides, others = list_slides(self.folder)
-        new_others = [p for p in others if p not in self.others]
-        self.others.update(new_others)
-        now = self._clock()
-        ready = []
-        for p in slides:
-            if p in self.returned:
-                continue
-            if self.settle_s <= 0 or not p.is_file():
-                ready.append(p)
-                continue
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            sig = (st.st_size, st.st_mtime_ns)
-            prev = self._seen.get(p)
-            if prev is None or prev[:2] != sig:  # first seen, or changed: the wait starts now
-                self._seen[p] = prev = (*sig, now)
-            if now - prev[2] >= self.settle_s:
-                ready.append(p)
-        self.returned.update(ready)
-        return ready, new_others
-
-    def forget(self, path: Path) -> None:
-        """Treat ``path`` as never seen: it is returned again once ready (settled again with ``settle_s``)."""
-        self.returned.discard(path)
-        self._seen.pop(path, None)
-
-    def unready(self) -> list[Path]:
-        """Slide files seen but never ready (still being written)."""
-        return sorted(p for p in self._seen if p not in self.returned and p.exists())
-
-
-class _Alerts:
-    """``alerts.log`` and the site's ``--on-flag`` command, the moment a slide is flagged.
-
-    The command gets the slide path, the case id and the suspicion as arguments (and as
-    ``WSI_APL_SLIDE``, ``WSI_APL_CASE``, ``WSI_APL_SUSPICION``); it runs in the background with a time
-    limit, and its failure is written to ``alerts.log`` and the terminal, never stops the batch.
-    """
-
-    def __init__(self, out: Path, command: str | None, log: Callable[[str], None], timeout_s: float = 300.0,
-                 names: Names | None = None):
-        self.out = out
-        self.names = names or Names()  # alerts.log names slides as the other outputs do
-        self.argv = shlex.split(command) if command else None
-        self.log = log
-        self.timeout_s = timeout_s
-        self.threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-
-    def _write(self, line: str) -> None:
-        with self._lock, open(self.out / "alerts.log", "a", encoding="utf-8") as f:
-            f.write(line)
-
-    def flag(self, job: _SlideJob, result: SlideResult) -> None:
-        now = time.strftime("%Y-%m-%d %H:%M:%S")
-        shown = self.names.slide(job.path.name)
-        self._write(f"{now}\tFLAGGED\t{shown}\tcase={job.case}\tsuspicion={result.suspicion:.3f}\t{DECISION_SUPPORT}\n")
-        if self.argv:
-            t = threading.Thread(target=self._run, args=(job.path, job.case, result.suspicion), daemon=True)
-            t.start()
-            self.threads.append(t)
-
-    def _run(self, path: Path, case: str, score: float) -> None:
-        env = dict(os.environ, WSI_APL_SLIDE=str(path), WSI_APL_CASE=case, WSI_APL_SUSPICION=f"{score:.3f}")
-        try:
-            r = subprocess.run(self.argv + [str(path), case, f"{score:.3f}"], env=env, capture_output=True,
-                               text=True, timeout=self.timeout_s)
-            problem = f"exit status {r.returncode}: {r.stderr.strip()[-300:]}" if r.returncode else ""
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            problem = str(exc)
-        if problem:
-            now = time.strftime("%Y-%m-%d %H:%M:%S")
-            shown = self.names.slide(path.name)
-            problem = self.names.text(problem, path)
-            self._write(f"{now}\tON-FLAG FAILED\t{shown}\t{problem}\n")
-            self.log(f"  WARNING: the --on-flag command failed for {shown} ({problem}); the flag is in "
-                     "alerts.log and triage.csv")
-
-    def wait(self) -> None:
-        for t in self.threads:
-            t.join(self.timeout_s + 5)
-
-
 def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     """Run the batch; returns a summary (counts per status, timings, paths)."""
     t_start = time.time()
@@ -348,7 +138,7 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
     if few:
         log(f"WARNING: {few}")
     cases = read_cases(opts.cases)
-    folder = _Folder(opts.slides, opts.settle_s if opts.watch else 0.0)
+    folder = SlideFolder(opts.slides, opts.settle_s if opts.watch else 0.0)
     ledger = Ledger(opts.out)
     ledger.lock()
     try:
@@ -446,12 +236,14 @@ def _catch_stop_signals(batch: "_Batch") -> Callable[[], None]:
 class _Batch:
     """One scan's slides in flight: discovery, admission, results, deadline."""
 
-    def __init__(self, opts: ScanOptions, bundle, nets, ledger: Ledger, cases: dict[str, str], folder: _Folder,
+    def __init__(self, opts: ScanOptions, bundle, nets, ledger: Ledger, cases: dict[str, str], folder: SlideFolder,
                  log: Callable[[str], None], names: Names | None = None):
-        self.opts, self.bundle, self.nets, self.ledger, self.cases = opts, bundle, nets, ledger, cases
+        self.opts, self.bundle, self.ledger, self.cases = opts, bundle, ledger, cases
+        # the client's part of the method; the workers run the selection and the areas (cluster.plugin)
+        self.analysis = SlideAnalysis(bundle, nets, reader=opts.reader, slide_mpp=opts.mpp)
         self.folder, self.log = folder, log
         self.names = names or Names()
-        self.alerts = _Alerts(opts.out, opts.on_flag, log, names=self.names)
+        self.alerts = Alerts(opts.out, opts.on_flag, log, names=self.names)
         self.jobs: dict[str, _SlideJob] = {}
         self.waiting: collections.deque[_SlideJob] = collections.deque()
         self.skipped = 0
@@ -521,7 +313,7 @@ class _Batch:
                          error=f"{p}: {slide_store(p) or 'is a folder, not a slide file (pass the slide file itself)'}")
             return None
         if p.suffix.lower() not in SCAN_EXTENSIONS:
-            if _is_dicom_file(p):
+            if is_dicom_file(p):
                 error = f"{p}: a DICOM file without the .dcm extension: rename it to {p.name}.dcm"
             else:
                 error = (f"{p}: '{p.suffix}' is not a slide format wsi-apl reads (SVS, NDPI, MRXS, SCN, DICOM .dcm, "
@@ -660,7 +452,7 @@ class _Batch:
         if not job.failed:
             try:
                 t = time.perf_counter()
-                _finish(job, bundle, self.nets, self.ledger, opts, self.log, self.alerts, self.names)
+                _finish(job, self.analysis, self.ledger, opts, self.log, self.alerts, self.names)
                 self.stage_seconds["write"] += time.perf_counter() - t
             except Exception as exc:  # noqa: BLE001 - one slide's failure must not stop the batch
                 job.failed = True
@@ -763,10 +555,10 @@ class _Batch:
             except OSError:
                 late = []
             for p in late:
-                self.ledger.see_file(str(p), p.name, None, self.cases.get(p.name, ""), status="not_analysed",
+                self.ledger.see_file(str(p), p.name, None, self.cases.get(p.name, ""), status=Status.NOT_ANALYSED,
                                      error=f"{p}: appeared after the scan stopped starting slides")
             for p in self.folder.unready():
-                self.ledger.see_file(str(p), p.name, None, self.cases.get(p.name, ""), status="not_analysed",
+                self.ledger.see_file(str(p), p.name, None, self.cases.get(p.name, ""), status=Status.NOT_ANALYSED,
                                      error=f"{p}: the file was still being written when the scan ended")
 
 
@@ -790,45 +582,23 @@ def _provenance(bundle, job: _SlideJob) -> dict:
             "seconds": round(time.time() - job.started, 2)}
 
 
-def _slide_facts(job: _SlideJob, opts: ScanOptions) -> dict:
-    from tile_selector.errors import SlideError
-    from tile_selector.slide import open_slide_cached
-
-    try:
-        info = open_slide_cached(job.path, opts.reader, opts.mpp).info()
-    except (SlideError, OSError):  # facts are optional: the slide's status already says what happened
-        return {}
-    return {k: info[k] for k in SLIDE_ALLOWLIST if k in info}
-
-
-def _finish(job: _SlideJob, bundle, nets, ledger: Ledger, opts: ScanOptions, log, alerts: _Alerts,
-            names: Names | None = None) -> None:
-    names = names or Names()
+def _finish(job: _SlideJob, analysis: SlideAnalysis, ledger: Ledger, opts: ScanOptions, log, alerts: Alerts,
+            names: Names) -> None:
+    """The client's part of a slide: its outcome from the areas' tables, then store, alert, ledger."""
     sel = job.selection
-    result, cols, _feats = aggregate(names.slide(job.path.name), names.path(job.path), sel, job.tables, bundle, nets)
-    result.reason = names.text(result.reason, job.path)
-    result.qc = [names.text(q, job.path) for q in result.qc]
-    result.fingerprint = job.fp
-    result.case = job.case
+    outcome = analysis.conclude(job.path, sel, job.tables, names=names, fingerprint=job.fp, case=job.case)
+    result = outcome.result
     stages = collections.Counter()
     for t in job.tables:
         stages.update(_area_stages(t))
     result.timings = {"seconds": round(time.time() - job.started, 2),
                       "select": round(float(sel.timings.get("total", 0.0)), 3),
                       **{k: round(v, 3) for k, v in stages.items()}}
-    group = group_name(job.path, job.fp, names)
-    attrs = {
-        "result": result.to_json(),
-        "areas": [a.to_json() for a in sel.areas],
-        "rejected": dict(sel.rejected), "candidates": sel.candidates, "qc": sel.qc,
-        "selection_status": sel.status, "selection_reason": names.text(sel.reason, job.path),
-        "slide": _slide_facts(job, opts), "provenance": _provenance(bundle, job),
-        "case": job.case, "decision_support": DECISION_SUPPORT,
-    }
-    write_slide_group(opts.out, group, cols, attrs)
-    if result.status == "flagged":
-        alerts.flag(job, result)  # before the ledger says done: a crash in between repeats, never loses it
-    ledger.finish(job.fp, result.status, result.to_json(), group)
+    write_slide_group(opts.out, group_name(job.path, job.fp, names), outcome.cells,
+                      outcome.store_attrs(names, job.path, _provenance(analysis.bundle, job)))
+    if result.status == Status.FLAGGED:
+        alerts.flag(job.path, job.case, result.suspicion)  # before the ledger says done: a crash in between repeats, never loses it
+    ledger.finish(job.fp, result.status, result.to_json(), group_name(job.path, job.fp, names))
     extra = f" (suspicion {result.suspicion:.2f})" if result.suspicion is not None else ""
     why = f": {result.reason}" if result.reason else ""
     log(f"  {result.slide}: {result.status}{extra}, {result.cells} cells in {result.areas} areas{why}")
@@ -837,7 +607,7 @@ def _finish(job: _SlideJob, bundle, nets, ledger: Ledger, opts: ScanOptions, log
 def _finish_failed(job: _SlideJob, error: str, ledger: Ledger, bundle, opts: ScanOptions, log,
                    names: Names | None = None) -> None:
     names = names or Names()
-    result = SlideResult(slide=names.slide(job.path.name), path=names.path(job.path), status="failed",
+    result = SlideResult(slide=names.slide(job.path.name), path=names.path(job.path), status=Status.FAILED,
                          reason=names.text(error, job.path), bundle=bundle.label,
                          scanned_at=time.strftime("%Y-%m-%d %H:%M:%S"), fingerprint=job.fp)
     remove_slide_group(opts.out, group_name(job.path, job.fp, names))  # an older result must not outlive this failure

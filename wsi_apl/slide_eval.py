@@ -25,6 +25,7 @@ from .enn import TASKS, SlideNets
 from .features import feature_names, slide_features
 from .metrics import auroc, binary_summary
 from .pipeline import thresholds_of
+from .status import Status
 
 #: Eckardt et al. 2022 (BMC Cancer), one hand-picked image per patient, real patients.
 PAPER = {"apl_vs_aml": {"auroc": 0.8575, "auprc": 0.8599}, "apl_vs_healthy": {"auroc": 0.9585, "auprc": 0.9671},
@@ -50,16 +51,17 @@ def scan_rows(bundle, entries, *, max_areas: int = 12, target_cells: int = 0,
     from tile_selector.select import SelectorConfig
     from workers.area import load_models
 
-    from .pipeline import analyse_slide_local
+    from .pipeline import SlideAnalysis
 
     models = load_models(bundle)
     nets = SlideNets.from_bundle(bundle)
     rows = []
     for i, e in enumerate(entries):
-        res, cols, _feats, sel = analyse_slide_local(e.path, models, nets, SelectorConfig(max_areas, target_cells),
-                                                     slide_mpp=e.mpp)
-        rows.append(SlideRow(e.slide, e.patient, e.diagnosis, res.to_json(), cols, [list(a.box) for a in sel.areas],
-                             _truth(e)))
+        out = SlideAnalysis(bundle, nets, selector=SelectorConfig(max_areas, target_cells), models=models,
+                            slide_mpp=e.mpp)(e.path)
+        res = out.result
+        rows.append(SlideRow(e.slide, e.patient, e.diagnosis, res.to_json(), out.cells,
+                             [list(a.box) for a in out.selection.areas], _truth(e)))
         log(f"  {i + 1}/{len(entries)} {e.slide} ({e.diagnosis}): {res.status}"
             + (f", suspicion {res.suspicion:.2f}" if res.suspicion is not None else "")
             + f", {res.cells} cells in {res.areas} areas" + (f" ({res.reason})" if res.reason else ""))
@@ -189,7 +191,6 @@ def _area_subsets(rows: list[SlideRow], bundle, nets: SlideNets, counts=AREA_COU
 def evaluate_rows(rows: list[SlideRow], bundle, *, curves_dir: Path | None = None, draws: int = 5,
                   seed: int = 0) -> dict:
     """Every figure of the slide-level evaluation (see the module docstring)."""
-    from .evaluate import summarise_slide_results
 
     decision = bundle.part("slide_nets").get("decision", {})
     nets = SlideNets.from_bundle(bundle)
@@ -218,10 +219,10 @@ def evaluate_rows(rows: list[SlideRow], bundle, *, curves_dir: Path | None = Non
     reactive = [r for r in rows if r.diagnosis == "reactive"]
     out["subgroups"] = {
         "apl_microgranular": {"slides": len(micro), "sensitivity": status_share(micro, ("flagged",)),
-                              "flagged_or_inconclusive": status_share(micro, ("flagged", "inconclusive"))},
+                              "flagged_or_inconclusive": status_share(micro, (Status.FLAGGED, Status.INCONCLUSIVE))},
         "apl_hypergranular": {"slides": len(hyper), "sensitivity": status_share(hyper, ("flagged",)),
-                              "flagged_or_inconclusive": status_share(hyper, ("flagged", "inconclusive"))},
-        "reactive": {"slides": len(reactive), "specificity": status_share(reactive, ("not_flagged",)),
+                              "flagged_or_inconclusive": status_share(hyper, (Status.FLAGGED, Status.INCONCLUSIVE))},
+        "reactive": {"slides": len(reactive), "specificity": status_share(reactive, (Status.NOT_FLAGGED,)),
                      "flagged": status_share(reactive, ("flagged",))},
     }
 
@@ -252,4 +253,42 @@ def evaluate_rows(rows: list[SlideRow], bundle, *, curves_dir: Path | None = Non
                     "(of the truth cells in the chosen areas; of every cell on the slide)"}
     out["areas_per_slide"] = _area_subsets(rows, bundle, nets, draws=draws, seed=seed)
     out["paper"] = PAPER
+    return out
+
+
+def summarise_slide_results(rows: list[tuple[str, str, dict]], decision: dict) -> dict:
+    """AUROC/AUPRC per task and triage sensitivity/specificity from (diagnosis, patient, result) rows."""
+    out: dict = {"slides": len(rows), "statuses": {}}
+    for dx, _p, r in rows:
+        out["statuses"].setdefault(dx, {}).setdefault(r["status"], 0)
+        out["statuses"][dx][r["status"]] += 1
+    thresholds = decision.get("thresholds") or {}
+    for task, pos, neg, key in (("apl_vs_aml", ("apl",), ("aml",), "p_apl_vs_aml"),
+                                ("apl_vs_healthy", ("apl",), ("healthy", "reactive"), "p_apl_vs_healthy")):
+        sel = [(dx, p, r) for dx, p, r in rows if dx in pos + neg and r.get(key) is not None]
+        if not sel:
+            continue
+        y = np.array([dx in pos for dx, _, _ in sel])
+        s = np.array([r[key] for _, _, r in sel])
+        groups = np.array([p for _, p, _ in sel])
+        # sensitivity / specificity at the net's stored threshold (chosen on out-of-fold predictions)
+        out[task] = binary_summary(y, s, float(thresholds.get(task, 0.5)), groups=groups, n_boot=500)
+        out[task]["without_score"] = sum(dx in pos + neg for dx, _, _ in rows) - len(sel)
+    scored = [(dx, r) for dx, _p, r in rows]
+    apl = [r for dx, r in scored if dx == "apl"]
+    non = [r for dx, r in scored if dx != "apl"]
+    # triage: flagged or inconclusive both send the slide to an expert first
+    out["triage"] = {
+        "apl_flagged": sum(r["status"] == Status.FLAGGED for r in apl),
+        "apl_inconclusive": sum(r["status"] == Status.INCONCLUSIVE for r in apl),
+        "apl_missed": sum(r["status"] == Status.NOT_FLAGGED for r in apl),
+        "apl_total": len(apl),
+        "non_apl_flagged": sum(r["status"] == Status.FLAGGED for r in non),
+        "non_apl_not_flagged": sum(r["status"] == Status.NOT_FLAGGED for r in non),
+        "non_apl_total": len(non),
+        "threshold": decision.get("threshold"),
+    }
+    t = out["triage"]
+    t["sensitivity"] = t["apl_flagged"] / t["apl_total"] if t["apl_total"] else None
+    t["specificity"] = t["non_apl_not_flagged"] / t["non_apl_total"] if t["non_apl_total"] else None
     return out

@@ -12,7 +12,8 @@ Layout of a slide group ``cells.zarr/<slide>/``::
     crops           (n, 48, 48, 3) uint8   small crops for galleries
     attrs: result (status, probabilities, ratios with CIs, counts, QC), areas (boxes, scores, why),
            rejected (candidate counts by reason), qc, provenance (bundle id and label, versions,
-           timings; slide properties from an allow-list only: no label, barcode or name).
+           timings; slide properties from an allow-list only, tile_selector.slide.PUBLIC_FACTS: no label,
+           barcode or name).
 
 A group is written aside (``RESULTS/.staging/``) and renamed into place, so a crash never leaves a
 half-written slide visible. One writer per group.
@@ -29,9 +30,6 @@ import zarr
 
 STORE = "cells.zarr"
 STAGING = ".staging"
-
-#: Slide facts allowed into outputs (labels, barcodes and names are patient data).
-SLIDE_ALLOWLIST = ("reader", "vendor", "mpp", "levels", "objective_power")
 
 
 def open_root(results: Path) -> zarr.Group:

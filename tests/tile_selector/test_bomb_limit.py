@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from tile_selector import slide as slide_mod
+from tile_selector import readers as readers_mod
 from tile_selector.errors import UnreadableSlide
-from tile_selector.slide import PLAIN_MAX_PIXELS, open_slide, picture_size
+from tile_selector.readers import PLAIN_MAX_PIXELS, picture_size
+from tile_selector.slide import open_slide
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,7 +67,7 @@ def test_camera_frame_still_opens(tmp_path):
 
 
 def test_limit_is_applied_by_pixel_count(tmp_path, monkeypatch):
-    monkeypatch.setattr(slide_mod, "PLAIN_MAX_PIXELS", 64 * 48)
+    monkeypatch.setattr(readers_mod, "PLAIN_MAX_PIXELS", 64 * 48)
     Image.new("RGB", (64, 48), "white").save(tmp_path / "ok.png")
     Image.new("RGB", (65, 48), "white").save(tmp_path / "big.jpg")
     assert open_slide(tmp_path / "ok.png", mpp=0.5).dimensions == (64, 48)

@@ -181,3 +181,51 @@ def test_openslide_and_tiffslide_agree_on_real_files(folder, name, box, size):
     assert a.level == b.level
     # measured: identical (max difference 0) on these files; allow 2 grey levels for other libjpeg builds
     assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
+
+
+def test_each_reader_serves_the_same_slide_and_closes(tmp_path):
+    """The three backends behind one protocol: the same facts and pixels, handles closed on exit."""
+    from PIL import Image
+
+    from tile_selector.readers import OpenSlideReader, PictureReader, TiffSlideReader
+
+    svs = testdata("openslide-CMU-1-Small-Region", "CMU-1-Small-Region.svs")
+    with OpenSlideReader.open(svs) as a, TiffSlideReader.open(svs) as b:
+        assert a.levels == b.levels and a.mpp_x == pytest.approx(b.mpp_x) and a.vendor == "aperio"
+        pa, pb = a.read_region(0, 100, 200, 64, 48)[..., :3], b.read_region(0, 100, 200, 64, 48)[..., :3]
+        assert np.abs(pa.astype(int) - pb.astype(int)).mean() < 3  # two JPEG decoders
+        assert "label" in a.associated_images
+    with pytest.raises(Exception):
+        a.read_region(0, 0, 0, 8, 8)  # closed
+    png = tmp_path / "frame.png"
+    Image.fromarray(pa).save(png)
+    with PictureReader.open(png) as c:
+        assert c.levels[0].width == 64 and np.array_equal(c.read_region(0, 0, 0, 64, 48), pa)
+
+
+def test_slide_closes_after_the_reads_in_progress_and_reopens_when_read_again():
+    s = open_slide(testdata("openslide-CMU-1-Small-Region", "CMU-1-Small-Region.svs"))
+    ref = s.read_area((0, 0, 640, 480), (320, 240)).image
+    with s._reading() as source:
+        s.close()  # another thread closes it (the cache evicts it) while this read runs
+        assert s._source is source and source.read_region(0, 0, 0, 8, 8).shape[:2] == (8, 8)
+    assert s._source is None, "closed once the read ended"
+    assert np.array_equal(s.read_area((0, 0, 640, 480), (320, 240)).image, ref), "a later read opens it again"
+    with s:
+        pass
+    assert s._source is None
+
+
+def test_the_slide_cache_closes_what_it_evicts(small_cohort):
+    from tile_selector.slide import _OpenSlides
+
+    cache = _OpenSlides(size=2)
+    paths = sorted(small_cohort.glob("*.tiff"))[:3]
+    first = cache.get(("a",), str(paths[0]), "auto", None)
+    assert cache.get(("a",), str(paths[0]), "auto", None) is first
+    first.read_area((0, 0, 64, 48), (64, 48))
+    cache.get(("b",), str(paths[1]), "auto", None)
+    cache.get(("c",), str(paths[2]), "auto", None)
+    assert first._source is None, "the least recently used slide was closed"
+    assert first.read_area((0, 0, 64, 48), (64, 48)).image.shape == (48, 64, 3)
+    cache.clear()

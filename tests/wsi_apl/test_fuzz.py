@@ -604,7 +604,7 @@ def test_read_labels(workdir, data):
 @given(data=csv_bytes(["slide", "case"]))
 @_settings(60)
 def test_read_cases(workdir, data):
-    from wsi_apl.scan import read_cases
+    from wsi_apl.inbox import read_cases
 
     path = workdir / "cases.csv"
     path.write_bytes(data)

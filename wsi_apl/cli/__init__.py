@@ -36,6 +36,3 @@ for command in (data.synth, data.estimate_mpp_cmd, data.info, data.select,
                 bundle.bundle,
                 report.report_cmd, export.export, export.pseudonyms, verify.verdict, verify.verify):
     main.add_command(command)
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

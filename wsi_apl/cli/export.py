@@ -69,8 +69,8 @@ def pseudonyms(results: Path, slides_dir: Path) -> None:
     The table undoes the pseudonyms: keep it where the lab keeps patient data, never with the outputs."""
     import pandas as pd
 
+    from ..inbox import list_slides
     from ..privacy import PseudonymError, key_path, pseudonym, read_key
-    from ..scan import list_slides
 
     if not key_path(results).exists():
         _fail(f"{results}: was not scanned with --pseudonymize (no {key_path(results).name}): its outputs use the "

@@ -74,8 +74,9 @@ def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, t
     from cluster.client import ClusterError, SlurmOptions, TlsFiles
     from workers.bundle import BundleError
 
+    from ..inbox import parse_deadline
     from ..ledger import LedgerLocked
-    from ..scan import ScanOptions, parse_deadline
+    from ..scan import ScanOptions
     from ..scan import scan as run_scan
 
     try:

@@ -17,7 +17,7 @@ from workers.classifier import HEADS, CellConfig
 from workers.detector import DetectorConfig
 
 from ..features import feature_names
-from ..pipeline import analyse_slide_local
+from ..pipeline import SlideAnalysis
 from .augment import DEFAULT_STAIN_AUG
 from .cells import CellSet, cross_validate, search_heads, train_cells
 from .data import SlideEntry, area_samples, image_samples, median_box_size, read_cohort
@@ -253,8 +253,9 @@ def slide_feature_table(bundle: ModelBundle, entries: list[SlideEntry], *, max_a
     extra = []
     t0 = time.time()
     for i, e in enumerate(entries):
-        res, cols, feats, sel = analyse_slide_local(e.path, models, None, SelectorConfig(max_areas, target_cells),
-                                                    slide_mpp=e.mpp)
+        out = SlideAnalysis(bundle, None, selector=SelectorConfig(max_areas, target_cells), models=models,
+                            slide_mpp=e.mpp)(e.path)
+        res, feats, sel = out.result, out.features, out.selection
         if feats is not None:
             X[i] = feats["features"]
         extra.append({"slide": e.slide, "cells": res.cells, "areas": res.areas, "selection": sel.status,
