@@ -7,7 +7,7 @@
    the map's own grid (about 4 µm), scored with integral images: inside the smear's outline (the
    glass between monolayer cells is not "glass"), close to the monolayer level, uniform, rich in
    nucleated cells, off the particles. The cost grows with the overview's pixels.
-3. *Full-resolution screen in rounds*: the best non-overlapping positions are read (focus,
+3. *Full-resolution screen in rounds* (:mod:`tile_selector.screen`): the best non-overlapping positions are read (focus,
    cellularity, coverage, overlap; :mod:`tile_selector.quality`). Focus is judged against the slide's
    own sharpest areas and an absolute floor, so it is comparable across stains. After each round the
    monolayer level is re-learned from the coverage of what was read (a narrow band far from the
@@ -31,19 +31,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .quality import area_measures, background_od, field_equivalent_cells, optical_density
-from .search import CandidateMap, Pick
+from .quality import area_measures, field_equivalent_cells, optical_density
+from .screen import R_BLUR, R_FEW, R_THICK, R_THIN, Screen, screen_rounds, search_text
+from .search import CandidateMap
 from .slide import Slide
 
 OVERVIEW_MPP = 4.0
-#: Reasons, in the words the user reads.
+#: Reasons of the selection itself, in the words the user reads (the screen's own: tile_selector.screen).
 R_BORDER = "at the smear border or on glass"
-R_THICK = "too thick (cells pile up)"
-R_THIN = "too thin (feathered edge, sparse cells)"
-R_BLUR = "blurred"
-R_FEW = "too few nucleated cells"
-R_OUTSIDE = "partly outside the scanned image"
-R_CLUMP = "red cells clumped"
 R_NOT_NEEDED = "not needed (enough better areas)"
 R_NOT_SCREENED = "not examined (screening limit reached)"
 R_OVERLAP = "overlaps or crowds a chosen area"
@@ -206,25 +201,36 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
         return Selection("inconclusive", f"{NOT_A_SMEAR}: the smear is smaller than one area "
                          f"({area_size[0]}x{area_size[1]} px at {area_mpp} µm/px)", [], {}, 0, **sel_base)
     timings["candidates"] = round(time.perf_counter() - t0 - t_overview, 3)
-    screened, accepted, judged, focus_ref, picks, search = _screen_rounds(slide, cmap, ov, area_size, area_mpp, cfg)
+    screen = screen_rounds(slide, cmap, ov, area_size, area_mpp, cfg)
     sm["zones"] = _zones(sm, cmap.level)
     sel_base["zone_map"] = sm["zones"]
+    timings["screen"] = round(time.perf_counter() - t0 - t_overview - timings["candidates"], 3)
+    timings["screened"] = len(screen.screened)
+    chosen, rejected = _choose(screen, lattice, cfg)
+    areas = [_area(k, box, m, area_size, area_mpp, screen.focus_ref) for k, (box, m) in enumerate(chosen)]
+    qc = _qc(sm, ov_mpp, areas, area_size, area_mpp)
+    warnings = list(qc.pop("warnings"))
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    n_candidates = len(lattice) + len(screen.picks)
+    sel = Selection("ok", "", areas, rejected, n_candidates, qc, warnings, timings, **{
+        k: v for k, v in sel_base.items() if k != "timings"})
+    sel.screened = screen.screened
+    _verdict(sel, screen, cfg)
+    return sel
+
+
+def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[list, dict[str, int]]:
+    """Greedy choice among the accepted areas: best first, no overlap, spread over the smear; and every
+    candidate not chosen counted by reason."""
     rejected: dict[str, int] = {}
     words = {"border": R_BORDER, "thick": R_THICK, "thin": R_THIN}
     for code in lattice:
         rejected[words[code]] = rejected.get(words[code], 0) + 1
-    for k, v in judged.items():
+    for k, v in screen.judged.items():
         rejected[k] = rejected.get(k, 0) + v
-    n_unscreened = len(picks) - len(screened)
-    n_candidates = len(lattice) + len(picks)
-    timings["screen"] = round(time.perf_counter() - t0 - t_overview - timings["candidates"], 3)
-    timings["screened"] = len(screened)
-
-    # -- greedy choice: best first, no overlap, spread over the smear ----------------------------
-    accepted.sort(key=lambda a: -a[1]["score"])
     chosen: list[tuple[tuple, dict]] = []
     total_cells = 0
-    pool = list(accepted)
+    pool = sorted(screen.accepted, key=lambda a: -a[1]["score"])
     while pool and len(chosen) < cfg.max_areas and not (cfg.target_cells and total_cells >= cfg.target_cells):
         best_k, best_s = None, -1.0
         for k, (box, m) in enumerate(pool):
@@ -240,29 +246,27 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
         chosen.append((box, m))
         total_cells += m["cells"]
     for box, _m in pool:
-        if any(_overlaps(box, c[0]) for c in chosen):
-            rejected[R_OVERLAP] = rejected.get(R_OVERLAP, 0) + 1
-        else:
-            rejected[R_NOT_NEEDED] = rejected.get(R_NOT_NEEDED, 0) + 1
+        key = R_OVERLAP if any(_overlaps(box, c[0]) for c in chosen) else R_NOT_NEEDED
+        rejected[key] = rejected.get(key, 0) + 1
+    n_unscreened = len(screen.picks) - len(screen.screened)
     if n_unscreened:
         key = R_NOT_NEEDED if chosen else R_NOT_SCREENED
         rejected[key] = rejected.get(key, 0) + n_unscreened
+    return chosen, rejected
 
-    areas = []
-    for k, (box, m) in enumerate(chosen):
-        ibox = tuple(int(round(v)) for v in box)
-        why = (f"in focus (edge sharpness {m['focus_worst_block']:.2f} vs slide best {focus_ref:.2f}), "
-               f"~{m['cells']} nucleated cells, coverage {m['coverage']:.0%}")
-        areas.append(Area(k, ibox, area_mpp, tuple(area_size), {kk: v for kk, v in m.items() if kk[0] != "_"}, why))
 
-    qc = _qc(sm, ov_mpp, areas, area_size, area_mpp)
-    warnings = list(qc.pop("warnings"))
-    timings["total"] = round(time.perf_counter() - t0, 3)
-    sel = Selection("ok", "", areas, rejected, n_candidates, qc, warnings, timings, **{
-        k: v for k, v in sel_base.items() if k != "timings"})
-    sel.screened = screened
+def _area(k: int, box, m: dict, area_size: tuple[int, int], area_mpp: float, focus_ref: float) -> Area:
+    why = (f"in focus (edge sharpness {m['focus_worst_block']:.2f} vs slide best {focus_ref:.2f}), "
+           f"~{m['cells']} nucleated cells, coverage {m['coverage']:.0%}")
+    return Area(k, tuple(int(round(v)) for v in box), area_mpp, tuple(area_size),
+                {kk: v for kk, v in m.items() if kk[0] != "_"}, why)
+
+
+def _verdict(sel: Selection, screen: Screen, cfg: SelectorConfig) -> None:
+    """Inconclusive when the slide is no smear (few separate red cells) or no area passed."""
     # judged where cells lie apart when the search read such areas: piled-up and bare areas show few
     # separate discs on any smear
+    screened = screen.screened
     apart = [m for _, m in screened if cfg.min_coverage <= m["coverage"] <= cfg.max_coverage]
     densities = [m["red_cells_per_mm2"] for m in (apart if len(apart) >= 3 else [m for _, m in screened])]
     red_cells = float(np.percentile(densities, 75)) if densities else 0.0
@@ -271,147 +275,11 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
         sel.status, sel.areas = "inconclusive", []
         sel.reason = (f"{NOT_A_SMEAR}: no separate red cells ({red_cells:.0f} per mm², a smear shows thousands): "
                       "a tissue section or not a Romanowsky-stained smear")
-    elif not areas:
+    elif not sel.areas:
         sel.status = "inconclusive"
-        sel.reason = "no in-focus monolayer area: " + _search_text(search) + "; " + _reason_text(n_candidates, rejected)
-    sel.qc["search"] = search
-    return sel
-
-
-def _screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: tuple[int, int], area_mpp: float,
-                   cfg: SelectorConfig) -> tuple[list, list, dict[str, int], float, list[Pick], dict]:
-    """Read the best candidates at full resolution, round after round, until enough are accepted.
-
-    Each round takes the best open, mutually non-overlapping positions of ``cmap`` (the first also a
-    few probes across the smear's OD range), reads and judges them, re-learns the monolayer level
-    from what was read, and closes the map around what it saw: fully around accepted areas (the
-    final choice needs them apart), within a quarter area of the centre of rejected ones (a shifted area may pass), and
-    wherever a block was found blurred. It stops when ``max_areas`` (or twice the target cells) are
-    accepted, when no open position is left, after ``idle_reads`` reads that found nothing
-    new (once something was found), or at the read budget.
-    """
-    screen_mpp = max(area_mpp, cfg.screen_mpp)
-    sw, sh = int(round(area_size[0] * area_mpp / screen_mpp)), int(round(area_size[1] * area_mpp / screen_mpp))
-    white = np.percentile(ov.reshape(-1, 3), 99.5, axis=0)
-    first_level = cmap.level
-    target_coverage = (cfg.min_coverage + cfg.max_coverage) / 2.0
-    per_round = max(cfg.round_size, cfg.max_areas)
-    screened: list[tuple[tuple, dict]] = []
-    picks: list[Pick] = []
-    accepted: list = []
-    judged: dict[str, int] = {}
-    focus_ref = 0.0
-    plasma = None
-    rounds, stopped = 0, "read budget reached"
-    found, idle = 0, 0
-    while len(screened) < cfg.read_budget:
-        room = cfg.read_budget - len(screened)
-        batch = cmap.take(min(per_round, room))
-        if rounds == 0:
-            batch += cmap.probes(exclude=[p.box for p in batch])[:max(0, room - len(batch))]
-        if not batch:
-            stopped = "no open position left"
-            break
-        rounds += 1
-        reads = [(p, slide.read_area(p.box, (sw, sh))) for p in batch]
-        if plasma is None:
-            # the plasma between cells: its level over the first candidates (most show some)
-            plasma = float(np.median([background_od(r.image, white) for _, r in reads]))
-        for p, read in reads:
-            meas = area_measures(read.image, screen_mpp, white, background=plasma)
-            box = p.box
-            sx_, sy_ = (box[2] - box[0]) / sw, (box[3] - box[1]) / sh  # screen px -> level-0 px
-            meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, v)
-                               for x0, y0, x1, y1, v in meas["_blocks"]]
-            meas["outside"] = round(read.outside_fraction, 4)
-            meas["lowres_score"] = round(p.score, 4)
-            meas.update(p.low)
-            screened.append((box, meas))
-        del reads
-        picks += batch
-        accepted, judged, focus_ref = _judge(screened, cfg, slide.mpp_x)
-        for box, m in screened[-len(batch):]:
-            cmap.suppress(box, 0.0 if m["verdict"] == "accepted" else 0.25)
-        # around the soft blocks of areas rejected as blurred or thick (blur spreads the stain, so a
-        # blurred monolayer looks thick); blocks of sparse areas have few clean edges and say little
-        cmap.suppress_blocks(_blurred_blocks([(b, m) for b, m in screened if m["verdict"] in (R_BLUR, R_THICK)],
-                                             cfg, focus_ref), cfg.blur_margin_um / slide.mpp_x)
-        cmap.calibrate(screened, target_coverage, first_level, cfg.focus_floor)
-        cells = sum(m["cells"] for _, m in accepted)
-        if len(accepted) >= cfg.max_areas or (cfg.target_cells and cells >= 2 * cfg.target_cells):
-            stopped = "enough areas accepted"
-            break
-        idle = idle + len(batch) if len(accepted) <= found else 0
-        found = max(found, len(accepted))
-        if accepted and idle >= cfg.idle_reads:
-            stopped = f"no further area accepted in the last {idle} reads"
-            break
-    search = {"positions": cmap.positions, "grid_um": round(cmap.map_mpp, 3), "read": len(screened),
-              "read_budget": cfg.read_budget, "rounds": rounds, "stopped": stopped,
-              "level_first": round(first_level, 5), "level": round(cmap.level, 5)}
-    return screened, accepted, judged, focus_ref, picks, search
-
-
-def _blurred_blocks(screened: list, cfg: SelectorConfig, focus_ref: float) -> np.ndarray:
-    focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
-    return np.array([b[:4] for _, m in screened for b in m.get("_blocks", []) if b[4] < focus_min],
-                    np.float64).reshape(-1, 4)
-
-
-def _search_text(search: dict) -> str:
-    return (f"searched {search['positions']:,} positions on a {search['grid_um']:g}-µm grid, read "
-            f"{search['read']} at full resolution in {search['rounds']} round(s) (budget {search['read_budget']}; "
-            f"{search['stopped']})")
-
-
-def _judge(screened: list, cfg: SelectorConfig, mpp0: float) -> tuple[list, dict[str, int], float]:
-    """Accept or reject screened candidates; focus is judged against the slide's sharpest areas.
-
-    An area is also blurred when an out-of-focus block of any screened candidate touches it: the
-    half-overlapping candidates see its surroundings on another block grid, so a blurred patch at
-    one edge of the area shows there even when the area's own blocks straddle it. ``mpp0``: the
-    slide's level-0 µm/px.
-    """
-    focus_ref = float(np.percentile([m["focus_worst_block"] for _, m in screened], 90)) if screened else 0.0
-    focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
-    blurred = _blurred_blocks(screened, cfg, focus_ref)
-    # even the sharpest areas read are below the absolute floor: the slide is out of focus, and blur
-    # spreads the stain so that coverage would call its areas thick
-    slide_blurred = focus_ref < cfg.focus_floor
-    accepted, rejected = [], {}
-    for box, m in screened:
-        reason = None
-        if m["outside"] > 0.0:
-            reason = R_OUTSIDE
-        elif slide_blurred:
-            reason = R_BLUR
-        elif m["coverage"] > cfg.max_coverage or m["coverage_max_block"] > cfg.max_block_coverage:
-            reason = R_THICK
-        elif m["coverage"] < cfg.min_coverage or m["coverage_min_block"] < cfg.min_block_coverage:
-            reason = R_THIN
-        elif m["focus_worst_block"] < focus_min or _touches(box, blurred, cfg.blur_margin_um / mpp0):
-            reason = R_BLUR
-        elif m["overlap"] > 0.3:
-            reason = R_CLUMP
-        elif m["cells"] < cfg.min_cells_per_area:
-            reason = R_FEW
-        m["verdict"] = reason or "accepted"
-        if reason:
-            rejected[reason] = rejected.get(reason, 0) + 1
-            continue
-        mid = 1.0 - min(1.0, abs(m["coverage"] - 0.45) / 0.3)
-        rel_focus = min(1.0, m["focus_worst_block"] / max(focus_ref, 1e-6))
-        m["score"] = round(m["cells"] * (0.5 + 0.5 * rel_focus) * (0.6 + 0.4 * mid) * (1.0 - m["overlap"]), 3)
-        accepted.append((box, m))
-    return accepted, rejected, focus_ref
-
-
-def _touches(box, blocks: np.ndarray, m: float) -> bool:
-    """Whether any of ``blocks`` (level-0 boxes) meets ``box`` grown by ``m`` level-0 px."""
-    if not len(blocks):
-        return False
-    return bool(np.any((blocks[:, 0] < box[2] + m) & (blocks[:, 2] > box[0] - m)
-                       & (blocks[:, 1] < box[3] + m) & (blocks[:, 3] > box[1] - m)))
+        sel.reason = ("no in-focus monolayer area: " + search_text(screen.search) + "; "
+                      + _reason_text(sel.candidates, sel.rejected))
+    sel.qc["search"] = screen.search
 
 
 def _reason_text(n: int, rejected: dict[str, int]) -> str:

@@ -1,0 +1,174 @@
+"""The full-resolution screen: candidates read in rounds, each judged, the search map closed around them.
+
+See :mod:`tile_selector.select` (step 3) for where it sits in the selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .quality import area_measures, background_od
+from .search import CandidateMap, Pick
+from .slide import Slide
+
+if TYPE_CHECKING:  # the config is defined with the selection that uses it
+    from .select import SelectorConfig
+
+#: Reasons, in the words the user reads.
+R_THICK = "too thick (cells pile up)"
+R_THIN = "too thin (feathered edge, sparse cells)"
+R_BLUR = "blurred"
+R_FEW = "too few nucleated cells"
+R_OUTSIDE = "partly outside the scanned image"
+R_CLUMP = "red cells clumped"
+
+
+@dataclass
+class Screen:
+    """What the screen read and found."""
+
+    screened: list          # (level-0 box, measures incl. "verdict") of every area read, in order
+    accepted: list          # the accepted ones among them, with a "score"
+    judged: dict[str, int]  # rejected areas read, by reason
+    focus_ref: float        # the slide's sharp areas: 90th percentile of the worst blocks' sharpness
+    picks: list[Pick]       # every candidate taken from the map (read or not)
+    search: dict            # positions, grid, reads, rounds, why it stopped, monolayer level
+
+
+def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: tuple[int, int], area_mpp: float,
+                  cfg: SelectorConfig) -> Screen:
+    """Read the best candidates at full resolution, round after round, until enough are accepted.
+
+    Each round takes the best open, mutually non-overlapping positions of ``cmap`` (the first also a
+    few probes across the smear's OD range), reads and judges them, re-learns the monolayer level
+    from what was read, and closes the map around what it saw: fully around accepted areas (the
+    final choice needs them apart), within a quarter area of the centre of rejected ones (a shifted area may pass), and
+    wherever a block was found blurred. It stops when ``max_areas`` (or twice the target cells) are
+    accepted, when no open position is left, after ``idle_reads`` reads that found nothing
+    new (once something was found), or at the read budget.
+    """
+    screen_mpp = max(area_mpp, cfg.screen_mpp)
+    sw, sh = int(round(area_size[0] * area_mpp / screen_mpp)), int(round(area_size[1] * area_mpp / screen_mpp))
+    white = np.percentile(ov.reshape(-1, 3), 99.5, axis=0)
+    first_level = cmap.level
+    target_coverage = (cfg.min_coverage + cfg.max_coverage) / 2.0
+    per_round = max(cfg.round_size, cfg.max_areas)
+    screened: list[tuple[tuple, dict]] = []
+    picks: list[Pick] = []
+    accepted: list = []
+    judged: dict[str, int] = {}
+    focus_ref = 0.0
+    plasma = None
+    rounds, stopped = 0, "read budget reached"
+    found, idle = 0, 0
+    while len(screened) < cfg.read_budget:
+        room = cfg.read_budget - len(screened)
+        batch = cmap.take(min(per_round, room))
+        if rounds == 0:
+            batch += cmap.probes(exclude=[p.box for p in batch])[:max(0, room - len(batch))]
+        if not batch:
+            stopped = "no open position left"
+            break
+        rounds += 1
+        reads = [(p, slide.read_area(p.box, (sw, sh))) for p in batch]
+        if plasma is None:
+            # the plasma between cells: its level over the first candidates (most show some)
+            plasma = float(np.median([background_od(r.image, white) for _, r in reads]))
+        for p, read in reads:
+            meas = area_measures(read.image, screen_mpp, white, background=plasma)
+            box = p.box
+            sx_, sy_ = (box[2] - box[0]) / sw, (box[3] - box[1]) / sh  # screen px -> level-0 px
+            meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, v)
+                               for x0, y0, x1, y1, v in meas["_blocks"]]
+            meas["outside"] = round(read.outside_fraction, 4)
+            meas["lowres_score"] = round(p.score, 4)
+            meas.update(p.low)
+            screened.append((box, meas))
+        del reads
+        picks += batch
+        accepted, judged, focus_ref = judge(screened, cfg, slide.mpp_x)
+        for box, m in screened[-len(batch):]:
+            cmap.suppress(box, 0.0 if m["verdict"] == "accepted" else 0.25)
+        # around the soft blocks of areas rejected as blurred or thick (blur spreads the stain, so a
+        # blurred monolayer looks thick); blocks of sparse areas have few clean edges and say little
+        cmap.suppress_blocks(_blurred_blocks([(b, m) for b, m in screened if m["verdict"] in (R_BLUR, R_THICK)],
+                                             cfg, focus_ref), cfg.blur_margin_um / slide.mpp_x)
+        cmap.calibrate(screened, target_coverage, first_level, cfg.focus_floor)
+        cells = sum(m["cells"] for _, m in accepted)
+        if len(accepted) >= cfg.max_areas or (cfg.target_cells and cells >= 2 * cfg.target_cells):
+            stopped = "enough areas accepted"
+            break
+        idle = idle + len(batch) if len(accepted) <= found else 0
+        found = max(found, len(accepted))
+        if accepted and idle >= cfg.idle_reads:
+            stopped = f"no further area accepted in the last {idle} reads"
+            break
+    search = {"positions": cmap.positions, "grid_um": round(cmap.map_mpp, 3), "read": len(screened),
+              "read_budget": cfg.read_budget, "rounds": rounds, "stopped": stopped,
+              "level_first": round(first_level, 5), "level": round(cmap.level, 5)}
+    return Screen(screened, accepted, judged, focus_ref, picks, search)
+
+
+def _blurred_blocks(screened: list, cfg: SelectorConfig, focus_ref: float) -> np.ndarray:
+    focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
+    return np.array([b[:4] for _, m in screened for b in m.get("_blocks", []) if b[4] < focus_min],
+                    np.float64).reshape(-1, 4)
+
+
+def search_text(search: dict) -> str:
+    return (f"searched {search['positions']:,} positions on a {search['grid_um']:g}-µm grid, read "
+            f"{search['read']} at full resolution in {search['rounds']} round(s) (budget {search['read_budget']}; "
+            f"{search['stopped']})")
+
+
+def judge(screened: list, cfg: SelectorConfig, mpp0: float) -> tuple[list, dict[str, int], float]:
+    """Accept or reject screened candidates; focus is judged against the slide's sharpest areas.
+
+    An area is also blurred when an out-of-focus block of any screened candidate touches it: the
+    half-overlapping candidates see its surroundings on another block grid, so a blurred patch at
+    one edge of the area shows there even when the area's own blocks straddle it. ``mpp0``: the
+    slide's level-0 µm/px.
+    """
+    focus_ref = float(np.percentile([m["focus_worst_block"] for _, m in screened], 90)) if screened else 0.0
+    focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
+    blurred = _blurred_blocks(screened, cfg, focus_ref)
+    # even the sharpest areas read are below the absolute floor: the slide is out of focus, and blur
+    # spreads the stain so that coverage would call its areas thick
+    slide_blurred = focus_ref < cfg.focus_floor
+    accepted, rejected = [], {}
+    for box, m in screened:
+        reason = None
+        if m["outside"] > 0.0:
+            reason = R_OUTSIDE
+        elif slide_blurred:
+            reason = R_BLUR
+        elif m["coverage"] > cfg.max_coverage or m["coverage_max_block"] > cfg.max_block_coverage:
+            reason = R_THICK
+        elif m["coverage"] < cfg.min_coverage or m["coverage_min_block"] < cfg.min_block_coverage:
+            reason = R_THIN
+        elif m["focus_worst_block"] < focus_min or _touches(box, blurred, cfg.blur_margin_um / mpp0):
+            reason = R_BLUR
+        elif m["overlap"] > 0.3:
+            reason = R_CLUMP
+        elif m["cells"] < cfg.min_cells_per_area:
+            reason = R_FEW
+        m["verdict"] = reason or "accepted"
+        if reason:
+            rejected[reason] = rejected.get(reason, 0) + 1
+            continue
+        mid = 1.0 - min(1.0, abs(m["coverage"] - 0.45) / 0.3)
+        rel_focus = min(1.0, m["focus_worst_block"] / max(focus_ref, 1e-6))
+        m["score"] = round(m["cells"] * (0.5 + 0.5 * rel_focus) * (0.6 + 0.4 * mid) * (1.0 - m["overlap"]), 3)
+        accepted.append((box, m))
+    return accepted, rejected, focus_ref
+
+
+def _touches(box, blocks: np.ndarray, m: float) -> bool:
+    """Whether any of ``blocks`` (level-0 boxes) meets ``box`` grown by ``m`` level-0 px."""
+    if not len(blocks):
+        return False
+    return bool(np.any((blocks[:, 0] < box[2] + m) & (blocks[:, 2] > box[0] - m)
+                       & (blocks[:, 1] < box[3] + m) & (blocks[:, 3] > box[1] - m)))
