@@ -389,3 +389,53 @@ def export_via(results: Path, out: Path, slide: str) -> Path:
     project = out / f"{ref.group}.via.json"
     _write_json(project, via_project(f"wsi-apl {ref.shown}", meta, _heads(cols)))
     return project
+
+
+# -- per-cell tables (parquet, CSV) -------------------------------------------------------------
+
+CELL_FORMATS = ("parquet", "csv")
+
+
+def cell_table(results: Path, ref: SlideRef) -> pd.DataFrame:
+    """One row per stored cell of a slide: its area, its boxes (level-0 and area pixels), the detector's
+    score, whether it touches an area border, one probability per head, the morphometrics. The crops
+    (pictures) stay in the zarr store."""
+    cols, attrs = _need_group(results, ref)
+    n = len(cols.get("score", ()))
+    table: dict[str, np.ndarray | list] = {"slide": [ref.shown] * n, "cell": np.arange(n)}
+    for name, arr in cols.items():
+        arr = np.asarray(arr)
+        if name == "crops":
+            continue
+        if name in ("box_l0", "box_px"):
+            for k, side in enumerate(("x0", "y0", "x1", "y1")):
+                table[f"{name}_{side}"] = arr.reshape(-1, 4)[:, k]
+        elif arr.ndim == 1:
+            table[name] = arr
+    df = pd.DataFrame(table)
+    if "area" in df:
+        df["area"] = df["area"] + 1  # areas are numbered from 1 in every output people read
+    return df
+
+
+def export_cells(results: Path, out: Path, slide: str | None = None, fmt: str = "parquet") -> list[Path]:
+    """Write ``<group>.cells.<fmt>`` per analysed slide (or for ``slide``) into ``out``; returns the files."""
+    if fmt not in CELL_FORMATS:
+        raise ExportError(f"--format {fmt!r}: use one of {', '.join(CELL_FORMATS)}")
+    results, out = Path(results), Path(out)
+    refs = [find_slide(results, slide)] if slide else [r for r in all_slides(results) if r.group]
+    if slide is None and not refs:
+        raise ExportError(f"{results}: no analysed slide to export (see triage.csv)")
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for ref in refs:
+        df = cell_table(results, ref)
+        path = out / f"{ref.group}.cells.{fmt}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        if fmt == "parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False, lineterminator="\n")
+        tmp.replace(path)
+        files.append(path)
+    return files

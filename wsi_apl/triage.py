@@ -7,10 +7,10 @@ spreadsheet would run as a formula are neutralised. Every row says it is decisio
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
+
+import pandas as pd
 
 from workers.bundle import replace_atomically
 
@@ -118,12 +118,13 @@ def write_triage(results: str | Path, ledger: Ledger | None = None, rows: list[d
         finally:
             if own:
                 ledger.close()
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(COLUMNS)
-    for row in rows:
-        w.writerow([neutralise(row.get(c)) for c in COLUMNS])
-    return atomic_write(results / TRIAGE, buf.getvalue())
+    return atomic_write(results / TRIAGE, triage_table(rows).to_csv(index=False, lineterminator="\n"))
+
+
+def triage_table(rows: list[dict]) -> pd.DataFrame:
+    """The list as triage.csv shows it: :data:`COLUMNS` in order, every cell as neutralised text (floats
+    with 4 decimals, None as empty), so the CSV quotes exactly what a spreadsheet would otherwise run."""
+    return pd.DataFrame([[neutralise(r.get(c)) for c in COLUMNS] for r in rows], columns=COLUMNS, dtype=object)
 
 
 def atomic_write(path: Path, text: str) -> Path:

@@ -74,6 +74,28 @@ def test_geojson_of_a_stored_slide(tmp_path):
         find_slide(res, "abab")
 
 
+def test_cell_tables_in_parquet_and_csv(tmp_path):
+    import pandas as pd
+
+    res, _fp = _hand_made(tmp_path)
+    r = CliRunner().invoke(main, ["export", "cells", str(res), "--out", str(tmp_path / "pq")])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(tmp_path / "pq" / "s1-abababab.cells.parquet")
+    assert len(df) == 3 and "crops" not in df
+    assert list(df["slide"]) == ["Doe John.svs"] * 3 and list(df["cell"]) == [0, 1, 2]
+    assert list(df["area"]) == [1, 1, 1]                       # numbered from 1, as the report and QuPath do
+    assert df["box_l0_x1"].tolist() == [30, 1010, 8] and df["box_px_y1"].tolist() == [22, 12.5, 4]
+    assert df["p_auer_rod"].tolist() == pytest.approx([0.1, 0.7, 0.3]) and df["cut"].tolist() == [False, True, False]
+    assert np.isnan(df["diameter_um"][1])
+    r = CliRunner().invoke(main, ["export", "cells", str(res), "--slide", "ababab", "--format", "csv",
+                                  "--out", str(tmp_path / "csv")])
+    assert r.exit_code == 0, r.output
+    back = pd.read_csv(tmp_path / "csv" / "s1-abababab.cells.csv")
+    assert back.columns.tolist() == df.columns.tolist() and back["score"].tolist() == pytest.approx([0.9, 0.8, 0.7])
+    r = CliRunner().invoke(main, ["export", "cells", str(res), "--slide", "nobody", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "no slide 'nobody'" in r.output
+
+
 def test_geojson_of_a_scan(scanned, tmp_path):
     res = scanned.results
     r = CliRunner().invoke(main, ["export", "geojson", str(res), "--out", str(tmp_path / "all")])

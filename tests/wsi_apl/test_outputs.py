@@ -128,6 +128,28 @@ def test_neutralise():
     assert neutralise(None) == ""
 
 
+def test_triage_csv_quotes_as_the_csv_module_does(tmp_path):
+    """The list is built as a DataFrame, yet the file is what csv.writer writes: the same quoting of
+    commas, quotes and line breaks, formulas neutralised, None empty, floats with 4 decimals."""
+    import csv
+    import io
+
+    rows = [{"rank": 1, "case": 'A,"B"', "slide": "s\nl.svs", "status": "flagged", "suspicion": 0.91234,
+             "reason": "=cmd|' /C calc'!A0", "qc": "-0.5", "cells": 0, "note": "x"},
+            {"rank": 2, "slide": "b.svs", "status": "failed", "suspicion": None, "reason": ""}]
+    path = write_triage(tmp_path, rows=rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow([neutralise(r.get(c)) for c in COLUMNS])
+    assert path.read_text() == buf.getvalue()
+    back = list(csv.DictReader(path.open()))
+    assert back[0]["case"] == 'A,"B"' and back[0]["reason"].startswith("'=") and back[0]["suspicion"] == "0.9123"
+    assert back[1]["suspicion"] == "" and list(back[0]) == COLUMNS
+    assert write_triage(tmp_path, rows=[]).read_text() == ",".join(COLUMNS) + "\n"
+
+
 def _write_group(results, name):
     cols = {"area": np.arange(5, dtype=np.int32), "score": np.ones(5, np.float32),
             "crops": np.zeros((5, 48, 48, 3), np.uint8)}

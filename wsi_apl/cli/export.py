@@ -1,4 +1,4 @@
-"""``wsi-apl export geojson|via`` and ``wsi-apl pseudonyms``: the click side of wsi_apl/export.py and
+"""``wsi-apl export geojson|via|cells`` and ``wsi-apl pseudonyms``: the click side of wsi_apl/export.py and
 wsi_apl/privacy.py (heavy imports stay inside the commands, so ``wsi-apl --help`` stays quick)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _fail(msg: str) -> None:
 
 @click.group()
 def export() -> None:
-    """Export a results folder for QuPath (GeoJSON) or VGG Image Annotator (VIA 2 project)."""
+    """Export a results folder for QuPath (GeoJSON), VGG Image Annotator (VIA 2 project) or as cell tables."""
 
 
 @export.command("geojson")
@@ -58,6 +58,26 @@ def export_via_cmd(results: Path, slide: str, out: Path) -> None:
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     click.echo(f"VIA project: {project} (open it in VGG Image Annotator 2 from the folder holding the pictures)")
+
+
+@export.command("cells")
+@click.argument("results", type=_RESULTS)
+@click.option("--slide", default=None, help=_SLIDE_HELP + " Default: every analysed slide.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True)
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the <slide>.cells.<format> files.")
+def export_cells_cmd(results: Path, slide: str | None, fmt: str, out: Path) -> None:
+    """The stored cells of each slide as a table (one row per cell: area, boxes, detector score, one
+    probability per head, morphometrics), for pandas, R or a spreadsheet. The zarr store stays the store."""
+    from ..export import export_cells
+
+    try:
+        files = export_cells(results, out, slide, fmt)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    for f in files:
+        click.echo(str(f))
+    click.echo(f"{len(files)} slide(s) exported as {fmt} to {out}")
 
 
 @click.command()
