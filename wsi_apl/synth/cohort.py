@@ -30,8 +30,8 @@ import numpy as np
 
 from .cells import cell_box_px
 from .morphology import NUCLEATED_TYPES
-from .scene import ZONES, Scene, SceneParams, build_scene
-from .stains import PRESET_NAMES, make_stain
+from .scene import ZONES, Scene, SceneParams, SmearGeometry, build_scene
+from .stains import PRESET_NAMES, Stain, make_stain
 from .writer import write_pyramid_tiff
 
 DIAGNOSES = ("apl", "aml", "healthy", "reactive")
@@ -162,6 +162,72 @@ def write_plain(scene: Scene, path: Path) -> None:
     Image.fromarray(img).save(path, dpi=(dpi, dpi))
 
 
+def _slide_params(params: SceneParams, plain: bool, defect: str, smear: str) -> SceneParams:
+    """The patient's scene parameters with the cohort-wide options of this run applied."""
+    if plain:
+        params = SceneParams(**{**params.__dict__, "blur_patches": (0, 0)})
+    if defect != "none":
+        params = SceneParams(**{**params.__dict__, "defect": defect})
+    if smear != "normal":
+        params = SceneParams(**{**params.__dict__, "smear": smear})
+    return params
+
+
+def _slide_stain(preset: str, slide_seed: int, jpeg_quality: int | None) -> Stain:
+    """The slide's stain: ``preset`` jittered from the slide's seed, with the JPEG quality if fixed."""
+    st = make_stain(preset, np.random.default_rng([slide_seed, 3]))
+    if jpeg_quality is not None:
+        st = replace(st, jpeg_quality=int(jpeg_quality))
+    return st
+
+
+def _write_maps(scene: Scene, path: Path) -> None:
+    """The zone and blur maps (``.maps.npz``) at MAP_MPP."""
+    zones, blur = scene.maps(MAP_MPP)
+    np.savez_compressed(path, zones=zones, blur=blur.astype(np.float16),
+                        map_mpp=MAP_MPP, zone_names=np.array(ZONES))
+
+
+def _smear_truth(geometry: SmearGeometry | None) -> dict | None:
+    """The smear's placement for the sidecar (None on an empty slide)."""
+    if geometry is None:
+        return None
+    return {"theta_deg": math.degrees(geometry.theta) % 360, "length_um": geometry.length,
+            "half_width_um": geometry.half_width,
+            "monolayer_um": (geometry.mono_end - geometry.thick_end) * geometry.length}
+
+
+def _truth(header: dict, name: str, scene: Scene, params: SceneParams, cells: list[dict]) -> dict:
+    """The slide's JSON sidecar: ``header`` (who, what and how it was rendered), then its marrow,
+    maps, focus, smear and cells."""
+    counts: dict[str, int] = {}
+    for c in cells:
+        counts[c["type"]] = counts.get(c["type"], 0) + 1
+    return {
+        **header,
+        "composition": {k: round(v, 4) for k, v in params.composition.items()},
+        "auer_share": params.auer_share, "faggot_share": params.faggot_share,
+        "microgranular_share": params.apl_variant_share, "cellularity": params.cellularity,
+        "counts": counts, "maps": f"{name}.maps.npz", "map_mpp": MAP_MPP, "zones": list(ZONES),
+        "blur_patches": [p.__dict__ for p in scene.blur], "base_blur_um": scene.base_blur,
+        "smear": _smear_truth(scene.geometry),
+        "cells": cells,
+    }
+
+
+def _via_entry(path: Path, patient: str, diagnosis: str, cells: list[dict]) -> dict:
+    """The slide's image entry of the VIA 2 project: every cell as a rectangle with its type."""
+    return {
+        "filename": path.name, "size": path.stat().st_size, "file_attributes": {"patient": patient, "diagnosis": diagnosis},
+        "regions": [{"shape_attributes": {"name": "rect", "x": c["box"][0], "y": c["box"][1],
+                                          "width": round(c["box"][2] - c["box"][0], 1),
+                                          "height": round(c["box"][3] - c["box"][1], 1)},
+                     "region_attributes": {"type": c["type"], "auer_rod": {"1": True} if c["auer_rod"] else {},
+                                           "faggot_cell": {"1": True} if c["faggot"] else {}}}
+                    for c in cells],
+    }
+
+
 def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mpp: float = 0.125,
                  size: tuple[int, int] = (20000, 15000), stain: str | None = None, plain: bool = False,
                  slides_per_patient: int = 1, defect: str = "none", prefix: str = "slide",
@@ -186,17 +252,10 @@ def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mp
         if patient not in patient_params:
             patient_params[patient] = draw_params(diagnosis, rng)
         params, info = patient_params[patient]
-        if plain:
-            params = SceneParams(**{**params.__dict__, "blur_patches": (0, 0)})
-        if defect != "none":
-            params = SceneParams(**{**params.__dict__, "defect": defect})
-        if smear != "normal":
-            params = SceneParams(**{**params.__dict__, "smear": smear})
+        params = _slide_params(params, plain, defect, smear)
         preset = stain or str(rng.choice(train_presets))
         slide_seed = int(rng.integers(1 << 31))
-        st = make_stain(preset, np.random.default_rng([slide_seed, 3]))
-        if jpeg_quality is not None:
-            st = replace(st, jpeg_quality=int(jpeg_quality))
+        st = _slide_stain(preset, slide_seed, jpeg_quality)
         scene = build_scene(width, height, mpp, st, params, slide_seed, plain=plain)
         name = f"{prefix}_{seed:04d}_{i:03d}"
         ext = ".png" if plain else ".tiff"
@@ -206,38 +265,14 @@ def synth_cohort(out_dir: str | Path, diagnoses: list[str], *, seed: int = 0, mp
         else:
             render_slide(scene, path, f"wsi-apl synthetic bone-marrow smear ({GENERATOR}); not a patient")
         cells = cell_records(scene)
-        truth_path = out / "truth" / f"{name}.json"
-        counts: dict[str, int] = {}
-        for c in cells:
-            counts[c["type"]] = counts.get(c["type"], 0) + 1
-        zones, blur = scene.maps(MAP_MPP)
-        np.savez_compressed(out / "truth" / f"{name}.maps.npz", zones=zones, blur=blur.astype(np.float16),
-                            map_mpp=MAP_MPP, zone_names=np.array(ZONES))
-        truth = {
+        _write_maps(scene, out / "truth" / f"{name}.maps.npz")
+        header = {
             "generator": GENERATOR, "slide": name, "file": path.name, "patient": patient,
             "diagnosis": diagnosis, **info, "seed": slide_seed, "mpp": mpp, "size": [width, height],
             "plain": plain, "stain": preset, "defect": defect, "smear_shape": smear, "jpeg_quality": st.jpeg_quality,
-            "composition": {k: round(v, 4) for k, v in params.composition.items()},
-            "auer_share": params.auer_share, "faggot_share": params.faggot_share,
-            "microgranular_share": params.apl_variant_share, "cellularity": params.cellularity,
-            "counts": counts, "maps": f"{name}.maps.npz", "map_mpp": MAP_MPP, "zones": list(ZONES),
-            "blur_patches": [p.__dict__ for p in scene.blur], "base_blur_um": scene.base_blur,
-            "smear": None if scene.geometry is None else {
-                "theta_deg": math.degrees(scene.geometry.theta) % 360, "length_um": scene.geometry.length,
-                "half_width_um": scene.geometry.half_width,
-                "monolayer_um": (scene.geometry.mono_end - scene.geometry.thick_end) * scene.geometry.length},
-            "cells": cells,
         }
-        truth_path.write_text(json.dumps(truth))
-        via_meta[f"{path.name}{path.stat().st_size}"] = {
-            "filename": path.name, "size": path.stat().st_size, "file_attributes": {"patient": patient, "diagnosis": diagnosis},
-            "regions": [{"shape_attributes": {"name": "rect", "x": c["box"][0], "y": c["box"][1],
-                                              "width": round(c["box"][2] - c["box"][0], 1),
-                                              "height": round(c["box"][3] - c["box"][1], 1)},
-                         "region_attributes": {"type": c["type"], "auer_rod": {"1": True} if c["auer_rod"] else {},
-                                               "faggot_cell": {"1": True} if c["faggot"] else {}}}
-                        for c in cells],
-        }
+        (out / "truth" / f"{name}.json").write_text(json.dumps(_truth(header, name, scene, params, cells)))
+        via_meta[f"{path.name}{path.stat().st_size}"] = _via_entry(path, patient, diagnosis, cells)
         records.append(SlideRecord(name, patient, diagnosis, path.name, f"truth/{name}.json"))
         if log:
             log(f"{name}: {diagnosis:8s} {len(cells):6d} nucleated cells, stain {preset}, "
