@@ -229,7 +229,7 @@ def _promyelocytes_vs_blasts(cs: CellSet, heads: tuple[str, ...], p: np.ndarray)
 def _within_types(cs: CellSet, heads: tuple[str, ...], j: int, p: np.ndarray) -> dict:
     """AUROC of finding head ``j`` (Auer rod, faggot cell) among the cells of one labelled type only
     (myeloblasts, promyelocytes): a head that ranks by cell type scores about 0.5 here."""
-    from .train.cells import TYPE_HEADS
+    from .train.cell_labels import TYPE_HEADS
 
     if heads[j] in TYPE_HEADS:
         return {}

@@ -174,7 +174,8 @@ def head_labels(objects: list[PaperObject], heads: tuple[str, ...]) -> np.ndarra
 
 def paper_cells(root: Path, heads: tuple[str, ...], image_mpp: float | None, work_mpp: float | None):
     """The ``Cell`` objects as a :class:`~wsi_apl.train.cells.CellSet`, grouped by patient (``id``)."""
-    from .train.cells import CellSet, _cells_mpp
+    from .train.cell_labels import cells_mpp
+    from .train.cells import CellSet
     from .train.data import read_picture
 
     root = Path(root)
@@ -199,7 +200,7 @@ def paper_cells(root: Path, heads: tuple[str, ...], image_mpp: float | None, wor
         idx.append(k)
         patients.append(frames[o.picture].patient)
     return CellSet([im for im, _ in images], np.asarray(idx, int), np.asarray(centres, np.float32).reshape(-1, 2),
-                   y, np.asarray(patients), _cells_mpp(mpp, work_mpp))
+                   y, np.asarray(patients), cells_mpp(mpp, work_mpp))
 
 
 def paper_annotations(root: Path):

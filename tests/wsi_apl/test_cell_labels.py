@@ -14,7 +14,8 @@ from workers.bundle import load_bundle
 from workers.classifier import HEADS, KNOWN_HEADS
 from wsi_apl.annotations import read_via
 from wsi_apl.cli import main
-from wsi_apl.train.cells import head_key, pattern_weights, read_via_cells
+from wsi_apl.train.cell_labels import head_key, read_via_cells
+from wsi_apl.train.cells import pattern_weights
 
 
 @pytest.fixture(scope="module")

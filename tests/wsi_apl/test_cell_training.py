@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from workers.bundle import load_bundle
 from workers.classifier import HEADS
 from wsi_apl.cli import main
-from wsi_apl.train.cells import patient_folds, read_cells_csv
+from wsi_apl.train.cell_labels import read_cells_csv
+from wsi_apl.train.cells import patient_folds
 
 
 @pytest.fixture(scope="module")

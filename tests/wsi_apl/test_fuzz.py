@@ -628,7 +628,8 @@ HEADS = ("auer_rod", "promyelocyte")
 @given(data=csv_bytes(["image", "x0", "y0", "x1", "y1", "Auer rod", "promyelocyte", "patient"]))
 @_settings(60)
 def test_read_cells_csv(workdir, data):
-    from wsi_apl.train.cells import CellSet, read_cells_csv
+    from wsi_apl.train.cell_labels import read_cells_csv
+    from wsi_apl.train.cells import CellSet
 
     path = workdir / "cells.csv"
     path.write_bytes(data)

@@ -145,7 +145,7 @@ def test_a_truncated_picture_does_not_stop_csv_training(tmp_path):
     """One bad picture among the cells CSV's is skipped with its cells, and said so."""
     from PIL import Image
 
-    from wsi_apl.train.cells import read_cells_csv
+    from wsi_apl.train.cell_labels import read_cells_csv
 
     rng = np.random.default_rng(0)
     rows = []

@@ -186,7 +186,8 @@ def train_cells_cmd(cohort, cells_csv, via, images, paper, folders, class_map, i
     has patients and by picture where not."""
     from workers.classifier import KNOWN_HEADS
 
-    from ..train.cells import head_key, train_cells_config
+    from ..train.cell_labels import head_key
+    from ..train.cells import train_cells_config
     from ..train.sources import training_cells
     from ..train.steps import open_or_create, step_cells_from
 

@@ -122,29 +122,9 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
         order = rng.permutation(len(usable))
         losses = []
         for bi in range(0, len(order), batch_size):
-            imgs, targets = [], []
-            for k in order[bi:bi + batch_size]:
-                s = usable[k]
-                img, boxes = s.image, s.boxes
-                if rng.random() < 0.5:
-                    img, boxes = scale_jitter(img, boxes, rng)
-                img, boxes = _random_crop(img, boxes, crop, rng)
-                img, boxes = flip_rot(img, boxes, int(rng.integers(0, 4)), bool(rng.integers(0, 2)))
-                img = stain_jitter(img, rng)
-                imgs.append(to_tensor(img).to(device))
-                targets.append({"boxes": torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)).to(device),
-                                "labels": torch.ones(len(boxes), dtype=torch.int64, device=device)})
-            # learning rate: linear warm-up, then the schedule over the planned steps (never the clock)
-            frac = min(1.0, step / max(1, total_steps))
-            if schedule == "cosine":
-                decay = 0.5 * (1 + math.cos(math.pi * frac))
-            elif schedule == "step":
-                decay = 1.0 if frac < 2.0 / 3.0 else 0.1
-            else:
-                decay = 1.0
-            scale = min(1.0, (step + 1) / warmup) * decay
+            imgs, targets = _augmented_batch([usable[k] for k in order[bi:bi + batch_size]], crop, rng, device)
             for g in opt.param_groups:
-                g["lr"] = lr * max(scale, 0.02)
+                g["lr"] = lr * max(_lr_scale(step, total_steps, warmup, schedule), 0.02)
             loss_dict = model(imgs, targets)
             loss = sum(loss_dict.values())
             if not torch.isfinite(loss):
@@ -167,11 +147,7 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
             f"{step * batch_size / max(elapsed, 1e-6):.1f} areas/s)")
         ap = metrics.get("AP50", float("nan"))
         if trial is not None and ap == ap:
-            import optuna
-
-            trial.report(ap, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
+            _report_trial(trial, ap, epoch)
         ap_all = metrics.get("AP", float("nan"))
         key = (ap, ap_all if ap_all == ap_all else -1.0)
         if not val or (ap == ap and key > (best["AP50"], best.get("AP") if best.get("AP") is not None else -1.0)):
@@ -189,6 +165,45 @@ def train_detector(train: list[AreaSample], val: list[AreaSample], cfg: Detector
     model.eval()
     return model, {"best": best, "history": history, "steps": step, "seconds": round(time.time() - t0, 1),
                    "train_areas": len(usable), "val_areas": len(val), "budget": budget.record(epochs)}
+
+
+def _augmented_batch(samples: list[AreaSample], crop: int, rng: np.random.Generator,
+                     device: str) -> tuple[list[torch.Tensor], list[dict]]:
+    """Training images and targets of one batch: scale jitter (half the time), a random crop, one of
+    the eight flips and quarter turns, stain jitter."""
+    imgs, targets = [], []
+    for s in samples:
+        img, boxes = s.image, s.boxes
+        if rng.random() < 0.5:
+            img, boxes = scale_jitter(img, boxes, rng)
+        img, boxes = _random_crop(img, boxes, crop, rng)
+        img, boxes = flip_rot(img, boxes, int(rng.integers(0, 4)), bool(rng.integers(0, 2)))
+        img = stain_jitter(img, rng)
+        imgs.append(to_tensor(img).to(device))
+        targets.append({"boxes": torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4)).to(device),
+                        "labels": torch.ones(len(boxes), dtype=torch.int64, device=device)})
+    return imgs, targets
+
+
+def _lr_scale(step: int, total_steps: int, warmup: int, schedule: str) -> float:
+    """Linear warm-up, then the schedule over the planned steps (never the clock)."""
+    frac = min(1.0, step / max(1, total_steps))
+    if schedule == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * frac))
+    elif schedule == "step":
+        decay = 1.0 if frac < 2.0 / 3.0 else 0.1
+    else:
+        decay = 1.0
+    return min(1.0, (step + 1) / warmup) * decay
+
+
+def _report_trial(trial, ap: float, epoch: int) -> None:
+    """Tell an Optuna trial the epoch's AP@0.5; it may prune the run."""
+    import optuna
+
+    trial.report(ap, epoch)
+    if trial.should_prune():
+        raise optuna.TrialPruned()
 
 
 # -- starting weights ------------------------------------------------------------------------------

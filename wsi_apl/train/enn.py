@@ -141,34 +141,12 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
     mean = X.mean(axis=0)
     std = np.where(X.std(axis=0) > 1e-9, X.std(axis=0), 1.0)
     Z = (X - mean) / std
-    folds = grouped_folds(dx, pats, k, seed)
-    oof = {t: np.full(len(X), np.nan) for t in TASKS}
     base = {**DEFAULT_PARAMS, "hidden": hidden}
-    fold_params: dict[str, list] = {t: [] for t in TASKS}
-    for f, test_idx in enumerate(folds):
-        train_mask = np.ones(len(X), bool)
-        train_mask[test_idx] = False
-        for task, (pos, neg) in TASKS.items():
-            m = train_mask & np.isin(dx, pos + neg)
-            y = np.isin(dx[m], pos).astype(np.float32)
-            if len(np.unique(y)) < 2:
-                continue
-            params = search_params(Z[m], y, pats[m], trials, seed + f) if trials else base
-            fold_params[task].append(params)
-            net = _fit(Z[m], y, params, seed + f)
-            oof[task][test_idx] = _logits(net, Z[test_idx])
-    calibration, metrics = {}, {"folds": k, "slides": int(len(X)), "apl_slides": int(is_apl.sum()),
-                                "apl_patients": n_apl_pat, "trials": trials}
-    oof_prob, net_thresholds = {}, {}
-    for task, (pos, neg) in TASKS.items():
-        m = np.isin(dx, pos + neg) & np.isfinite(oof[task])
-        y = np.isin(dx[m], pos)
-        a, b = platt(oof[task][m], y.astype(np.float32))
-        calibration[task] = [a, b]
-        oof_prob[task] = 1.0 / (1.0 + np.exp(-(a * oof[task] + b)))
-        metrics[task] = {"oof_auroc": auroc(y, oof[task][m]), "oof_auprc": auprc(y, oof[task][m]),
-                         "slides": int(m.sum()), "positives": int(y.sum()), "fold_params": fold_params[task]}
-        log(f"  {task}: out-of-fold AUROC {metrics[task]['oof_auroc']:.3f} on {int(m.sum())} slides")
+    oof, fold_params = _out_of_fold(Z, dx, pats, grouped_folds(dx, pats, k, seed), trials, seed, base)
+    metrics = {"folds": k, "slides": int(len(X)), "apl_slides": int(is_apl.sum()),
+               "apl_patients": n_apl_pat, "trials": trials}
+    calibration, oof_prob = _calibrate(oof, dx, fold_params, metrics, log)
+    net_thresholds = {}
     s = suspicion({t: np.nan_to_num(oof_prob[t], nan=0.0) for t in TASKS})
     caught = is_apl & (np.nan_to_num(oof_prob["apl_vs_aml"], nan=0.0) < 0.5) & (blasts >= blast_cutoff)
     if not is_apl[~caught].any():  # every APL slide AML-like: choose on all of them
@@ -196,18 +174,7 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
     log(f"  suspicion (APL vs all others), out-of-fold: AUROC {summary['auroc']:.3f}; the rule (each net at its "
         f"threshold: " + ", ".join(f"{t} {v:.3f}" for t, v in net_thresholds.items())
         + f") flags {summary['rule_sensitivity']:.2f} of APL and {1 - summary['rule_specificity']:.2f} of the others")
-    tensors, hidden_of = {}, {}
-    for task, (pos, neg) in TASKS.items():
-        m = np.isin(dx, pos + neg)
-        y = np.isin(dx[m], pos).astype(np.float32)
-        params = search_params(Z[m], y, pats[m], trials, seed) if trials else base
-        if trials:
-            log(f"  {task}: search chose {json.dumps({k: round(v, 5) for k, v in params.items()})}")
-        metrics[task]["params"] = params
-        hidden_of[task] = int(params["hidden"])
-        net = _fit(Z[m], y, params, seed)
-        for kname, v in net.state_dict().items():
-            tensors[f"{task}.{kname}"] = v
+    tensors, hidden_of = _final_nets(Z, dx, pats, trials, seed, base, metrics, log)
     config = {"features": list(names), "mean": mean.tolist(), "std": std.tolist(),
               "hidden": hidden_of, "calibration": calibration}
     decision = {"threshold": float(thr), "thresholds": {t: float(v) for t, v in net_thresholds.items()},
@@ -220,3 +187,57 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
                         "blast equivalents reach blast_inconclusive_percent; otherwise not_flagged (which never "
                         "excludes APL). The suspicion ranks the list."}
     return tensors, config, decision, metrics
+
+
+def _out_of_fold(Z: np.ndarray, dx: np.ndarray, pats: np.ndarray, folds: list[np.ndarray], trials: int, seed: int,
+                 base: dict) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Each task's logits on every slide from nets that never saw its patients, and each fold's params."""
+    oof = {t: np.full(len(Z), np.nan) for t in TASKS}
+    fold_params: dict[str, list] = {t: [] for t in TASKS}
+    for f, test_idx in enumerate(folds):
+        train_mask = np.ones(len(Z), bool)
+        train_mask[test_idx] = False
+        for task, (pos, neg) in TASKS.items():
+            m = train_mask & np.isin(dx, pos + neg)
+            y = np.isin(dx[m], pos).astype(np.float32)
+            if len(np.unique(y)) < 2:
+                continue
+            params = search_params(Z[m], y, pats[m], trials, seed + f) if trials else base
+            fold_params[task].append(params)
+            net = _fit(Z[m], y, params, seed + f)
+            oof[task][test_idx] = _logits(net, Z[test_idx])
+    return oof, fold_params
+
+
+def _calibrate(oof: dict[str, np.ndarray], dx: np.ndarray, fold_params: dict[str, list], metrics: dict,
+               log: Callable[[str], None]) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+    """Platt calibration of each task's out-of-fold logits; records their AUROC and AUPRC in ``metrics``."""
+    calibration, oof_prob = {}, {}
+    for task, (pos, neg) in TASKS.items():
+        m = np.isin(dx, pos + neg) & np.isfinite(oof[task])
+        y = np.isin(dx[m], pos)
+        a, b = platt(oof[task][m], y.astype(np.float32))
+        calibration[task] = [a, b]
+        oof_prob[task] = 1.0 / (1.0 + np.exp(-(a * oof[task] + b)))
+        metrics[task] = {"oof_auroc": auroc(y, oof[task][m]), "oof_auprc": auprc(y, oof[task][m]),
+                         "slides": int(m.sum()), "positives": int(y.sum()), "fold_params": fold_params[task]}
+        log(f"  {task}: out-of-fold AUROC {metrics[task]['oof_auroc']:.3f} on {int(m.sum())} slides")
+    return calibration, oof_prob
+
+
+def _final_nets(Z: np.ndarray, dx: np.ndarray, pats: np.ndarray, trials: int, seed: int, base: dict, metrics: dict,
+                log: Callable[[str], None]) -> tuple[dict, dict[str, int]]:
+    """Both nets fitted on every slide (the bundle's weights), with their params in ``metrics``."""
+    tensors, hidden_of = {}, {}
+    for task, (pos, neg) in TASKS.items():
+        m = np.isin(dx, pos + neg)
+        y = np.isin(dx[m], pos).astype(np.float32)
+        params = search_params(Z[m], y, pats[m], trials, seed) if trials else base
+        if trials:
+            log(f"  {task}: search chose {json.dumps({k: round(v, 5) for k, v in params.items()})}")
+        metrics[task]["params"] = params
+        hidden_of[task] = int(params["hidden"])
+        net = _fit(Z[m], y, params, seed)
+        for kname, v in net.state_dict().items():
+            tensors[f"{task}.{kname}"] = v
+    return tensors, hidden_of

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cells import CellSet, head_key, label_value
+from .cell_labels import head_key, label_value
+from .cells import CellSet
 
 PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 #: The window kept per picture, as a multiple of the crop: room for the training jitter of centre

@@ -17,7 +17,8 @@ import numpy as np
 
 from workers.classifier import CellConfig
 
-from .cells import CellSet, read_labelled_cells, split_cells
+from .cell_labels import read_labelled_cells
+from .cells import CellSet, split_cells
 from .picture_sets import FolderSource, PictureReport, read_folder_sets
 
 BY_PICTURE = ("no patient ids: the split is by picture, so cells of one patient may sit on both sides and "
