@@ -124,13 +124,24 @@ def load_cells(bundle: ModelBundle, device: str | torch.device = "auto"):
     return cls, cell_cfg, dev
 
 
-def analyse_image(image: np.ndarray, models: LoadedModels, cell_image: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray], dict, np.ndarray, dict]:
+@dataclass
+class ImageCells:
+    """The cells of one area image: boxes in the image's pixels, and what the models said of each."""
+
+    boxes: np.ndarray               # (n, 4) float32, image pixels
+    scores: np.ndarray              # (n,) detector scores
+    cut: np.ndarray                 # (n,) bool, touching the image border
+    probs: dict[str, np.ndarray]    # head -> (n,) probability
+    morph: dict[str, np.ndarray]    # morphometrics, (n,) each
+    gallery: np.ndarray             # (n, GALLERY_PX, GALLERY_PX, 3) uint8 crops
+    timings: dict[str, float]       # seconds per stage
+
+
+def analyse_image(image: np.ndarray, models: LoadedModels, cell_image: np.ndarray | None = None) -> ImageCells:
     """Detect, crop, classify and measure the cells of one area image at the bundle mpp.
 
     ``cell_image``: the same area at the cells' finer pixel size (:func:`cell_read`), which the crops
-    are cut from; default: ``image``. Returns ``(boxes_px, scores, cut, probs, morph, gallery_crops,
-    timings)``, boxes in ``image`` pixels.
+    are cut from; default: ``image``.
     """
     t0 = time.perf_counter()
     boxes, scores, cut = detect(models.detector, image, models.det_cfg, models.device)
@@ -147,7 +158,7 @@ def analyse_image(image: np.ndarray, models: LoadedModels, cell_image: np.ndarra
     gallery = extract_crops(src, centres, context_px, GALLERY_PX)
     t3 = time.perf_counter()
     timings = {"detect": t1 - t0, "classify": t2 - t1, "measure": t3 - t2}
-    return boxes, scores, cut, probs, morph, gallery, timings
+    return ImageCells(boxes, scores, cut, probs, morph, gallery, timings)
 
 
 def cell_read(cfg: CellConfig, area_mpp: float, size: tuple[int, int]) -> tuple[int, int] | None:
@@ -176,13 +187,14 @@ def process_area(slide_path: str, box: tuple[float, float, float, float], models
     source_mpp = max(models.cell_cfg.cell_mpp(models.bundle.mpp), float(slide.mpp)) if fine else models.bundle.mpp
     t_read = time.perf_counter() - t0
     with models.lock:  # one forward pass at a time per worker process
-        boxes, scores, cut, probs, morph, gallery, timings = analyse_image(read.image, models, cell_image)
+        found = analyse_image(read.image, models, cell_image)
+    boxes = found.boxes
     sx = (box[2] - box[0]) / size[0]
     sy = (box[3] - box[1]) / size[1]
     box_l0 = np.stack([box[0] + boxes[:, 0] * sx, box[1] + boxes[:, 1] * sy,
                        box[0] + boxes[:, 2] * sx, box[1] + boxes[:, 3] * sy], axis=1).astype(np.float32) \
         if len(boxes) else np.zeros((0, 4), np.float32)
-    timings["read"] = t_read
-    return CellTable(area=area_index, box_l0=box_l0, box_px=boxes, score=scores, cut=cut, probs=probs,
-                     morph=morph, crops=gallery, timings=timings, outside_fraction=read.outside_fraction,
-                     crop_source_mpp=source_mpp)
+    found.timings["read"] = t_read
+    return CellTable(area=area_index, box_l0=box_l0, box_px=boxes, score=found.scores, cut=found.cut,
+                     probs=found.probs, morph=found.morph, crops=found.gallery, timings=found.timings,
+                     outside_fraction=read.outside_fraction, crop_source_mpp=source_mpp)

@@ -29,8 +29,8 @@ from workers.bundle import update_hash
 
 from .status import PENDING, RESULTS, RUNNING, Status
 
-DONE = RESULTS
-_DONE_SQL = ", ".join(f"'{s}'" for s in (*RESULTS, Status.FAILED))
+#: Statuses a run ends a slide with (a result, or failed): SQL list for set_not_analysed.
+_ENDED_SQL = ", ".join(f"'{s}'" for s in (*RESULTS, Status.FAILED))
 LEDGER = "ledger.sqlite"
 
 
@@ -173,7 +173,7 @@ class Ledger:
 
     def is_done(self, fp: str, bundle_id: str) -> bool:
         s = self.slide(fp)
-        return bool(s and s["status"] in DONE and s["bundle"] == bundle_id)
+        return bool(s and s["status"] in RESULTS and s["bundle"] == bundle_id)
 
     def start(self, fp: str, bundle_id: str, size: int) -> None:
         self.db.execute(
@@ -198,7 +198,7 @@ class Ledger:
         self.db.execute(
             f"INSERT INTO slides(fingerprint, status, attempts, error) VALUES(?, '{Status.NOT_ANALYSED}', 0, ?) "
             f"ON CONFLICT(fingerprint) DO UPDATE SET status='{Status.NOT_ANALYSED}', error=excluded.error "
-            f"WHERE status NOT IN ({_DONE_SQL}) OR (? IS NOT NULL AND bundle IS NOT ?)",
+            f"WHERE status NOT IN ({_ENDED_SQL}) OR (? IS NOT NULL AND bundle IS NOT ?)",
             (fp, reason, bundle_id, bundle_id))
 
     # -- reading -------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -104,11 +105,20 @@ def search_params(Z: np.ndarray, y: np.ndarray, groups: np.ndarray, trials: int,
     return {**DEFAULT_PARAMS, **study.best_params, "inner_auroc": float(study.best_value)}
 
 
+class SlideNetsFit(NamedTuple):
+    """What :func:`train_enn` gives the bundle's slide_nets part."""
+
+    tensors: dict      # both nets' weights, "<task>.<name>"
+    config: dict       # features, standardisation, hidden sizes, calibration
+    decision: dict     # thresholds and the flag rule
+    metrics: dict      # out-of-fold figures, the reference for drift checks
+
+
 def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: list[str], *,
               target_sensitivity: float = 0.95, min_cells: int = 200, hidden: int = 0, seed: int = 0,
               trials: int = 0, blasts: np.ndarray | None = None, blast_cutoff: float = DEFAULT_BLAST_CUTOFF,
-              log: Callable[[str], None] = print) -> tuple[dict, dict, dict, dict]:
-    """Fit both nets; returns ``(tensors, config, decision, metrics)`` for the bundle's slide_nets part.
+              log: Callable[[str], None] = print) -> SlideNetsFit:
+    """Fit both nets for the bundle's slide_nets part (:class:`SlideNetsFit`).
 
     Patient-grouped stratified cross-validation gives out-of-fold predictions, on which the
     calibration and the thresholds are chosen. With ``trials``, an Optuna search runs inside each
@@ -186,7 +196,7 @@ def train_enn(X: np.ndarray, diagnoses: list[str], patients: list[str], names: l
                         "few cells, if 2.5% or more of the bootstrap resamples would be flagged, or if blasts and "
                         "blast equivalents reach blast_inconclusive_percent; otherwise not_flagged (which never "
                         "excludes APL). The suspicion ranks the list."}
-    return tensors, config, decision, metrics
+    return SlideNetsFit(tensors, config, decision, metrics)
 
 
 def _out_of_fold(Z: np.ndarray, dx: np.ndarray, pats: np.ndarray, folds: list[np.ndarray], trials: int, seed: int,
