@@ -3,7 +3,10 @@
 All measures work on optical density (OD = -log10(I / white)), so a paler or darker stain shifts
 values but not ratios, and they are expressed per µm or as shares, never in raw pixels.
 
-- ``focus``: edge sharpness (µm⁻¹, :func:`edge_sharpness`): about 0.7 for a sharp image read at
+- ``focus``: edge sharpness (µm⁻¹, :func:`block_focus`): steepest edges relative to their local
+  contrast. For an edge of contrast C blurred by a Gaussian of σ µm the steepest gradient is
+  C / (σ √(2π)), so the ratio estimates 1 / (σ √(2π)) whatever the stain's strength (95th percentile
+  over pixels with real contrast, so noise and glass do not count). About 0.7 for a sharp image read at
   0.5 µm/px, 0.37 under a 1 µm Gaussian defocus, 0.22 under 2 µm. ``focus_worst_block`` is the
   lowest over a 4x3 grid of blocks, so a partly blurred area scores low; ``blur_um`` translates it
   into the equivalent Gaussian blur.
@@ -39,20 +42,6 @@ def _edge_ratio(od_sum: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]
     edges = contrast > 0.15
     ratio = np.where(edges, grad / np.maximum(contrast, 1e-6), 0.0)
     return ratio, edges
-
-
-def edge_sharpness(od_sum: np.ndarray, mpp: float, min_edge_share: float = 0.01) -> float | None:
-    """Edge sharpness in µm⁻¹: steepest edges relative to their local contrast.
-
-    For an edge of contrast C blurred by a Gaussian of σ µm the steepest gradient is
-    C / (σ √(2π)), so the ratio gradient / contrast estimates 1 / (σ √(2π)) independently of the
-    stain's strength. The 95th percentile over pixels with real contrast is used, so pixel noise
-    and empty glass do not count. ``None`` when the image has too few edges to judge.
-    """
-    ratio, edges = _edge_ratio(od_sum, mpp)
-    if edges.mean() < min_edge_share or edges.sum() < 50:
-        return None
-    return float(np.percentile(ratio[edges], 95))
 
 
 def blur_from_sharpness(sharpness: float) -> float:

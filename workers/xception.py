@@ -154,9 +154,3 @@ def weighted_modules(model: Xception) -> list[tuple[str, nn.Module]]:
     """(name, module) of every convolution, separable convolution and batch norm."""
     return [(n, m) for n, m in model.named_children() if isinstance(m, (nn.Conv2d, SeparableConv2d, nn.BatchNorm2d))]
 
-
-def keras_parameter_count(model: Xception) -> int:
-    """Parameters as Keras counts them: weights plus batch-norm moving mean and variance."""
-    n = sum(p.numel() for p in model.parameters())
-    n += sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var")))
-    return n

@@ -94,10 +94,6 @@ class Names:
         """The naming of a results folder, from its ledger's ``meta`` table."""
         return cls(read_key(results)) if meta.get(META_KEY) == "1" else cls()
 
-    @property
-    def pseudonymized(self) -> bool:
-        return self.key is not None
-
     def slide(self, name: str) -> str:
         """A slide's name in outputs (the file name, or its pseudonym)."""
         return pseudonym(self.key, name) if self.key is not None else name

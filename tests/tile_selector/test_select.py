@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import testdata
 from tile_selector.overview import overview_image
-from tile_selector.quality import area_measures, edge_sharpness
+from tile_selector.quality import area_measures, block_focus
 from tile_selector.select import NOT_A_SMEAR, SelectorConfig, select_areas
 from tile_selector.slide import open_slide
 
@@ -116,8 +116,8 @@ def test_focus_measure_drops_with_blur(medium_slide):
     sel = select_areas(s, AREA, 0.5, SelectorConfig(max_areas=1, target_cells=0))
     img = s.read_area(sel.areas[0].box, AREA).image
     od = lambda im: -np.log10(np.clip((im.astype(np.float32) + 1) / 256, 1e-3, 1)).sum(2)  # noqa: E731
-    sharp = edge_sharpness(od(img), 0.5)
-    blurred = edge_sharpness(od(ndimage.gaussian_filter(img, (2, 2, 0))), 0.5)  # 1 µm at 0.5 µm/px
+    sharp = block_focus(od(img), 0.5)[2]  # the whole image's edge sharpness
+    blurred = block_focus(od(ndimage.gaussian_filter(img, (2, 2, 0))), 0.5)[2]  # 1 µm at 0.5 µm/px
     assert sharp > 0.55 and blurred < 0.45
     # the chosen area is in focus by the truth, and its worst 40-µm block measures so too (the
     # measure includes the optics and the sampling at 0.5 µm/px: a sharp block reads 0.6-0.9 µm)

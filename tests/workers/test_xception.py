@@ -11,11 +11,16 @@ from workers.xception import (
     MaxPool2dSame,
     Xception,
     keras_name,
-    keras_parameter_count,
     tf_same_padding,
     weighted_modules,
 )
 
+
+def keras_parameter_count(model: Xception) -> int:
+    """Parameters as Keras counts them: weights plus batch-norm moving mean and variance."""
+    n = sum(p.numel() for p in model.parameters())
+    n += sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var")))
+    return n
 
 def test_parameter_count_equals_keras():
     with torch.device("meta"):

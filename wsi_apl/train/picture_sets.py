@@ -290,11 +290,3 @@ def read_folder_sets(sources: list[FolderSource], heads: tuple[str, ...], cell_m
     cells = CellSet(images, np.arange(n), centre, np.asarray(labels, np.float32).reshape(n, len(heads)),
                     np.asarray(groups), float(cell_mpp), sources=np.asarray(source_of))
     return cells, report
-
-
-def by_picture_note(cells: CellSet) -> str | None:
-    """A warning when every group is a single picture (no patient ids), else None."""
-    if len(cells) and len(np.unique(cells.patients)) == len(cells.patients) and len(cells) == len(cells.images):
-        return ("no patient ids: the split is by picture, so cells of one patient may sit on both sides and "
-                "the figures can be optimistic")
-    return None
