@@ -60,9 +60,11 @@ def _env() -> dict:
     return env
 
 
-def scan_args(slides: Path, out: Path, bundle: Path, *extra: str) -> list[str]:
+def scan_args(slides: Path, out: Path, bundle: Path, *extra: str, workers: int | None = 2) -> list[str]:
+    """The scan command line; ``workers=None`` for a scan that joins a scheduler (no local workers)."""
+    local = ["--workers", str(workers)] if workers else []
     return [*CLI, "scan", str(slides), "--out", str(out), "--bundle", str(bundle), "--allow-synthetic",
-            "--workers", "2", "--max-areas", "4", "--target-cells", "0", *extra]
+            *local, "--max-areas", "4", "--target-cells", "0", *extra]
 
 
 def run(args: list[str], timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -255,8 +257,7 @@ def sc_scheduler_loss(work: Path, bundle: Path) -> dict:
     proc = None
     try:
         time.sleep(5)
-        args = scan_args(slides, out, bundle, "--scheduler", addr, "--max-active-slides", "1")
-        args[args.index("--workers"):args.index("--workers") + 2] = []
+        args = scan_args(slides, out, bundle, "--scheduler", addr, "--max-active-slides", "1", workers=None)
         t0 = time.time()
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
                                 start_new_session=True)
@@ -344,8 +345,8 @@ def sc_wrong_tls(work: Path, bundle: Path) -> dict:
             p.write_text(text)
             files[name] = p
         args = scan_args(slides, out, bundle, "--scheduler", cluster.scheduler_address, "--tls-ca-file",
-                         str(files["ca"]), "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]))
-        args[args.index("--workers"):args.index("--workers") + 2] = []
+                         str(files["ca"]), "--tls-cert", str(files["cert"]), "--tls-key", str(files["key"]),
+                         workers=None)
         r = run(args, timeout=300)
     return {"exit": r.returncode, "refused": r.returncode != 0, "message": r.stderr.strip()[-200:],
             "no_result": not any(s in FINAL[:3] for _, s in ledger_states(out))}

@@ -202,7 +202,7 @@ class CandidateMap:
             if s[j, i] <= 0:
                 break
             picks.append(self._pick(j, i, float(s[j, i])))
-            s[max(0, j - self.bh + 1):j + self.bh, max(0, i - self.bw + 1):i + self.bw] = -1.0
+            s[self._overlapping(j, i)] = -1.0
         return picks
 
     def probes(self, exclude=(), quantiles=(0.15, 0.4, 0.65, 0.9)) -> list[Pick]:
@@ -232,9 +232,13 @@ class CandidateMap:
             self._close(ok, p.box)
         return picks
 
+    def _overlapping(self, j: int, i: int) -> tuple[slice, slice]:
+        """The positions whose box overlaps the box at position (j, i)."""
+        return (slice(max(0, j - self.bh + 1), max(0, j + self.bh)),
+                slice(max(0, i - self.bw + 1), max(0, i + self.bw)))
+
     def _close(self, mask: np.ndarray, box) -> None:
-        j, i = self.index_of(box)
-        mask[max(0, j - self.bh + 1):max(0, j + self.bh), max(0, i - self.bw + 1):max(0, i + self.bw)] = False
+        mask[self._overlapping(*self.index_of(box))] = False
 
     def _pick(self, j: int, i: int, score: float) -> Pick:
         r = float(self.od[j, i]) / max(self.level, 1e-9)

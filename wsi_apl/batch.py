@@ -100,10 +100,13 @@ class Batch:
         self.started_at = dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
     # -- the list, current after every slide --------------------------------------------------------
-    def checkpoint(self, state: str = "running", why: str = "", triage: bool = True) -> dict[str, int]:
+    def checkpoint(self, state: str = "running", why: str = "", triage: bool = True,
+                   rows: list[dict] | None = None) -> dict[str, int]:
         """Rewrite triage.csv and scan_state.json from the ledger (after every finished slide, so a
-        killed scan leaves a list as current as its last slide); returns the counts per status."""
-        rows = triage_rows(self.ledger)  # one read of the ledger for the list and the counts
+        killed scan leaves a list as current as its last slide); returns the counts per status.
+        ``rows``: the list's rows when the caller has just read them."""
+        if rows is None:
+            rows = triage_rows(self.ledger)  # one read of the ledger for the list and the counts
         counts = dict(collections.Counter(r["status"] for r in rows))
         now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
         try:

@@ -38,7 +38,7 @@ from .pipeline import few_apl_slides
 from .privacy import META_KEY, Names, create_key, read_key
 from .status import DECISION_SUPPORT
 from .store import clean_staging
-from .triage import write_triage
+from .triage import triage_rows, write_triage
 
 
 @dataclass
@@ -138,7 +138,8 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
         alerts.wait()
         batch.close_unfinished()
         # whatever happened above, tonight's list is rewritten from the ledger: every slide seen has a row
-        out = write_triage(opts.out, ledger)
+        rows = triage_rows(ledger)
+        out = write_triage(opts.out, rows=rows)
         exc = sys.exc_info()[1]
         stopped_by = signal.Signals(batch.stop_signal).name if batch.stop_signal else ""
         if stopped_by:
@@ -147,7 +148,7 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
             state, why = "complete", ""
         else:
             state, why = "interrupted", f"{type(exc).__name__}: {exc}" if exc is not None else "stopped"
-        counts = batch.checkpoint(state, why, triage=False)
+        counts = batch.checkpoint(state, why, triage=False, rows=rows)
         ledger.close()
         if opts.report and opts.occlusion_cells > 0 and state == "complete":
             update_report(opts, log, only=None, occlusion=True)  # every page once more, with occlusion maps

@@ -127,7 +127,8 @@ def status(results: Path, as_json: bool) -> None:
     led = Ledger(results)
     try:
         rows = led.rows()
-        listed = {t["file_path"]: t for t in triage_rows(led)}  # the status and reason as listed (stale results)
+        # the status and reason as listed (stale results), from the same read of the ledger
+        listed = {t["file_path"]: t for t in triage_rows(led, rows)}
     finally:
         led.close()
     for r in rows:
