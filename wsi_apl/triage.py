@@ -65,15 +65,15 @@ def _other_bundle(r: dict, current: dict | None) -> str:
             + "); scan again to redo it with this bundle")
 
 
-def triage_rows(ledger: Ledger, rows: list[dict] | None = None) -> list[dict]:
+def triage_rows(ledger: Ledger, ledger_rows: list[dict] | None = None) -> list[dict]:
     """The list's rows, named as the folder's outputs name slides (pseudonyms with ``--pseudonymize``:
     ``slide`` pseudonymized, ``path`` blank, the slide's path and name replaced in ``reason``). The real
     path stays in ``file_path``, which is not a column of the list (``wsi-apl status`` matches on it).
-    ``rows``: the ledger's rows when the caller has read them already."""
+    ``ledger_rows``: the ledger's rows (:meth:`Ledger.rows`) when the caller has read them already."""
     rows = []
     current = ledger.bundle()
     names = Names.of(ledger.results, ledger.meta())
-    for r in ledger.rows() if rows is None else rows:
+    for r in ledger.rows() if ledger_rows is None else ledger_rows:
         stale = _other_bundle(r, current) if r["status"] in (*RESULTS, Status.NOT_ANALYSED) else ""
         res = {} if stale else (r["result"] or {})
         status = Status.NOT_ANALYSED if stale else r["status"]
