@@ -140,7 +140,7 @@ def test_geojson_of_a_scan(scanned, tmp_path):
 def test_via_round_trip(scanned, tmp_path):
     """The areas as pictures and the cells as a VIA project, read back by the readers of `train ... --via`."""
     from wsi_apl.annotations import read_via
-    from wsi_apl.train.cells import read_via_cells
+    from wsi_apl.train.cell_labels import read_via_cells
     from wsi_apl.train.steps import picture_samples
 
     res = scanned.results

@@ -156,7 +156,11 @@ def test_label_and_macro_images_never_reach_outputs(scanned_private, tmp_path):
         for s in strips:
             assert s not in data, (path, "bytes of an associated image")
         for t in texts:
-            assert t.encode() not in data, (path, t)
+            # a numeric id (aperio.ImageID) as a token of its own: the digits may occur inside a float of a
+            # measurement (0.2528603971004486) without anything leaking
+            leak = re.search(rb"(?<![0-9.])" + re.escape(t.encode()) + rb"(?![0-9])", data) if t.isdigit() \
+                else t.encode() in data
+            assert not leak, (path, t)
         if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
             with Image.open(path) as im:
                 pix = np.asarray(im.convert("RGB"))
