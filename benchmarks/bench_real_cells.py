@@ -36,7 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wsi_apl.evaluate import evaluate_labelled_cells  # noqa: E402
-from wsi_apl.train.cells import TRAIN_CELLS_DEFAULTS, train_cells_config  # noqa: E402
+from wsi_apl.train.cells import train_cells_config  # noqa: E402
+from wsi_apl.train.defaults import TRAIN_CELLS_DEFAULTS  # noqa: E402
 from wsi_apl.train.picture_sets import BUILTIN_CLASSES, FolderSource, picture_classes  # noqa: E402
 from wsi_apl.train.sources import CellSources, training_cells  # noqa: E402
 from wsi_apl.train.steps import Geometry, open_or_create, step_cells_from  # noqa: E402
