@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .common import echo_err, parse_area
+from .common import echo_err, fail, parse_area
 
 # -- bundle ------------------------------------------------------------------------------------------
 
@@ -18,18 +18,22 @@ def bundle() -> None:
     """Inspect and verify model bundles."""
 
 
+def _read_bundle(bundle_dir: Path):
+    """bundle.json of ``bundle_dir`` (weights not hashed here), or exit 2 with the reason."""
+    from workers.bundle import BundleError, load_bundle
+
+    try:
+        return load_bundle(bundle_dir, verify=False)
+    except BundleError as exc:
+        fail(str(exc))
+
+
 @bundle.command("info")
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True)
 def bundle_info(bundle_dir: Path, as_json: bool) -> None:
     """What a bundle holds: geometry, parts, metrics, provenance."""
-    from workers.bundle import BundleError, load_bundle
-
-    try:
-        b = load_bundle(bundle_dir, verify=False)
-    except BundleError as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+    b = _read_bundle(bundle_dir)
     s = b.summary()
     if as_json:
         click.echo(json.dumps(s, indent=2))
@@ -47,13 +51,7 @@ def bundle_info(bundle_dir: Path, as_json: bool) -> None:
 @click.argument("bundle_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def bundle_verify(bundle_dir: Path) -> None:
     """Check every weight file against the sha256 in bundle.json."""
-    from workers.bundle import BundleError, load_bundle
-
-    try:
-        b = load_bundle(bundle_dir, verify=False)
-    except BundleError as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+    b = _read_bundle(bundle_dir)
     problems = b.verify()
     if problems:
         for p in problems:
@@ -91,8 +89,7 @@ def bundle_import_keras(model_file: Path, head: str, out: Path, trust: bool, mpp
         r = import_keras(model_file, head, out, trust, log=click.echo, mpp=mpp, area=parse_area(area),
                          positive_class=positive_class)
     except (KerasImportError, BundleError) as exc:
-        echo_err(" ".join(str(exc).split()))
-        sys.exit(2)
+        fail(" ".join(str(exc).split()))
     c = r["check"]
     click.echo(f"{out}: {head} imported (max |Δp| {c['max_abs_diff_prob']:.1e} <= {c['tolerance_prob']:g}); "
                f"heads {', '.join(r['heads'])}")

@@ -3,11 +3,20 @@ labelled-data sources of training and evaluation."""
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 import click
 
 
 def echo_err(msg: str) -> None:
     click.echo(f"error: {msg}", err=True)
+
+
+def fail(msg: str) -> NoReturn:
+    """One error line on stderr, then exit status 2 (bad input, nothing done)."""
+    echo_err(msg)
+    sys.exit(2)
 
 
 def parse_area(value: str) -> tuple[int, int]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import click
 
-from .common import echo_err, parse_area
+from .common import echo_err, fail, parse_area
 
 # -- synth ---------------------------------------------------------------------------------------
 
@@ -94,8 +93,7 @@ def estimate_mpp_cmd(pictures, red_cell_um, max_pictures, as_json) -> None:
     try:
         est = estimate_mpp(images(), red_cell_um)
     except ValueError as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps(est.to_json(), indent=2))
         return
@@ -121,8 +119,7 @@ def info(slide: Path, mpp, reader, as_json) -> None:
     try:
         s = open_slide(slide, reader=reader, mpp=mpp)
     except SlideError as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
     d = s.info()
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -166,8 +163,7 @@ def select(slide, mpp, bundle_dir, area, area_mpp, max_areas, target_cells, read
         s = open_slide(slide, reader=reader, mpp=mpp)
         sel = select_areas(s, size, area_mpp, SelectorConfig(max_areas=max_areas, target_cells=target_cells))
     except SlideError as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
     d = sel.to_json()
     d["slide"] = str(slide)
     if out_dir is not None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from .common import FOLDERS_HELP, cell_sources, echo_err, one_source, parse_classes
+from .common import FOLDERS_HELP, cell_sources, fail, one_source, parse_classes
 
 # -- evaluate -----------------------------------------------------------------------------------
 
@@ -52,8 +51,7 @@ def evaluate_detector_cmd(bundle_dir, via, voc, cohort, images, classes, mpp, as
         else:
             m = evaluate_detector_pictures(bundle_dir, via, voc, images, parse_classes(classes), mpp, log=log)
     except (BundleError, ValueError, FileNotFoundError) as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
     if not as_json:
         click.echo(f"AP@0.5 {m['AP50']:.3f}  AP@0.5:0.95 {m['AP']:.3f}  AR@0.5 {m['AR50']:.3f}  AR {m['AR']:.3f}  "
                    f"({m['images']} images)")
@@ -106,8 +104,7 @@ def evaluate_cells_cmd(bundle_dir, cohort, cells_csv, via, images, paper, folder
         else:
             m = evaluate_labelled_cells(bundle_dir, src, curves_dir, log=log)
     except (BundleError, ValueError, FileNotFoundError) as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
     _dump(m, as_json, out)
 
 

@@ -3,19 +3,16 @@ wsi_apl/privacy.py (heavy imports stay inside the commands, so ``wsi-apl --help`
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
+
+from .common import fail
 
 _RESULTS = click.Path(exists=True, file_okay=False, path_type=Path)
 _SLIDE_HELP = ("The slide: its name in triage.csv's slide column (file name or pseudonym), its file name, or the "
                "first digits (at least 6) of its fingerprint.")
 
-
-def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
 
 
 @click.group()
@@ -37,7 +34,7 @@ def export_geojson_cmd(results: Path, slide: str | None, out: Path) -> None:
     try:
         files = export_geojson(results, out, slide)
     except (ValueError, OSError) as exc:  # ExportError, PseudonymError: one line naming the file and the fix
-        _fail(str(exc))
+        fail(str(exc))
     for f in files:
         click.echo(str(f))
     click.echo(f"{len(files)} slide(s) exported for QuPath to {out}")
@@ -56,7 +53,7 @@ def export_via_cmd(results: Path, slide: str, out: Path) -> None:
     try:
         project = export_via(results, out, slide)
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(f"VIA project: {project} (open it in VGG Image Annotator 2 from the folder holding the pictures)")
 
 
@@ -74,7 +71,7 @@ def export_cells_cmd(results: Path, slide: str | None, fmt: str, out: Path) -> N
     try:
         files = export_cells(results, out, slide, fmt)
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for f in files:
         click.echo(str(f))
     click.echo(f"{len(files)} slide(s) exported as {fmt} to {out}")
@@ -93,13 +90,13 @@ def pseudonyms(results: Path, slides_dir: Path) -> None:
     from ..privacy import PseudonymError, key_path, pseudonym, read_key
 
     if not key_path(results).exists():
-        _fail(f"{results}: was not scanned with --pseudonymize (no {key_path(results).name}): its outputs use the "
+        fail(f"{results}: was not scanned with --pseudonymize (no {key_path(results).name}): its outputs use the "
               "slides' file names")
     try:
         key = read_key(results)
         slides, _ = list_slides(slides_dir)
     except (PseudonymError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     table = pd.DataFrame({"slide": [p.name for p in slides], "pseudonym": [pseudonym(key, p.name) for p in slides]})
     click.echo(table.to_csv(index=False, lineterminator="\n"), nl=False)
     click.echo(f"{len(table)} slide(s); this table links pseudonyms to file names: keep it with the lab's records, "

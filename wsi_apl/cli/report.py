@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
+
+from .common import fail
 
 
 @click.command("report")
@@ -21,8 +22,7 @@ def report_cmd(results: Path, bundle_dir: Path | None, no_occlusion: bool) -> No
     from ..triage import TRIAGE
 
     if not (results / TRIAGE).exists():
-        click.echo(f"error: {results}: no {TRIAGE} here; run 'wsi-apl scan SLIDES --out {results}' first", err=True)
-        sys.exit(2)
+        fail(f"{results}: no {TRIAGE} here; run 'wsi-apl scan SLIDES --out {results}' first")
     stats = build_report(results, None, log=lambda s: None, bundle=bundle_dir, occlusion=not no_occlusion)
     per = sum(stats.seconds) / len(stats.seconds) if stats.seconds else 0.0
     click.echo(str(stats.index))

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..status import DECISION_SUPPORT, Status
-from .common import echo_err
+from .common import echo_err, fail
 
 # -- scan / status / triage -----------------------------------------------------------------------
 
@@ -82,8 +82,7 @@ def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, t
     try:
         deadline_at = parse_deadline(deadline)
     except ValueError as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
     slurm = None
     if cluster_kind == "slurm":
         slurm = SlurmOptions(queue=slurm_queue, account=slurm_account, jobs=slurm_jobs, gpus_per_job=slurm_gpus,
@@ -102,8 +101,7 @@ def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, t
     try:
         summary = run_scan(opts, log=click.echo)
     except (BundleError, LedgerLocked, FileNotFoundError, ValueError, ClusterError) as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
     bad = sum(v for k, v in summary["counts"].items() if k in (Status.FAILED, Status.NOT_ANALYSED))
     if bad:
         click.echo(f"{bad} slide(s) failed or were not analysed: see the reasons in triage.csv "

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
 from ..train.defaults import TRAIN_CELLS_DEFAULTS as _CELLS
-from .common import FOLDERS_HELP, cell_sources, echo_err, geometry, one_source, parse_classes
+from .common import FOLDERS_HELP, cell_sources, fail, geometry, one_source, parse_classes
 
 # -- train ---------------------------------------------------------------------------------------
 
@@ -123,8 +122,7 @@ def train_detector_cmd(via, voc, cohort, images, paper, out, classes, mpp, area,
                       init=init_b, backbone_weights=weights, trials=trials, test_s=test_s, source=source,
                       log=click.echo)
     except (BundleError, ValueError, FileNotFoundError) as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
 
 
 @train.command("cells")
@@ -208,8 +206,7 @@ def train_cells_cmd(cohort, cells_csv, via, images, paper, folders, class_map, i
                         source=src.describe(), stain_aug=stain_aug, stain_norm=stain_norm, notes=notes,
                         config=cfg, ema=ema, patience=patience, log=click.echo)
     except (ValueError, FileNotFoundError) as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
 
 
 @train.command("enn")
@@ -247,8 +244,7 @@ def train_enn_cmd(slides_csv, paper, image_mpp, bundle_dir, target_sensitivity, 
                  min_cells=min_cells, max_areas=max_areas, target_cells=target_cells, seed=seed, trials=trials,
                  log=click.echo)
     except (ValueError, FileNotFoundError) as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
 
 
 @train.command("all")
@@ -294,6 +290,5 @@ def propose(images_dir, bundle_dir, out, mpp, score) -> None:
     try:
         r = run(images_dir, bundle_dir, out, mpp, score, log=click.echo)
     except (BundleError, ValueError, FileNotFoundError) as exc:
-        echo_err(str(exc))
-        sys.exit(2)
+        fail(str(exc))
     click.echo(f"{r['cells']} proposed cells on {r['images']} pictures written to {out} (score >= {r['score_threshold']:.2f})")

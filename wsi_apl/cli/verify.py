@@ -4,17 +4,14 @@ inside the commands)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from .common import fail
+
 _RESULTS = click.Path(exists=True, file_okay=False, path_type=Path)
 
-
-def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
 
 
 @click.command()
@@ -33,7 +30,7 @@ def verdict(results: Path, slide: str, says: str, comment: str) -> None:
     try:
         path, old = write_verdict(results, slide, says, comment)
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(f"{path}: {says}" + (f" (replaces '{old['says']}' of {old['at']})" if old else ""))
 
 
@@ -56,7 +53,7 @@ def verify(results: tuple[Path, ...], bundle_dir: Path, as_json: bool) -> None:
     try:
         r = run(list(results), load_bundle(bundle_dir, verify=False))
     except (ValueError, BundleError, OSError) as exc:
-        _fail(" ".join(str(exc).split()))
+        fail(" ".join(str(exc).split()))
     if as_json:
         click.echo(json.dumps(r, indent=2, default=float))
         return
