@@ -89,14 +89,41 @@ class _Reader:
         self.close()
 
 
-class OpenSlideReader(_Reader):
-    """openslide-python. Thread-safe reads (openslide serialises what it must)."""
+class _HandleReader(_Reader):
+    """A reader over an openslide-style handle (openslide and tiffslide share the API): the levels it
+    serves (indices into the handle's own), the facts from the handle's ``<prefix>.*`` properties."""
 
-    name = "openslide"
+    prefix = ""
 
     def __init__(self, handle, served: list[int], **facts):
         super().__init__(**facts)
         self._handle, self._served = handle, served
+        self._lock = contextlib.nullcontext()
+
+    @classmethod
+    def _of_handle(cls, handle, served: list[int], dims: list, downs: list, vendor: str) -> _HandleReader:
+        props = handle.properties
+        return cls(handle, served, vendor=vendor,
+                   levels=[Level(int(dims[i][0]), int(dims[i][1]), float(downs[i])) for i in served],
+                   mpp_x=_plausible(_float(props.get(f"{cls.prefix}.mpp-x"))),
+                   mpp_y=_plausible(_float(props.get(f"{cls.prefix}.mpp-y"))),
+                   objective_power=_float(props.get(f"{cls.prefix}.objective-power")),
+                   associated_images=sorted(handle.associated_images))
+
+    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        ds = self.levels[level].downsample
+        with self._lock:
+            return np.asarray(self._handle.read_region((int(round(x * ds)), int(round(y * ds))), self._served[level],
+                                                       (w, h)))
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class OpenSlideReader(_HandleReader):
+    """openslide-python. Thread-safe reads (openslide serialises what it must)."""
+
+    name = prefix = "openslide"
 
     @classmethod
     def open(cls, path: Path) -> OpenSlideReader:
@@ -113,7 +140,6 @@ class OpenSlideReader(_Reader):
         except openslide.OpenSlideError as exc:
             raise UnreadableSlide(path, f"openslide cannot read it ({exc})",
                                   "the file may be truncated or corrupt; copy it again from the scanner") from exc
-        props = handle.properties
         dims = list(handle.level_dimensions)
         downs = list(handle.level_downsamples)
         idx = list(range(len(dims)))
@@ -122,30 +148,16 @@ class OpenSlideReader(_Reader):
             keep = [i for i in idx if tuple(dims[i]) in stored]
             if keep:  # serve the levels stored in the file (NDPI: openslide adds JPEG-scaled ones)
                 idx = keep
-        return cls(handle, idx, vendor=props.get("openslide.vendor", "unknown"),
-                   levels=[Level(int(dims[i][0]), int(dims[i][1]), float(downs[i])) for i in idx],
-                   mpp_x=_plausible(_float(props.get("openslide.mpp-x"))),
-                   mpp_y=_plausible(_float(props.get("openslide.mpp-y"))),
-                   objective_power=_float(props.get("openslide.objective-power")),
-                   associated_images=sorted(handle.associated_images))
-
-    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        ds = self.levels[level].downsample
-        return np.asarray(self._handle.read_region((int(round(x * ds)), int(round(y * ds))), self._served[level],
-                                                   (w, h)))
-
-    def close(self) -> None:
-        self._handle.close()
+        return cls._of_handle(handle, idx, dims, downs, handle.properties.get("openslide.vendor", "unknown"))
 
 
-class TiffSlideReader(_Reader):
+class TiffSlideReader(_HandleReader):
     """tiffslide. Its reads are serialised here: a TiffSlide is not safe to share between threads."""
 
-    name = "tiffslide"
+    name = prefix = "tiffslide"
 
-    def __init__(self, handle, **facts):
-        super().__init__(**facts)
-        self._handle = handle
+    def __init__(self, handle, served: list[int], **facts):
+        super().__init__(handle, served, **facts)
         self._lock = threading.Lock()
 
     @classmethod
@@ -162,21 +174,8 @@ class TiffSlideReader(_Reader):
                 raise UnsupportedFormat(path, "not a TIFF-based slide", "") from exc
             raise UnreadableSlide(path, f"tiffslide cannot read it ({type(exc).__name__}: {exc})",
                                   "the file may be truncated or corrupt; copy it again from the scanner") from exc
-        props = handle.properties
-        return cls(handle, vendor=props.get("tiffslide.vendor") or "generic-tiff",
-                   levels=[Level(int(w), int(h), float(d)) for (w, h), d in zip(dims, downs)],
-                   mpp_x=_plausible(_float(props.get("tiffslide.mpp-x"))),
-                   mpp_y=_plausible(_float(props.get("tiffslide.mpp-y"))),
-                   objective_power=_float(props.get("tiffslide.objective-power")),
-                   associated_images=sorted(handle.associated_images))
-
-    def read_region(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        ds = self.levels[level].downsample
-        with self._lock:
-            return np.asarray(self._handle.read_region((int(round(x * ds)), int(round(y * ds))), level, (w, h)))
-
-    def close(self) -> None:
-        self._handle.close()
+        return cls._of_handle(handle, list(range(len(dims))), dims, downs,
+                              handle.properties.get("tiffslide.vendor") or "generic-tiff")
 
 
 class PictureReader(_Reader):
