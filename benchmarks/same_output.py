@@ -134,8 +134,10 @@ def main() -> int:
     diffs = compare_triage(args.a, args.b) + compare_store(args.a, args.b)
     for d in diffs:
         print(d)
-    n = len([g for g in (args.a / "cells.zarr").iterdir() if g.is_dir()]) if (args.a / "cells.zarr").exists() else 0
-    print(f"{len(diffs)} difference(s) between {args.a} and {args.b} ({n} slide groups compared)")
+    from wsi_apl.store import slide_groups
+
+    print(f"{len(diffs)} difference(s) between {args.a} and {args.b} ({len(slide_groups(args.a))} slide groups in "
+          f"{args.a})")
     return 1 if diffs else 0
 
 

@@ -254,12 +254,18 @@ def _write_json(path: Path, data: dict) -> Path:
     return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def export_geojson(results: Path, out: Path, slide: str | None = None) -> list[Path]:
-    """Write ``<group>.geojson`` per analysed slide (or for ``slide``) into ``out``; returns the files."""
-    results, out = Path(results), Path(out)
+def slides_to_export(results: Path, slide: str | None) -> list[SlideRef]:
+    """The slide ``slide`` names, or every analysed slide (an error when there is none)."""
     refs = [find_slide(results, slide)] if slide else [r for r in all_slides(results) if r.group]
     if slide is None and not refs:
         raise ExportError(f"{results}: no analysed slide to export (see triage.csv)")
+    return refs
+
+
+def export_geojson(results: Path, out: Path, slide: str | None = None) -> list[Path]:
+    """Write ``<group>.geojson`` per analysed slide (or for ``slide``) into ``out``; returns the files."""
+    results, out = Path(results), Path(out)
+    refs = slides_to_export(results, slide)
     out.mkdir(parents=True, exist_ok=True)
     return [_write_json(out / f"{ref.group}.geojson", slide_geojson(results, ref)) for ref in refs]
 
@@ -423,9 +429,7 @@ def export_cells(results: Path, out: Path, slide: str | None = None, fmt: str = 
     if fmt not in CELL_FORMATS:
         raise ExportError(f"--format {fmt!r}: use one of {', '.join(CELL_FORMATS)}")
     results, out = Path(results), Path(out)
-    refs = [find_slide(results, slide)] if slide else [r for r in all_slides(results) if r.group]
-    if slide is None and not refs:
-        raise ExportError(f"{results}: no analysed slide to export (see triage.csv)")
+    refs = slides_to_export(results, slide)
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for ref in refs:
