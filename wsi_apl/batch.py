@@ -435,11 +435,12 @@ def finish(job: SlideJob, analysis: SlideAnalysis, ledger: Ledger, opts: ScanOpt
     result.timings = {"seconds": round(time.time() - job.started, 2),
                       "select": round(float(sel.timings.get("total", 0.0)), 3),
                       **{k: round(v, 3) for k, v in stages.items()}}
-    write_slide_group(opts.out, group_name(job.path, job.fp, names), outcome.cells,
-                      outcome.store_attrs(names, job.path, _provenance(analysis.bundle, job)))
-    if result.status == Status.FLAGGED:
-        alerts.flag(job.path, job.case, result.suspicion)  # before the ledger says done: a crash in between repeats, never loses it
-    ledger.finish(job.fp, result.status, result.to_json(), group_name(job.path, job.fp, names))
+    group = group_name(job.path, job.fp, names)
+    attrs = outcome.store_attrs(names, job.path, _provenance(analysis.bundle, job))
+    write_slide_group(opts.out, group, outcome.cells, attrs)
+    if result.status == Status.FLAGGED:  # alerted before the ledger says done: a crash in between repeats it
+        alerts.flag(job.path, job.case, result.suspicion)
+    ledger.finish(job.fp, result.status, result.to_json(), group)
     extra = f" (suspicion {result.suspicion:.2f})" if result.suspicion is not None else ""
     why = f": {result.reason}" if result.reason else ""
     log(f"  {result.slide}: {result.status}{extra}, {result.cells} cells in {result.areas} areas{why}")

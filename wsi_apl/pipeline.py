@@ -148,7 +148,7 @@ class SlideAnalysis:
         self.selector = selector or SelectorConfig()
         self.models = models            # None where only conclude() runs (the scan's client)
         self.nets = nets
-        self.rule = (bundle.part("slide_nets") or {}).get("decision", {}) if bundle.has("slide_nets") else {}
+        self.rule = (bundle.part("slide_nets") or {}).get("decision", {})
         self.reader, self.slide_mpp = reader, slide_mpp
 
     def __call__(self, path: str | Path) -> SlideOutcome:
