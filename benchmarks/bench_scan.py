@@ -3,6 +3,7 @@ embedded LocalCluster, where the time goes, and what the client sends to the wor
 
     python benchmarks/bench_scan.py --bundle demo_out/bundle
     python benchmarks/bench_scan.py --bundle demo_out/bundle --slides 8 --size 12000x9000 --workers 1,2
+    python benchmarks/bench_scan.py --bundle demo_out/bundle --torch-threads 1 --no-report   # worker scaling
 
 The slides are synthetic smears (one per diagnosis, cycling) at 0.25 µm/px, written once into a
 cache folder; each run scans them into a fresh results folder through the real scan (selection
@@ -11,6 +12,11 @@ pixels, detecting, classifying, measuring the cells, choosing the areas) and cli
 (aggregating and writing the zarr group), as parts of their sum. "Bytes to workers per area" is the
 pickled size of every task's arguments, divided by the areas: the client ships paths and boxes,
 never pixels.
+
+Two questions, two settings. *Throughput of a scan as a lab runs it*: the defaults (each worker's
+torch threads share the cores; the expert-review report and its occlusion maps are written by the
+client as the scan goes and at its end). *Scaling with workers*: ``--torch-threads 1 --no-report``,
+every worker with one core, the client's report left out, so N workers have N times the means of one.
 """
 
 from __future__ import annotations
@@ -38,6 +44,9 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts, one run each")
     ap.add_argument("--max-areas", type=int, default=6)
     ap.add_argument("--seed", type=int, default=77)
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch threads per worker (default: cores / workers)")
+    ap.add_argument("--no-report", action="store_true", help="leave out the expert-review report and occlusion maps")
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.lower().split("x"))
     folder = _slides(args.slides, (w, h), args.seed)
@@ -48,14 +57,17 @@ def main() -> None:
     for n in (int(v) for v in args.workers.split(",")):
         out = Path(tempfile.mkdtemp(prefix=f"bench-scan-{n}w-"))
         opts = ScanOptions(slides=folder, out=out, bundle=args.bundle, allow_synthetic=True, workers=n,
-                           max_areas=args.max_areas, target_cells=0)
+                           max_areas=args.max_areas, target_cells=0, torch_threads=args.torch_threads,
+                           report=not args.no_report, occlusion_cells=0 if args.no_report else 2)
         t0 = time.time()
         s = scan(opts, log=lambda _m: None)
         el = time.time() - t0
         stages = s["stage_seconds"]
         total = sum(stages.values()) or 1.0
         rows.append((n, s, el, {k: v / total for k, v in stages.items()}))
-        print(f"{n} worker(s): {s['areas']} areas, {s['cells']} cells, {args.slides} slides in {el:.1f} s "
+        print(f"{n} worker(s) x {args.torch_threads or 'cores/workers'} torch thread(s), report "
+              f"{'off' if args.no_report else 'on'}: {s['areas']} areas, {s['cells']} cells, {args.slides} slides "
+              f"in {el:.1f} s "
               f"(cluster start included) -> {s['areas'] / el:.2f} areas/s, {3600 * args.slides / el:.0f} slides/h, "
               f"{s['cells'] / el:.0f} cells/s; statuses {s['counts']}")
         print("   time shares: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(rows[-1][3].items(),

@@ -186,13 +186,13 @@ class Batch:
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
         opts, bundle = self.opts, self.bundle
-        handle = start_cluster(opts.scheduler, opts.workers, tls=opts.tls, slurm=opts.slurm)
+        handle = start_cluster(opts.scheduler, opts.workers, opts.torch_threads, tls=opts.tls, slurm=opts.slurm)
         self.n_workers = handle.workers
         self.log(f"Dask cluster: {handle.workers} worker(s){' with GPUs' if handle.gpus else ' (CPU)'}; "
                  f"dashboard {handle.dashboard}")
         self.run_id = uuid.uuid4().hex[:8]
         try:
-            register_bundles(handle, {bundle.id: str(bundle.path.resolve())},
+            register_bundles(handle, {bundle.id: str(bundle.path.resolve())}, opts.torch_threads,
                              remote=bool(opts.scheduler or opts.slurm))
             self.window = window = TaskWindow(handle.client, opts.max_in_flight or max(4, 3 * handle.workers),
                                               gpu=handle.gpus > 0)

@@ -53,6 +53,7 @@ class ScanOptions:
     force: bool = False
     scheduler: str | None = None
     workers: int | None = None
+    torch_threads: int | None = None    # embedded cluster: torch threads per worker (default: cores / workers)
     cases: Path | None = None
     max_in_flight: int | None = None
     max_active_slides: int | None = None

@@ -44,6 +44,8 @@ from .common import echo_err, fail
 @click.option("--slurm-memory", default="32GB", show_default=True, help="Memory per job.")
 @click.option("--slurm-walltime", default="08:00:00", show_default=True, help="Walltime per job.")
 @click.option("--workers", type=int, default=None, help="Workers of the embedded LocalCluster.")
+@click.option("--torch-threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per worker of the embedded LocalCluster (default: the cores over the workers).")
 @click.option("--max-active-slides", type=click.IntRange(min=1), default=None,
               help="Slides in progress at once (default: twice the workers).")
 @click.option("--cases", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -68,7 +70,7 @@ from .common import echo_err, fail
                    "'wsi-apl pseudonyms RESULTS SLIDES_DIR' prints the table. Kept by later scans of the folder.")
 def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, target_cells, force, scheduler, tls_ca_file, tls_cert,
          tls_key, insecure, cluster_kind, slurm_queue, slurm_account, slurm_jobs, slurm_gpus, slurm_cores, slurm_memory,
-         slurm_walltime, workers, max_active_slides, cases, watch, deadline, settle_s, poll_s, on_flag, report,
+         slurm_walltime, workers, torch_threads, max_active_slides, cases, watch, deadline, settle_s, poll_s, on_flag, report,
          occlusion_cells, pseudonymize) -> None:
     """Scan every slide of a folder and write the triage list."""
     from cluster.client import ClusterError, SlurmOptions, TlsFiles
@@ -93,7 +95,8 @@ def scan(slides_dir, out, bundle_dir, allow_synthetic, reader, mpp, max_areas, t
     elif watch:
         click.echo("Watching the folder until Ctrl-C (give --deadline HH:MM to stop in time for the morning list)")
     opts = ScanOptions(slides=slides_dir, out=out, bundle=bundle_dir, reader=reader, mpp=mpp, max_areas=max_areas,
-                       target_cells=target_cells, force=force, scheduler=scheduler, workers=workers, cases=cases,
+                       target_cells=target_cells, force=force, scheduler=scheduler, workers=workers,
+                       torch_threads=torch_threads, cases=cases,
                        max_active_slides=max_active_slides, tls=TlsFiles(tls_ca_file, tls_cert, tls_key, insecure),
                        slurm=slurm, watch=watch, deadline=deadline_at, settle_s=settle_s, poll_s=poll_s,
                        on_flag=on_flag, allow_synthetic=allow_synthetic, pseudonymize=pseudonymize, report=report,
