@@ -17,11 +17,10 @@ import torch
 from tile_selector.slide import open_slide_cached
 
 from .bundle import ModelBundle, load_bundle
-from .classifier import CellClassifier, CellConfig, classify
-from .crops import MORPHOMETRICS, cell_centres, extract_crops, morphometrics
-from .detector import DetectorConfig, build_detector, detect
-
-GALLERY_PX = 48
+from .classifier import CellClassifier, CellConfig
+from .crops import MORPHOMETRICS
+from .detector import DetectorConfig, build_detector
+from .engine import GALLERY_PX, ImageCells, analyse_images
 
 
 @dataclass
@@ -124,41 +123,18 @@ def load_cells(bundle: ModelBundle, device: str | torch.device = "auto"):
     return cls, cell_cfg, dev
 
 
-@dataclass
-class ImageCells:
-    """The cells of one area image: boxes in the image's pixels, and what the models said of each."""
-
-    boxes: np.ndarray               # (n, 4) float32, image pixels
-    scores: np.ndarray              # (n,) detector scores
-    cut: np.ndarray                 # (n,) bool, touching the image border
-    probs: dict[str, np.ndarray]    # head -> (n,) probability
-    morph: dict[str, np.ndarray]    # morphometrics, (n,) each
-    gallery: np.ndarray             # (n, GALLERY_PX, GALLERY_PX, 3) uint8 crops
-    timings: dict[str, float]       # seconds per stage
-
-
 def analyse_image(image: np.ndarray, models: LoadedModels, cell_image: np.ndarray | None = None) -> ImageCells:
-    """Detect, crop, classify and measure the cells of one area image at the bundle mpp.
+    """Detect, crop, classify and measure the cells of one area image at the bundle mpp
+    (:func:`workers.engine.analyse_images` with one image).
 
     ``cell_image``: the same area at the cells' finer pixel size (:func:`cell_read`), which the crops
-    are cut from; default: ``image``.
+    are cut from; default: ``image``. Timings in the scan's stages: ``detect`` (upload and forward
+    pass), ``classify`` (crops and heads), ``measure`` (crops back to the host, morphometrics).
     """
-    t0 = time.perf_counter()
-    boxes, scores, cut = detect(models.detector, image, models.det_cfg, models.device)
-    t1 = time.perf_counter()
-    cfg = models.cell_cfg
-    src = image if cell_image is None else cell_image
-    centres, scale = cell_centres(boxes, image.shape, src.shape)
-    context_px = cfg.crop_um / models.bundle.mpp * scale
-    crops = extract_crops(src, centres, context_px, cfg.crop_px)
-    p = classify(models.cells, crops, models.device) if len(crops) else np.zeros((0, len(cfg.heads)), np.float32)
-    probs = {h: p[:, i] for i, h in enumerate(cfg.heads)}
-    t2 = time.perf_counter()
-    morph = morphometrics(crops, cfg.crop_mpp)
-    gallery = extract_crops(src, centres, context_px, GALLERY_PX)
-    t3 = time.perf_counter()
-    timings = {"detect": t1 - t0, "classify": t2 - t1, "measure": t3 - t2}
-    return ImageCells(boxes, scores, cut, probs, morph, gallery, timings)
+    [found], t = analyse_images([image], models, None if cell_image is None else [cell_image])
+    found.timings = {"detect": t["upload"] + t["detect"], "classify": t["crop"] + t["classify"],
+                     "measure": t["download"] + t["measure"]}
+    return found
 
 
 def cell_read(cfg: CellConfig, area_mpp: float, size: tuple[int, int]) -> tuple[int, int] | None:

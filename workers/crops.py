@@ -35,19 +35,28 @@ def extract_crops(image: np.ndarray, centres: np.ndarray, context_px: float, out
     Bilinear with adaptive sampling (an average over the source pixels each output pixel covers),
     so downsampled crops are antialiased. Returns (n, out_px, out_px, 3) uint8.
     """
+    if len(centres) == 0:
+        return np.zeros((0, out_px, out_px, 3), np.uint8)
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    with torch.inference_mode():
+        return crops_on_device(x, centres, context_px, out_px).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+
+
+def crops_on_device(image: torch.Tensor, centres: np.ndarray, context_px: float, out_px: int) -> torch.Tensor:
+    """:func:`extract_crops` where ``image`` (3, h, w; uint8 or 0-255 floats) already lies: on a GPU
+    the crops never leave it. Returns (n, 3, out_px, out_px) floats holding whole values 0-255 (the
+    uint8 crops :func:`extract_crops` returns); outside the image is white (glass), not dropped."""
     n = len(centres)
     if n == 0:
-        return np.zeros((0, out_px, out_px, 3), np.uint8)
+        return torch.zeros((0, 3, out_px, out_px), device=image.device)
     pad = int(math.ceil(context_px / 2)) + 2
-    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), constant_values=255)
-    x = torch.from_numpy(np.ascontiguousarray(padded)).permute(2, 0, 1).unsqueeze(0).float()
+    x = torch.nn.functional.pad(image.float().unsqueeze(0), (pad, pad, pad, pad), value=255.0)
     half = context_px / 2.0
-    c = torch.from_numpy(np.asarray(centres, np.float32)) + pad
-    boxes = torch.cat([torch.zeros(n, 1), c[:, :1] - half, c[:, 1:] - half, c[:, :1] + half, c[:, 1:] + half], 1)
-    with torch.inference_mode():
-        out = roi_align(x, boxes, output_size=(out_px, out_px), spatial_scale=1.0, sampling_ratio=-1,
-                        aligned=True)
-        return out.permute(0, 2, 3, 1).clamp_(0, 255).round_().to(torch.uint8).numpy()
+    c = torch.as_tensor(np.asarray(centres, np.float32), device=image.device) + pad
+    boxes = torch.cat([torch.zeros(n, 1, device=image.device), c[:, :1] - half, c[:, 1:] - half,
+                       c[:, :1] + half, c[:, 1:] + half], 1)
+    out = roi_align(x, boxes, output_size=(out_px, out_px), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    return out.clamp_(0, 255).round_()
 
 
 def morphometrics(crops: np.ndarray, crop_mpp: float, box_sizes_um: np.ndarray | None = None) -> dict[str, np.ndarray]:
