@@ -136,7 +136,9 @@ class Slide:
                                   "the file may be truncated or corrupt; copy it again from the scanner") from exc
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
-        if arr.shape[2] == 4:
+        if arr.shape[2] == 4 and arr[..., 3].min() == 255:  # opaque (nearly always): no blending to do
+            arr = arr[..., :3]
+        elif arr.shape[2] == 4:
             alpha = arr[..., 3:4].astype(np.float32) / 255.0
             rgb = arr[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
             arr = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
