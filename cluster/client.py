@@ -126,7 +126,7 @@ def check_scheduler_address(scheduler: str, tls: TlsFiles) -> None:
 class SlurmOptions:
     """An ephemeral Dask cluster on SLURM through dask-jobqueue.
 
-    Each job runs ``gpus_per_job`` worker processes (one per GPU, each advertising ``GPU=1``), or one
+    Each job runs ``gpus_per_job`` worker processes (one per GPU, each advertising ``GPU_SLOTS`` slots), or one
     CPU worker when ``gpus_per_job`` is 0. ``cores`` and ``memory`` are per job.
 
     The scheduler and workers talk TLS with temporary certificates; dask-jobqueue writes the
@@ -162,7 +162,7 @@ def slurm_cluster(opts: SlurmOptions, submit: bool = True):
     worker_args = []
     if opts.gpus_per_job:
         directives.append(f"--gres=gpu:{opts.gpus_per_job}")
-        worker_args += ["--resources", "GPU=1"]
+        worker_args += ["--resources", f"GPU={GPU_SLOTS}"]
     prologue = [f"export OMP_NUM_THREADS={threads}", f"export MKL_NUM_THREADS={threads}"]
     shared = opts.shared_temp_directory or opts.log_directory or os.path.expanduser("~")
     os.makedirs(shared, exist_ok=True)  # the certificates are written before the log folder is made
@@ -214,6 +214,12 @@ class ClusterHandle:
                         f.close()  # a NamedTemporaryFile: closing removes it
 
 
+#: Area tasks a GPU worker runs at once (each asks for one slot of its ``GPU`` resource): the forward
+#: passes take turns (one lock per worker, :class:`workers.area.LoadedModels`), so while one area is on
+#: the card the next one is read and decoded, and the last one's cells measured, on the host.
+GPU_SLOTS = 2
+
+
 def _gpu_count() -> int:
     try:
         import torch
@@ -245,8 +251,9 @@ def start_cluster(scheduler: str | None = None, n_workers: int | None = None, to
     """Connect to ``scheduler`` (``tls://``, or ``tcp://`` as :func:`check_scheduler_address` allows),
     start SLURM jobs, or a LocalCluster on loopback; the last two use TLS with temporary certificates.
 
-    The LocalCluster gets one worker per GPU, or CPU workers (default: one per two cores, at least
-    one) with ``torch_threads`` threads each so the cores are used but not oversubscribed. On SLURM
+    The LocalCluster gets one worker per GPU (with :data:`GPU_SLOTS` task threads and slots, and one
+    more thread for the selections), or CPU workers (default: one per two cores, at least one) with
+    ``torch_threads`` threads each so the cores are used but not oversubscribed. On SLURM
     the client waits up to ``wait_s`` for the first worker (jobs may queue).
     """
     tls = tls or TlsFiles()
@@ -293,11 +300,12 @@ def start_cluster(scheduler: str | None = None, n_workers: int | None = None, to
     security = _temporary_security()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
                           "distributed.scheduler.allowed-failures": 2}):
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=GPU_SLOTS + 1 if gpus else 1, processes=True,
+                               host="127.0.0.1",
                                protocol="tls://", security=security,
                                dashboard_address="127.0.0.1:0", memory_limit=memory_limit,
                                silence_logs=logging.ERROR,
-                               resources={"GPU": 1} if gpus else None)
+                               resources={"GPU": GPU_SLOTS} if gpus else None)
         client = Client(cluster, security=security)
     return ClusterHandle(client, cluster, client.dashboard_link or "", n_workers, gpus, security)
 

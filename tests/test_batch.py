@@ -585,7 +585,7 @@ def test_slurm_job_script_asks_for_gpus_and_threads():
         cluster.close()
     assert "#SBATCH -p gpu" in script and "#SBATCH -A haem" in script and "#SBATCH -t 06:00:00" in script
     assert "#SBATCH --gres=gpu:2" in script
-    assert "--nworkers 2" in script and "--resources GPU=1" in script  # one worker per GPU
+    assert "--nworkers 2" in script and "--resources GPU=2" in script  # one worker per GPU, 2 area slots
     assert "export OMP_NUM_THREADS=8" in script
     assert dashboard.startswith("http://127.0.0.1:")  # the dashboard is not on every interface
 
