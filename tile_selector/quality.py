@@ -23,6 +23,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from .morphology import closing, extreme_filter, opening
+
 
 def optical_density(img: np.ndarray, white: np.ndarray | None = None) -> np.ndarray:
     """OD (h, w, 3) float32 of an RGB uint8 image; ``white`` (3,) is the glass level (default: bright percentile)."""
@@ -38,7 +40,7 @@ def _edge_ratio(od_sum: np.ndarray, mpp: float) -> tuple[np.ndarray, np.ndarray]
     g = ndimage.gaussian_filter(od_sum.astype(np.float32), 0.7)
     grad = np.hypot(ndimage.sobel(g, 1), ndimage.sobel(g, 0)) / (8.0 * mpp)
     w = max(3, int(round(8.0 / mpp)))
-    contrast = ndimage.maximum_filter(g, w) - ndimage.minimum_filter(g, w)
+    contrast = extreme_filter(g, w, np.maximum) - extreme_filter(g, w, np.minimum)
     edges = contrast > 0.15
     ratio = np.where(edges, grad / np.maximum(contrast, 1e-6), 0.0)
     return ratio, edges
@@ -96,8 +98,7 @@ def nuclei_mask(od: np.ndarray, mpp: float) -> np.ndarray:
     # cytoplasm absorbs red too but far less than green+red together in a nucleus.
     thr = max(0.22, float(np.percentile(od_r, 99.5)) * 0.35)
     mask = (od_r > thr) & (od_g > 0.6 * od_r)
-    mask = ndimage.binary_opening(mask, iterations=max(1, int(round(0.4 / mpp))))
-    return mask
+    return opening(mask, max(1, int(round(0.4 / mpp))))
 
 
 def background_od(img: np.ndarray, white: np.ndarray | None = None) -> float:
@@ -127,7 +128,7 @@ def area_measures(img: np.ndarray, mpp: float, white: np.ndarray | None = None,
         typical, overlap = 0.0, 0.0
     nuc = nuclei_mask(od, mpp)
     # merge the lobes of one nucleus (segmented neutrophils) before counting
-    merged = ndimage.binary_closing(nuc, iterations=max(1, int(round(0.8 / mpp))))
+    merged = closing(nuc, max(1, int(round(0.8 / mpp))))
     labels, n = ndimage.label(merged)
     px_area = mpp * mpp
     if n:
@@ -171,7 +172,7 @@ def red_cell_count(od: np.ndarray, nuclei: np.ndarray, mpp: float, background: f
     """
     od_r, od_g = od[..., 0], od[..., 1]
     pink = (od_g > 0.08 + background / 3.0) & (od_g > 1.35 * od_r) & ~nuclei
-    pink = ndimage.binary_opening(pink)
+    pink = opening(pink)
     labels, n = ndimage.label(pink)
     if n == 0:
         return 0
