@@ -297,9 +297,17 @@ def start_cluster(scheduler: str | None = None, n_workers: int | None = None, to
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                 "OPENBLAS_NUM_THREADS": str(threads)})
+    # Dask's default MALLOC_TRIM_THRESHOLD_=65536 fixes glibc's mmap threshold at 128 KiB, so every
+    # temporary array of the selector's measures is mmap'd and faulted in afresh: selections ran 1.6x
+    # slower in a worker than in a plain process (benchmarks/bench_scan.py). glibc's own adaptive
+    # thresholds instead; a worker's memory is mostly its models, which stay.
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
     security = _temporary_security()
     with dask.config.set({"distributed.nanny.pre-spawn-environ": env,
-                          "distributed.scheduler.allowed-failures": 2}):
+                          "distributed.scheduler.allowed-failures": 2,
+                          # the statistical profiler takes the GIL every 10 ms from tasks that are
+                          # Python-heavy (the selector); the dashboard keeps its task stream
+                          "distributed.worker.profile.enabled": False}):
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=GPU_SLOTS + 1 if gpus else 1, processes=True,
                                host="127.0.0.1",
                                protocol="tls://", security=security,

@@ -31,6 +31,22 @@ def test_local_cluster_is_on_loopback(cluster):
     assert "127.0.0.1" in cluster.dashboard
 
 
+def _worker_settings():
+    import os
+
+    import dask
+
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"), dask.config.get(
+        "distributed.worker.profile.enabled")
+
+
+def test_workers_run_without_dasks_malloc_trim_and_profiler(cluster):
+    """Dask's MALLOC_TRIM_THRESHOLD_ made every temporary array of the selector an mmap (selections
+    1.6x slower in a worker), and its 10-ms profiler takes the GIL from Python-heavy tasks."""
+    trim, omp, profile = cluster.client.submit(_worker_settings, pure=False).result()
+    assert trim is None and omp == "1" and profile is False
+
+
 def test_window_bounds_in_flight_and_reports_errors(cluster):
     w = TaskWindow(cluster.client, max_in_flight=3)
     for i in range(10):
