@@ -70,14 +70,17 @@ def main() -> None:
               f"in {el:.1f} s "
               f"(cluster start included) -> {s['areas'] / el:.2f} areas/s, {3600 * args.slides / el:.0f} slides/h, "
               f"{s['cells'] / el:.0f} cells/s; statuses {s['counts']}")
+        print(f"   without starting and stopping the cluster: {s['analysis_seconds']:.1f} s -> "
+              f"{s['areas'] / max(1e-6, s['analysis_seconds']):.2f} areas/s")
         print("   time shares: " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(rows[-1][3].items(),
                                                                                       key=lambda kv: -kv[1])))
         print(f"   bytes to workers: {s['bytes_to_workers']} in {s['area_tasks']} area tasks + {args.slides} "
               f"selections = {s['bytes_to_workers'] / max(1, s['area_tasks'] + args.slides):.0f} bytes per task "
               "(paths, boxes, ids; no pixels)")
     if len(rows) == 2:
-        (n1, _, e1, _), (n2, _, e2, _) = rows
-        print(f"speed-up {n2} vs {n1} worker(s): {e1 / e2:.2f}x")
+        (n1, s1, e1, _), (n2, s2, e2, _) = rows
+        print(f"speed-up {n2} vs {n1} worker(s): {e1 / e2:.2f}x with the cluster's start, "
+              f"{s1['analysis_seconds'] / max(1e-6, s2['analysis_seconds']):.2f}x without")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class Batch:
         self.n_workers = 0
         self.bytes_submitted = 0
         self.area_tasks = 0
+        self.t0 = self.t_end = 0.0  # first task submitted, last result in (epoch seconds)
         self.stage_seconds: dict[str, float] = collections.defaultdict(float)
         self.closed = False  # the deadline passed: no new slide is started
         self.stop_signal: int | None = None  # SIGTERM received: finish the tasks in hand, write the list, stop
@@ -236,6 +237,7 @@ class Batch:
                 if not window.pending and not self.waiting and (self.closed or not opts.watch):
                     break
         finally:
+            self.t_end = time.time()
             if self.window is not None:
                 self.bytes_submitted = self.window.bytes_submitted
             handle.close()

@@ -159,6 +159,8 @@ def scan(opts: ScanOptions, log: Callable[[str], None] = print) -> dict:
                "areas": batch.areas_done, "cells": batch.cells_done, "workers": batch.n_workers,
                "bytes_to_workers": batch.bytes_submitted, "area_tasks": batch.area_tasks,
                "stage_seconds": {k: round(v, 3) for k, v in batch.stage_seconds.items()},
+               # from the first task submitted to the last result (without starting and stopping the cluster)
+               "analysis_seconds": round(max(0.0, batch.t_end - batch.t0), 2) if batch.t0 else 0.0,
                "stopped_by": stopped_by}
     log("")
     log("Summary: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + f" in {elapsed:.0f} s")
