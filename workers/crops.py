@@ -37,7 +37,8 @@ def extract_crops(image: np.ndarray, centres: np.ndarray, context_px: float, out
     """
     if len(centres) == 0:
         return np.zeros((0, out_px, out_px, 3), np.uint8)
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    arr = image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
+    x = torch.from_numpy(arr).permute(2, 0, 1)
     with torch.inference_mode():
         return crops_on_device(x, centres, context_px, out_px).permute(0, 2, 3, 1).to(torch.uint8).numpy()
 

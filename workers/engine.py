@@ -67,7 +67,8 @@ def _to_device(images: list[np.ndarray], device: torch.device) -> list[torch.Ten
     """(h, w, 3) uint8 arrays -> (3, h, w) uint8 tensors on ``device`` (pinned, non-blocking on CUDA)."""
     out = []
     for im in images:
-        t = torch.from_numpy(np.ascontiguousarray(im))
+        arr = im if im.flags.writeable and im.flags.c_contiguous else np.array(im, order="C")  # PIL's are read-only
+        t = torch.from_numpy(arr)
         if device.type == "cuda":
             t = t.pin_memory().to(device, non_blocking=True)
         out.append(t.permute(2, 0, 1))
