@@ -7,7 +7,7 @@ Prints one JSON object. What it measures (the paper took 45.3 s per 2560x1920 im
 4.4 s FRCNN, 0.2 s per cell for the classifiers, 2.1 s for the slide nets):
 
 - ``steady``: areas/s, per-area latency (p50, p95) and cells/s through :mod:`workers.engine`, for
-  1, 2 and 4 areas per forward pass, with the next areas read from the slide file by a reader pool
+  1 and 4 areas per forward pass (``--batches``), with the next areas read from the slide file by a reader pool
   while the device works; the stage profile (seconds per area) of each;
 - ``classify``: crops/s of the classifier alone (Xception heads and the small heads), with and
   without ``torch.compile`` where ``--compile`` asks for it;
@@ -192,8 +192,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="small areas and models: a check that it runs (CPU, CI)")
-    ap.add_argument("--areas", type=int, default=48, help="areas per steady-state run")
-    ap.add_argument("--batches", default="1,2,4", help="areas per forward pass, one run each")
+    ap.add_argument("--areas", type=int, default=24, help="areas per steady-state run")
+    ap.add_argument("--batches", default="1,4", help="areas per forward pass, one run each")
     ap.add_argument("--cells-per-area", type=int, default=500)
     ap.add_argument("--readers", type=int, default=4, help="reader threads (prefetch)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the heads")
@@ -225,7 +225,11 @@ def main() -> None:
     models = {"xception": _models(args, dev, backbone, "xception"), "small": _models(args, dev, backbone, "small")}
     out["model_build_s"] = round(time.perf_counter() - t, 2)
     rng = np.random.default_rng(args.seed)
-    opts = EngineOptions(measure_threads=4 if dev.type == "cuda" else 1, max_cells=args.cells_per_area)
+    # the morphometrics run on the host, per cell: on a GPU machine they get the host's threads
+    import os
+
+    opts = EngineOptions(measure_threads=min(8, os.cpu_count() or 1) if dev.type == "cuda" else 1,
+                         max_cells=args.cells_per_area)
     warm = _boxes(slide, 2, area_l0, rng)
     for m in models.values():
         _run_areas(slide, warm, size, m, 1, args.readers, opts)
