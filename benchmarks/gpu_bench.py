@@ -46,10 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from workers.area import LoadedModels  # noqa: E402
-from workers.classifier import CellClassifier, CellConfig  # noqa: E402
+from workers.classifier import CellClassifier, CellConfig, probabilities  # noqa: E402
 from workers.crops import crops_on_device  # noqa: E402
 from workers.detector import DetectorConfig, build_detector  # noqa: E402
-from workers.engine import EngineOptions, analyse_images  # noqa: E402
+from workers.engine import EngineOptions, analyse_images, synchronize  # noqa: E402
 
 
 def _slide(size: tuple[int, int], seed: int) -> Path:
@@ -61,11 +61,6 @@ def _slide(size: tuple[int, int], seed: int) -> Path:
         synth_cohort(folder, ["apl"], seed=seed, mpp=0.25, size=size)
         found = sorted(folder.glob("*.tiff"))
     return found[0]
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _models(args, dev: torch.device, backbone: str, cells: str) -> LoadedModels:
@@ -108,7 +103,7 @@ def _run_areas(slide, boxes, size, models, per_batch: int, readers: int, opts: E
             if k + 1 < len(batches):
                 nxt = ahead.submit(read, batches[k + 1])  # read while the device works on this batch
             found, t = analyse_images(imgs, models, opts=opts)
-            _sync(models.device)
+            synchronize(models.device)
             t["read_wait"] = wait
             for s, v in t.items():
                 prof[s] = prof.get(s, 0.0) + v
@@ -125,26 +120,23 @@ def _run_areas(slide, boxes, size, models, per_batch: int, readers: int, opts: E
 @torch.inference_mode()
 def _classify_rate(models: LoadedModels, n: int, batch: int, compile_: bool) -> dict:
     """Crops per second of the heads alone, on crops already on the device."""
-    from workers.engine import _classify_device
-
     p = models.cell_cfg.crop_px
     crops = torch.randint(0, 256, (n, 3, p, p), device=models.device).float()
-    opts = EngineOptions(cell_batch=batch)
     out = {}
-    variants = [("eager", models)]
+    dev = models.device
+    variants = [("eager", models.cells)]
     if compile_:
         try:
-            compiled = SimpleNamespace(**{**models.__dict__, "cells": torch.compile(models.cells)})
-            variants.append(("compiled", compiled))
+            variants.append(("compiled", torch.compile(models.cells)))
         except Exception as exc:  # noqa: BLE001 - report why, keep measuring
             out["compile_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    for name, m in variants:
+    for name, heads in variants:
         try:
-            _classify_device(m, crops[:batch], opts)  # warm-up (and compilation)
-            _sync(models.device)
+            probabilities(heads, batch, lambda i, j: crops[i:j] / 255.0, dev, batch)  # warm-up (and compilation)
+            synchronize(dev)
             t = time.perf_counter()
-            _classify_device(m, crops, opts)
-            _sync(models.device)
+            probabilities(heads, n, lambda i, j: crops[i:j] / 255.0, dev, batch)
+            synchronize(dev)
             out[f"{name}_crops_per_s"] = round(n / (time.perf_counter() - t), 1)
         except Exception as exc:  # noqa: BLE001
             out[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -163,10 +155,10 @@ def _paper_way(image: np.ndarray, dev: torch.device, args, n_cells: int, measure
             for h in ("myeloblast", "promyelocyte", "auer_rod")}
     x = torch.from_numpy(image).to(dev).permute(2, 0, 1).float() / 255.0
     det([x])  # warm-up
-    _sync(dev)
+    synchronize(dev)
     t = time.perf_counter()
     det([x])
-    _sync(dev)
+    synchronize(dev)
     t_det = time.perf_counter() - t
     rng = np.random.default_rng(0)
     h, w = image.shape[:2]
@@ -175,13 +167,13 @@ def _paper_way(image: np.ndarray, dev: torch.device, args, n_cells: int, measure
     ctx = 32.0 / args.mpp
     for net in nets.values():  # warm-up
         net(crops_on_device(src, centres[:1], ctx, 299) / 255.0)
-    _sync(dev)
+    synchronize(dev)
     t = time.perf_counter()
     for c in centres:
         crop = crops_on_device(src, c[None], ctx, 299) / 255.0
         for net in nets.values():
             torch.sigmoid(net(crop)).cpu()
-    _sync(dev)
+    synchronize(dev)
     per_cell = (time.perf_counter() - t) / measured
     return {"detect_s": round(t_det, 3), "classify_s_per_cell": round(per_cell, 4), "cells_timed": measured,
             "seconds_per_area": round(t_det + per_cell * n_cells, 2),

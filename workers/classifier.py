@@ -216,17 +216,23 @@ def classify(model: CellClassifier, crops: np.ndarray, device: str | torch.devic
         from .stain import normalise_crops
 
         crops = normalise_crops(crops, model.cfg.stain_norm, model.cfg.stain_target)
-    n = len(crops)
-    out = np.zeros((n, len(model.cfg.heads)), np.float32)
     dev = torch.device(device)
-    use_amp = dev.type == "cuda"
-    if dev.type == "cpu":
-        batch_size = max(1, min(batch_size, CPU_BATCH_PIXELS // max(1, model.cfg.crop_px ** 2)))
     model.to(memory_format=torch.channels_last)  # outside inference mode: the weights stay trainable
     with torch.inference_mode():
-        for i in range(0, n, batch_size):
-            x = crops_to_tensor(crops[i:i + batch_size]).to(dev).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = model(x)
-            out[i:i + batch_size] = torch.sigmoid(logits.float()).cpu().numpy()
+        return probabilities(model, len(crops), lambda i, j: crops_to_tensor(crops[i:j]).to(dev), dev, batch_size)
+
+
+def probabilities(model: CellClassifier, n: int, batch, device: torch.device, batch_size: int = 256,
+                  amp: bool = True) -> np.ndarray:
+    """Probabilities (n, heads) of ``n`` crops, ``batch(i, j)`` giving crops ``i:j`` as (j - i, 3, p, p)
+    floats in [0, 1] on ``device``: channels-last, bf16 autocast on CUDA (``amp``), on a CPU batches
+    capped by :data:`CPU_BATCH_PIXELS`. Call in inference mode, with the model already channels-last."""
+    out = np.zeros((n, len(model.cfg.heads)), np.float32)
+    if device.type == "cpu":
+        batch_size = max(1, min(batch_size, CPU_BATCH_PIXELS // max(1, model.cfg.crop_px ** 2)))
+    for i in range(0, n, batch_size):
+        x = batch(i, i + batch_size).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            logits = model(x)
+        out[i:i + batch_size] = torch.sigmoid(logits.float()).cpu().numpy()
     return out

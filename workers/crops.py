@@ -29,6 +29,13 @@ def cell_centres(boxes: np.ndarray, image_shape: tuple, cell_shape: tuple | None
     return centres.astype(np.float32), float(scale.mean())
 
 
+def pixels(image: np.ndarray) -> torch.Tensor:
+    """(h, w, 3) uint8 array -> (3, h, w) uint8 tensor sharing its memory where it can (a copy of a
+    read-only or non-contiguous array, such as PIL's, which torch must not write through)."""
+    arr = image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
 def extract_crops(image: np.ndarray, centres: np.ndarray, context_px: float, out_px: int) -> np.ndarray:
     """Square crops of side ``context_px`` (area pixels) around ``centres`` (n, 2) resampled to ``out_px``.
 
@@ -37,10 +44,8 @@ def extract_crops(image: np.ndarray, centres: np.ndarray, context_px: float, out
     """
     if len(centres) == 0:
         return np.zeros((0, out_px, out_px, 3), np.uint8)
-    arr = image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
-    x = torch.from_numpy(arr).permute(2, 0, 1)
     with torch.inference_mode():
-        return crops_on_device(x, centres, context_px, out_px).permute(0, 2, 3, 1).to(torch.uint8).numpy()
+        return crops_on_device(pixels(image), centres, context_px, out_px).permute(0, 2, 3, 1).to(torch.uint8).numpy()
 
 
 def crops_on_device(image: torch.Tensor, centres: np.ndarray, context_px: float, out_px: int) -> torch.Tensor:

@@ -26,6 +26,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
+from .crops import pixels
+
 BACKBONES = ("mobilenet_v3", "resnet50_fpn_v2")
 
 
@@ -137,8 +139,24 @@ def set_capacity(model: FasterRCNN, cfg: DetectorConfig, shape: tuple[int, int])
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """(h, w, 3) uint8 -> (3, h, w) float in [0, 1]."""
-    arr = image if image.flags.writeable and image.flags.c_contiguous else np.array(image, order="C")
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+    return pixels(image).float().div_(255.0)
+
+
+def detections(out: dict, shape: tuple[int, int], cfg: DetectorConfig, score_threshold: float | None = None,
+               limit: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(boxes, scores, cut)`` of one image's Faster R-CNN output: the detections at or above the
+    score threshold (``limit`` > 0: at most that many, best first, as torchvision sorts them), on
+    the host as float32, and whether each box touches the border of an image of ``shape`` (h, w)."""
+    thr = cfg.score_threshold if score_threshold is None else score_threshold
+    keep = out["scores"] >= thr
+    if limit:
+        keep &= torch.arange(len(keep), device=keep.device) < limit
+    boxes = out["boxes"][keep].float().cpu().numpy().astype(np.float32)
+    scores = out["scores"][keep].float().cpu().numpy().astype(np.float32)
+    h, w = shape[:2]
+    b = cfg.border_px
+    cut = (boxes[:, 0] <= b) | (boxes[:, 1] <= b) | (boxes[:, 2] >= w - b) | (boxes[:, 3] >= h - b)
+    return boxes, scores, cut
 
 
 @torch.inference_mode()
@@ -149,18 +167,10 @@ def detect(model: FasterRCNN, image: np.ndarray, cfg: DetectorConfig, device: st
     Returns ``(boxes, scores, cut)``: boxes (n, 4) float32 in area pixels ``x0, y0, x1, y1``,
     detector scores (n,), and whether each box touches the area border (a cell cut by the edge).
     """
-    thr = cfg.score_threshold if score_threshold is None else score_threshold
     model.eval()
     set_capacity(model, cfg, image.shape[:2])
     x = to_tensor(image).to(device)
     use_amp = torch.device(device).type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
         out = model([x])[0]
-    boxes = out["boxes"].float().cpu().numpy()
-    scores = out["scores"].float().cpu().numpy()
-    keep = scores >= thr
-    boxes, scores = boxes[keep], scores[keep]
-    h, w = image.shape[:2]
-    b = cfg.border_px
-    cut = (boxes[:, 0] <= b) | (boxes[:, 1] <= b) | (boxes[:, 2] >= w - b) | (boxes[:, 3] >= h - b)
-    return boxes.astype(np.float32), scores.astype(np.float32), cut
+    return detections(out, image.shape, cfg, score_threshold)

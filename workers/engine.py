@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .classifier import CPU_BATCH_PIXELS
-from .crops import MORPHOMETRICS, cell_centres, crops_on_device, morphometrics
-from .detector import set_capacity
+from .classifier import classify, probabilities
+from .crops import MORPHOMETRICS, cell_centres, crops_on_device, morphometrics, pixels
+from .detector import detections, set_capacity
 
 if TYPE_CHECKING:  # the models are loaded by workers.area, which runs this engine
     from .area import LoadedModels
@@ -65,35 +65,20 @@ class EngineOptions:
 
 def _to_device(images: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
     """(h, w, 3) uint8 arrays -> (3, h, w) uint8 tensors on ``device`` (pinned, non-blocking on CUDA)."""
-    out = []
-    for im in images:
-        arr = im if im.flags.writeable and im.flags.c_contiguous else np.array(im, order="C")  # PIL's are read-only
-        t = torch.from_numpy(arr)
-        if device.type == "cuda":
-            t = t.pin_memory().to(device, non_blocking=True)
-        out.append(t.permute(2, 0, 1))
-    return out
+    if device.type != "cuda":
+        return [pixels(im) for im in images]
+    return [pixels(im).pin_memory().to(device, non_blocking=True) for im in images]
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a CUDA GPU; nothing to wait for on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _classify_device(models: "LoadedModels", crops: torch.Tensor, opts: EngineOptions) -> np.ndarray:
-    """Probabilities (n, heads) of crops (n, 3, p, p; whole values 0-255) already on the device."""
-    model, dev = models.cells, models.device
-    n, p = len(crops), models.cell_cfg.crop_px
-    out = np.zeros((n, len(models.cell_cfg.heads)), np.float32)
-    bs = opts.cell_batch
-    if dev.type == "cpu":
-        bs = max(1, min(bs, CPU_BATCH_PIXELS // max(1, p * p)))
-    for i in range(0, n, bs):
-        x = (crops[i:i + bs] / 255.0).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=opts.amp and dev.type == "cuda"):
-            logits = model(x)
-        out[i:i + bs] = torch.sigmoid(logits.float()).cpu().numpy()
-    return out
+def _to_host(crops: torch.Tensor) -> np.ndarray:
+    """(n, 3, p, p) whole-valued floats on the device -> (n, p, p, 3) uint8 on the host."""
+    return crops.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
 
 
 def analyse_images(images: list[np.ndarray], models: "LoadedModels", cell_images: list[np.ndarray] | None = None,
@@ -120,7 +105,7 @@ def _analyse(images: list[np.ndarray], models: "LoadedModels", cell_images: list
     t0 = time.perf_counter()
     xs = _to_device(images, dev)
     srcs = xs if cell_images is None else _to_device(cell_images, dev)
-    _sync(dev)
+    synchronize(dev)
     t["upload"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -129,17 +114,7 @@ def _analyse(images: list[np.ndarray], models: "LoadedModels", cell_images: list
     set_capacity(model, det_cfg, images[0].shape[:2])
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=opts.amp and dev.type == "cuda"):
         outs = model([x.float().div_(255.0) for x in xs])
-    found = []
-    for im, o in zip(images, outs):
-        keep = o["scores"] >= det_cfg.score_threshold
-        if opts.max_cells:  # torchvision returns the detections sorted by score
-            keep &= torch.arange(len(keep), device=keep.device) < opts.max_cells
-        boxes = o["boxes"][keep].float().cpu().numpy().astype(np.float32)
-        scores = o["scores"][keep].float().cpu().numpy().astype(np.float32)
-        h, w = im.shape[:2]
-        b = det_cfg.border_px
-        cut = (boxes[:, 0] <= b) | (boxes[:, 1] <= b) | (boxes[:, 2] >= w - b) | (boxes[:, 3] >= h - b)
-        found.append((boxes, scores, cut))
+    found = [detections(o, im.shape, det_cfg, limit=opts.max_cells) for im, o in zip(images, outs)]
     t["detect"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -150,22 +125,23 @@ def _analyse(images: list[np.ndarray], models: "LoadedModels", cell_images: list
         crops.append(crops_on_device(src, centres, context_px, cfg.crop_px))
         gallery.append(crops_on_device(src, centres, context_px, GALLERY_PX))
     every = torch.cat(crops) if crops else torch.zeros((0, 3, cfg.crop_px, cfg.crop_px), device=dev)
-    _sync(dev)
+    synchronize(dev)
     t["crop"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    host_crops = None
     if cfg.stain_norm != "none":  # the normaliser works on host uint8 crops
-        from .classifier import classify
-
-        host = every.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
-        probs = classify(models.cells, host, dev, opts.cell_batch)
+        host_crops = _to_host(every)
+        probs = classify(models.cells, host_crops, dev, opts.cell_batch)
     else:
-        probs = _classify_device(models, every, opts) if len(every) else np.zeros((0, len(cfg.heads)), np.float32)
+        probs = probabilities(models.cells, len(every), lambda i, j: every[i:j] / 255.0, dev, opts.cell_batch,
+                              opts.amp)
     t["classify"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    host_crops = every.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
-    host_gallery = [g.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy() for g in gallery]
+    if host_crops is None:
+        host_crops = _to_host(every)
+    host_gallery = [_to_host(g) for g in gallery]
     t["download"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
