@@ -74,3 +74,33 @@ def test_optical_density_lookup_equals_the_formula():
         np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(optical_density(img.astype(np.float32), white=np.full(3, 240.0)),
                                   optical_density(img, white=np.full(3, 240.0)))
+
+
+def _discs(rgb, n=6, d_px=15, gap=30, size=240):
+    """Discs of colour ``rgb`` (d_px across) on glass at 240, one every ``gap`` px."""
+    img = np.full((size, size, 3), 240, np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    for j in range(n):
+        for i in range(n):
+            cy, cx = gap // 2 + j * gap + 5, gap // 2 + i * gap + 5
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= (d_px / 2) ** 2] = rgb
+    return img
+
+
+@pytest.mark.parametrize("rgb,expected", [
+    ((193, 182, 199), 36),   # greyish red cells of a pale stain: green/red OD 1.25, green OD 0.12
+    ((225, 150, 170), 36),   # well-stained pink red cells: green/red OD 7
+    ((150, 205, 170), 0),    # absorbs red more than green: not a red cell
+])
+def test_red_cells_are_counted_in_pale_stains_too(rgb, expected):
+    img = _discs(rgb)
+    od = optical_density(img, np.full(3, 240.0))
+    nuclei = np.zeros(img.shape[:2], bool)
+    assert quality.red_cell_count(od, nuclei, 0.5) == expected  # 15 px at 0.5 µm/px: 7.5-µm discs
+
+
+def test_a_continuous_pink_sheet_has_no_red_cells():
+    img = np.full((240, 240, 3), 240, np.uint8)
+    img[20:220, 20:220] = (225, 150, 170)  # eosin-like: pink, but no separate discs
+    od = optical_density(img, np.full(3, 240.0))
+    assert quality.red_cell_count(od, np.zeros(img.shape[:2], bool), 0.5) == 0
