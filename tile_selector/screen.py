@@ -54,9 +54,7 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
     sw, sh = int(round(area_size[0] * area_mpp / screen_mpp)), int(round(area_size[1] * area_mpp / screen_mpp))
     white = np.percentile(ov.reshape(-1, 3), 99.5, axis=0)
     first_level = cmap.level
-    # aim at the middle of the range every ~64-µm block must meet, not of the area's mean: an area whose
-    # mean sits mid-range (0.49) often holds a block above the block limit (accepted areas: median 0.41)
-    target_coverage = (cfg.min_block_coverage + cfg.max_block_coverage) / 2.0
+    target_coverage = (cfg.min_coverage + cfg.max_coverage) / 2.0
     per_round = max(cfg.round_size, cfg.max_areas)
     screened: list[tuple[tuple, dict]] = []
     picks: list[Pick] = []

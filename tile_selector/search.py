@@ -31,9 +31,6 @@ MAX_MAP_PIXELS = 4_000_000
 OUTLINE_CLOSING_UM = 24.0
 #: Box share of pixels whose OD is this far from the monolayer level counts as non-uniform.
 UNIFORM_LOW, UNIFORM_HIGH = 0.5, 2.0
-#: Share of a candidate's box that must lie inside the smear's outline (less its border margin): an
-#: area at the smear's edge may show a sliver of glass, as the truth's usable areas (>= 90 % monolayer) do.
-INSIDE_SHARE = 0.9
 #: OD ratios to the monolayer level that score alike (the level maps to the middle of the coverage range).
 FLAT_TOP = (0.8, 1.15)
 
@@ -107,7 +104,7 @@ class CandidateMap:
             self.shape = (0, 0)
             return
         self.in_smear = _box_means(self.smear, self.bh, self.bw)
-        self.inside = _box_means(self.inner.astype(np.float32), self.bh, self.bw) >= INSIDE_SHARE
+        self.inside = _box_means(self.inner.astype(np.float32), self.bh, self.bw) >= 0.9999
         self.od = _box_means(self.smooth, self.bh, self.bw)
         self.nuc = _box_means(_block_reduce(sm["od"][..., 0].astype(np.float32), self.f), self.bh, self.bw)
         self.part = _box_means(_block_reduce(sm["particles"].astype(np.float32), self.f), self.bh, self.bw)
