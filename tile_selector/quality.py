@@ -34,8 +34,11 @@ def optical_density(img: np.ndarray, white: np.ndarray | None = None) -> np.ndar
     if img.dtype == np.uint8:
         # a uint8 channel has 256 values: the same formula on them once, then a lookup per pixel (the
         # selector measures every area it reads; the log was a tenth of a read's measures)
-        lut = _od(np.arange(256, dtype=np.float32)[:, None], white)  # (256, 3)
-        return np.stack([lut[img[..., c], c] for c in range(3)], axis=-1)
+        lut = np.ascontiguousarray(_od(np.arange(256, dtype=np.float32)[:, None], white).T)  # (3, 256)
+        planes = np.empty((3,) + img.shape[:-1], np.float32)
+        for c in range(3):
+            np.take(lut[c], img[..., c], out=planes[c])
+        return np.moveaxis(planes, 0, -1)  # (h, w, 3) whose channels are contiguous planes
     return _od(img.astype(np.float32), white)
 
 
