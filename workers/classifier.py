@@ -197,10 +197,12 @@ def crops_to_tensor(crops: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-#: On a CPU a batch is kept to about this many input pixels (4 crops of 299x299): larger batches
-#: fall out of the caches and run slower per crop (measured on Xception: 0.07 s per crop at 4,
-#: 0.15 s at 32, channels-last).
-CPU_BATCH_PIXELS = 4 * 299 * 299
+#: On a CPU a batch is kept to about this many input pixels (one crop of 299x299): larger batches
+#: fall out of the caches and run slower per crop. Measured channels-last, one thread: Xception 0.07 s
+#: per crop at 4 crops, 0.15 s at 32 (an earlier CPU); on this project's 2-core machine (2026-12-02)
+#: Xception 183 -> 146 ms per crop at 4 -> 1 crop, the demo's small heads on 128-px crops 5.5 -> 4.7
+#: ms at 21 -> 5 crops per batch.
+CPU_BATCH_PIXELS = 299 * 299
 
 
 def classify(model: CellClassifier, crops: np.ndarray, device: str | torch.device = "cpu",
