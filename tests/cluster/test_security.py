@@ -10,6 +10,7 @@ and a plain tcp:// scheduler on another host is refused before any connection is
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import ssl
@@ -92,8 +93,16 @@ def test_a_plain_client_cannot_submit(cluster):
     for attempt in (address, address.replace("tls://", "tcp://")):
         with pytest.raises(Exception):  # noqa: B017 - any refusal will do; no connection is the point
             Client(attempt, timeout="5s").close()
+        _collect_refused_clients()
     with pytest.raises(Exception):  # noqa: B017
         Client(address, security=Security.temporary(), timeout="5s").close()
+    _collect_refused_clients()
+
+
+def _collect_refused_clients() -> None:
+    """Collect a refused Client here, in the main thread: collected later inside another client's IO loop
+    thread, its ``__del__`` -> ``close()`` waited on that loop's lock and hung a CI run for 20 minutes."""
+    gc.collect()
 
 
 def test_tls_files_let_this_user_join(cluster, tmp_path):
