@@ -122,6 +122,10 @@ def _classify_rate(models: LoadedModels, n: int, batch: int, compile_: bool) -> 
     """Crops per second of the heads alone, on crops already on the device."""
     p = models.cell_cfg.crop_px
     crops = torch.randint(0, 256, (n, 3, p, p), device=models.device).float()
+
+    def scaled(i: int, j: int) -> torch.Tensor:
+        return crops[i:j] / 255.0
+
     out = {}
     dev = models.device
     variants = [("eager", models.cells)]
@@ -132,10 +136,10 @@ def _classify_rate(models: LoadedModels, n: int, batch: int, compile_: bool) -> 
             out["compile_error"] = f"{type(exc).__name__}: {exc}"[:300]
     for name, heads in variants:
         try:
-            probabilities(heads, batch, lambda i, j: crops[i:j] / 255.0, dev, batch)  # warm-up (and compilation)
+            probabilities(heads, batch, scaled, dev, batch)  # warm-up (and compilation)
             synchronize(dev)
             t = time.perf_counter()
-            probabilities(heads, n, lambda i, j: crops[i:j] / 255.0, dev, batch)
+            probabilities(heads, n, scaled, dev, batch)
             synchronize(dev)
             out[f"{name}_crops_per_s"] = round(n / (time.perf_counter() - t), 1)
         except Exception as exc:  # noqa: BLE001

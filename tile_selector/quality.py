@@ -113,6 +113,8 @@ def group_percentile(sorted_values: np.ndarray, counts: np.ndarray, q: float) ->
     dtype, from the nearer neighbour (``tests/tile_selector/test_quality.py`` compares with numpy).
     """
     counts = np.asarray(counts, np.int64)
+    if not sorted_values.size:
+        return np.full(len(counts), np.nan)
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     quant = q / 100.0
     virtual = counts * quant + (1.0 + quant * (1.0 - 1.0 - 1.0)) - 1.0
@@ -124,8 +126,6 @@ def group_percentile(sorted_values: np.ndarray, counts: np.ndarray, q: float) ->
     nxt = np.where(top, counts - 1, np.minimum(prev + 1, counts - 1))
     empty = counts == 0
     idx_a, idx_b = np.where(empty, 0, start + prev), np.where(empty, 0, start + nxt)
-    if not sorted_values.size:
-        return np.full(len(counts), np.nan)
     a, b = sorted_values[idx_a], sorted_values[idx_b]
     diff = b - a
     dt = sorted_values.dtype
