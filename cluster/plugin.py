@@ -1,12 +1,13 @@
 """Worker side: a plugin that loads each model bundle once per worker process, and the task functions.
 
 Tasks carry only ``(slide path, area box, bundle id)``; workers read the pixels themselves and look
-the bundle up in this plugin, which loads it on first use (keyed by the bundle id, which hashes its
-weights) and keeps it for the life of the worker.
+the bundle up in this plugin, which loads it when the worker joins (keyed by the bundle id, which
+hashes its weights) and keeps it for the life of the worker.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 
@@ -36,6 +37,24 @@ class BundlePlugin(WorkerPlugin):
         self._lock = threading.Lock()
         if self.device == "auto":
             self.device = worker_device(getattr(worker, "name", None))
+        self.warm()
+
+    def warm(self) -> None:
+        """Import the task code and load every registered bundle now, while the worker joins.
+
+        Otherwise the first tasks of every worker pay for it (about 2 s of imports and weights per
+        CPU worker): the start of a scan, not its throughput, and a cluster that is up is then ready.
+        A bundle that cannot be loaded here is only logged: the task that needs it raises the same
+        error again, with its message, and that slide is reported as failed.
+        """
+        import tile_selector.select  # noqa: F401 - the selection task's modules, imported once here
+        import workers.area  # noqa: F401
+
+        for bundle_id in self.bundles:
+            try:
+                self.models(bundle_id)
+            except Exception as exc:  # noqa: BLE001 - reported again by the task that needs this bundle
+                logging.getLogger(__name__).warning("bundle %s not loaded on this worker: %s", bundle_id, exc)
 
     def models(self, bundle_id: str):
         from workers.area import load_models

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.client import start_cluster
-from cluster.plugin import select_task
+from cluster.plugin import PLUGIN_NAME, BundlePlugin, area_task, select_task
 from cluster.submit import TaskWindow
 
 
@@ -76,3 +76,23 @@ def test_selection_runs_on_a_worker_that_reads_the_slide(cluster, small_cohort):
     assert not out["bad"].ok and "labels.csv" in out["bad"].error
     # tasks carry the path, not pixels: a few hundred bytes each, pickled
     assert w.bytes_submitted < 2000
+
+
+def _loaded_bundles(dask_worker):
+    return sorted(dask_worker.plugins[PLUGIN_NAME]._cache)
+
+
+def test_workers_load_the_bundle_when_they_join_and_a_missing_one_fails_its_task(cluster, trained, small_cohort,
+                                                                                tmp_path):
+    """The models are loaded while the plugin is registered (the first tasks do not pay for them); a
+    bundle that cannot be loaded does not stop the registration, and the task that needs it names it."""
+    _, bundle = trained
+    gone = "f" * 16
+    cluster.client.register_plugin(BundlePlugin({bundle.id: str(bundle.path.resolve()),
+                                                 gone: str(tmp_path / "gone-bundle")}, 1))
+    loaded = cluster.client.run(_loaded_bundles)
+    assert len(loaded) == 2 and all(ids == [bundle.id] for ids in loaded.values())
+    slide = str(small_cohort / "slide_0003_002.tiff")
+    fut = cluster.client.submit(area_task, slide, (0, 0, 512, 384), 0, gone, "auto", None, pure=False)
+    with pytest.raises(Exception, match="gone-bundle: not a model bundle"):
+        fut.result()
