@@ -69,6 +69,8 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         batch = cmap.take(min(per_round, room))
         if rounds == 0:
             batch += cmap.probes(exclude=[p.box for p in batch])[:max(0, room - len(batch))]
+        if not batch and cmap.widen():
+            batch = cmap.take(min(per_round, room))
         if not batch:
             stopped = "no open position left"
             break
@@ -108,7 +110,7 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
             break
     search = {"positions": cmap.positions, "grid_um": round(cmap.map_mpp, 3), "read": len(screened),
               "read_budget": cfg.read_budget, "rounds": rounds, "stopped": stopped,
-              "level_first": round(first_level, 5), "level": round(cmap.level, 5)}
+              "level_first": round(first_level, 5), "level": round(cmap.level, 5), "widened": cmap.widened}
     return Screen(screened, accepted, judged, focus_ref, picks, search)
 
 
@@ -119,7 +121,9 @@ def _blurred_blocks(screened: list, cfg: SelectorConfig, focus_ref: float) -> np
 
 
 def search_text(search: dict) -> str:
-    return (f"searched {search['positions']:,} positions on a {search['grid_um']:g}-µm grid, read "
+    wide = (f" ({search['widened']:,} of them near the smear's edge, searched once those inside its border margin "
+            "were used up)") if search.get("widened") else ""
+    return (f"searched {search['positions']:,} positions{wide} on a {search['grid_um']:g}-µm grid, read "
             f"{search['read']} at full resolution in {search['rounds']} round(s) (budget {search['read_budget']}; "
             f"{search['stopped']})")
 

@@ -33,6 +33,9 @@ OUTLINE_CLOSING_UM = 24.0
 UNIFORM_LOW, UNIFORM_HIGH = 0.5, 2.0
 #: OD ratios to the monolayer level that score alike (the level maps to the middle of the coverage range).
 FLAT_TOP = (0.8, 1.15)
+#: When the search widens (:meth:`CandidateMap.widen`): the share of an area that must lie inside the
+#: smear's outline (the truth's own "usable" allows a tenth outside the monolayer).
+WIDE_INSIDE = 0.9
 
 
 def _sat(a: np.ndarray) -> np.ndarray:
@@ -99,6 +102,7 @@ class CandidateMap:
         self.smooth = _block_reduce(sm["smooth"].astype(np.float32), self.f)
         self.inner = _block_reduce(inner.astype(np.float32), self.f) >= 1.0
         self.smear = _block_reduce(sm["smear"].astype(np.float32), self.f)
+        self._outline = _block_reduce(outline.astype(np.float32), self.f) >= 1.0
         H, W = self.smooth.shape
         if H < self.bh or W < self.bw:  # the whole slide is smaller than one area
             self.shape = (0, 0)
@@ -112,6 +116,8 @@ class CandidateMap:
         self.level = float(sm["level"])
         self.off_share = self._off_share(self.level)
         self.open = self.inside & (self.part < 0.5)
+        self.closed = np.zeros(self.shape, bool)  # closed by what was read (kept when the search widens)
+        self.widened = 0
 
     # -- geometry --------------------------------------------------------------------------------
     @property
@@ -130,11 +136,13 @@ class CandidateMap:
         if not self.positions:
             return
         if share <= 0:
-            self._close(self.open, box)
-            return
-        j, i = self.index_of(box)
-        rx, ry = max(1, int(round(self.bw * share))), max(1, int(round(self.bh * share)))
-        self.open[max(0, j - ry + 1):max(0, j + ry), max(0, i - rx + 1):max(0, i + rx)] = False
+            near = self._overlapping(*self.index_of(box))
+        else:
+            j, i = self.index_of(box)
+            rx, ry = max(1, int(round(self.bw * share))), max(1, int(round(self.bh * share)))
+            near = (slice(max(0, j - ry + 1), max(0, j + ry)), slice(max(0, i - rx + 1), max(0, i + rx)))
+        self.open[near] = False
+        self.closed[near] = True
 
     def suppress_blocks(self, blocks: np.ndarray, margin: float = 0.0) -> None:
         """Close every position whose box comes within ``margin`` level-0 px of one of ``blocks``
@@ -145,6 +153,24 @@ class CandidateMap:
             j0 = max(0, int(math.floor(y0 * self.sy)) - self.bh + 1)
             j1 = max(0, int(math.ceil(y1 * self.sy)))
             self.open[j0:j1, i0:i1] = False
+            self.closed[j0:j1, i0:i1] = True
+
+    def widen(self) -> int:
+        """Open the positions between the border margin and the smear's edge (at least
+        :data:`WIDE_INSIDE` of the area inside the outline itself), except where a read already
+        closed the map; returns how many were opened.
+
+        For when the positions inside the margin are used up: on a small smear or a narrow band
+        they may be few, while the full-resolution screen still judges every area it reads (a thin
+        or glassy block rejects it), so an area near the edge is accepted only on its own pixels.
+        """
+        if not self.positions or self.widened:
+            return 0
+        loose = _box_means(self._outline.astype(np.float32), self.bh, self.bw) >= WIDE_INSIDE
+        new = loose & ~self.inside & (self.part < 0.5) & ~self.closed
+        self.open |= new
+        self.widened = int(new.sum())
+        return self.widened
 
     # -- the monolayer level -----------------------------------------------------------------
     def _off_share(self, level: float) -> np.ndarray:

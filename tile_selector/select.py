@@ -13,7 +13,9 @@
    monolayer level is re-learned from the coverage of what was read (a narrow band far from the
    smear's median OD is found this way), the map is closed around what was read and around blurred
    blocks, and the next round tries further positions, until enough areas are accepted, nothing
-   new was found in the last reads, or the read budget is spent.
+   new was found in the last reads, or the read budget is spent. When the positions inside the
+   border margin are used up (a small smear, a narrow band), the search widens once to positions
+   at least 90 % inside the outline itself; the screen judges them on their own pixels.
 4. *Selection*: best combined score first, no overlap, spread over the smear, until the target
    nucleated-cell count or the maximum number of areas is reached. Every rejected candidate is
    counted by reason. No usable area: ``inconclusive`` with the reason in words, which says how

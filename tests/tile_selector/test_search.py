@@ -88,3 +88,29 @@ def test_blurred_blocks_close_positions_within_the_margin():
     assert not cm.open[20, 45] and not cm.open[20, 46], "less than 3 px from the block"
     assert cm.open[20, 47], "3 px or farther stays open (as _touches judges it)"
     assert not cm.open[20, 28] and cm.open[20, 26], "the margin holds on the other side too"
+
+
+def test_widening_opens_positions_near_the_edge_of_a_small_smear_once_and_keeps_what_was_read_closed():
+    """A smear hardly larger than one area: no position lies fully inside its outline eroded by the
+    border margin, so the strict search has nothing to read; widened, positions at least 90 %
+    inside the outline itself open (the full-resolution screen then judges their pixels), except
+    where a read already closed the map, and only once."""
+    h, w = 80, 100
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    smear = (xx - 50) ** 2 / 30 ** 2 + (yy - 40) ** 2 / 23 ** 2 <= 1
+    smooth = (0.4 * smear).astype(np.float32)
+    cm = CandidateMap(_map(smooth, smear, level=0.4), 4.0, 1.0, 1.0, 40.0, 30.0, border_um=16.0)
+    assert cm.take(3) == [], "no position inside the eroded outline"
+    read = cm.box_of(25, 30)  # the centre, read and rejected: closed within a quarter area
+    cm.suppress(read, 0.25)
+    opened = cm.widen()
+    assert opened > 0 and cm.widened == opened
+    picks = cm.take(3)
+    assert picks
+    for p in picks:
+        j, i = cm.index_of(p.box)
+        assert not cm.closed[j, i], "a position closed by a read reopened"
+        x0, y0, x1, y1 = (int(round(v)) for v in p.box)
+        assert cm.outline[y0:y1, x0:x1].mean() >= 0.9, "a widened position lies at least 90 % inside the outline"
+    assert cm.closed[25, 30] and not cm.open[25, 30]
+    assert cm.widen() == 0, "the search widens once"
