@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import wsi_apl  # noqa: F401 - first, so its numerical settings (MKL_CBWR) hold before any test computes
+
 ROOT = Path(__file__).resolve().parents[1]
 _CANDIDATES = [os.environ.get("WSI_APL_TESTDATA"), ROOT.parent / "shared" / "testdata", "/work/shared/testdata"]
 TESTDATA = next((Path(c) for c in _CANDIDATES if c and Path(c).is_dir()), ROOT.parent / "shared" / "testdata")
