@@ -297,7 +297,6 @@ def start_cluster(scheduler: str | None = None, n_workers: int | None = None, to
     env = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                 "OPENBLAS_NUM_THREADS": str(threads)})
-    env.setdefault("MKL_CBWR", os.environ.get("MKL_CBWR", "AUTO,STRICT"))  # see wsi_apl/__init__.py
     # Dask's default MALLOC_TRIM_THRESHOLD_=65536 fixes glibc's mmap threshold at 128 KiB, so every
     # temporary array of the selector's measures is mmap'd and faulted in afresh: selections ran 1.6x
     # slower in a worker than in a plain process (benchmarks/bench_scan.py). glibc's own adaptive

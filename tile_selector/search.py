@@ -115,11 +115,16 @@ class CandidateMap:
         self.shape = self.od.shape
         self.level = float(sm["level"])
         self.off_share = self._off_share(self.level)
-        self.open = self.inside & (self.part < 0.5)
-        self.closed = np.zeros(self.shape, bool)  # closed by what was read (kept when the search widens)
+        self.allowed = self.inside & (self.part < 0.5)  # where an area may lie (grows once: widen)
+        self.closed = np.zeros(self.shape, bool)  # closed by what was read
         self.widened = 0
 
     # -- geometry --------------------------------------------------------------------------------
+    @property
+    def open(self) -> np.ndarray:
+        """Positions still to be taken: allowed and not closed by what was read."""
+        return self.allowed & ~self.closed
+
     @property
     def positions(self) -> int:
         return int(self.shape[0] * self.shape[1])
@@ -141,7 +146,6 @@ class CandidateMap:
             j, i = self.index_of(box)
             rx, ry = max(1, int(round(self.bw * share))), max(1, int(round(self.bh * share)))
             near = (slice(max(0, j - ry + 1), max(0, j + ry)), slice(max(0, i - rx + 1), max(0, i + rx)))
-        self.open[near] = False
         self.closed[near] = True
 
     def suppress_blocks(self, blocks: np.ndarray, margin: float = 0.0) -> None:
@@ -152,7 +156,6 @@ class CandidateMap:
             i1 = max(0, int(math.ceil(x1 * self.sx)))
             j0 = max(0, int(math.floor(y0 * self.sy)) - self.bh + 1)
             j1 = max(0, int(math.ceil(y1 * self.sy)))
-            self.open[j0:j1, i0:i1] = False
             self.closed[j0:j1, i0:i1] = True
 
     def widen(self) -> int:
@@ -167,8 +170,8 @@ class CandidateMap:
         if not self.positions or self.widened:
             return 0
         loose = _box_means(self._outline.astype(np.float32), self.bh, self.bw) >= WIDE_INSIDE
-        new = loose & ~self.inside & (self.part < 0.5) & ~self.closed
-        self.open |= new
+        new = loose & ~self.allowed & (self.part < 0.5) & ~self.closed
+        self.allowed |= new
         self.widened = int(new.sum())
         return self.widened
 
