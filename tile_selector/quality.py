@@ -224,13 +224,15 @@ def red_cell_count(od: np.ndarray, nuclei: np.ndarray, mpp: float, background: f
     A Romanowsky-stained smear shows thousands per mm² in its monolayer; a tissue section (eosin is
     pink too, but continuous) or a fluorescence scan shows almost none. Red cells of real smears
     absorb 1.5-2.2 times as much green as red (CellaVision blood pictures 1.5, marrow pictures of
-    Matek et al. 2021 2.2): the colour test asks for 1.35, the disc shape does the rest. (1.2 was
-    tried for the greyish red cells of a pale stain, 1.1-1.35: it let touching red cells of thick
+    Matek et al. 2021 2.2): the colour test asks for 1.35, the disc shape does the rest. (A fixed 1.2
+    was tried for the greyish red cells of a pale stain, 1.1-1.35: it let touching red cells of thick
     smears merge into blobs that are no discs, and 3 of 4 held-out smears without a monolayer were
-    called "not a smear" instead of 1.)
+    called "not a smear" instead of 1.) So the test is lowered only where the area's own stained
+    pixels are greyish (:func:`pink_ratio`); a well-stained smear keeps 1.35.
     """
     od_r, od_g = od[..., 0], od[..., 1]
-    pink = (od_g > 0.08 + background / 3.0) & (od_g > 1.35 * od_r) & ~nuclei
+    stained = (od_g > 0.08 + background / 3.0) & ~nuclei
+    pink = stained & (od_g > pink_ratio(od_r[stained], od_g[stained]) * od_r)
     pink = opening(pink)
     labels, n = ndimage.label(pink)
     if n == 0:
@@ -245,6 +247,27 @@ def red_cell_count(od: np.ndarray, nuclei: np.ndarray, mpp: float, background: f
         if max(h, w) <= 11.0 and min(h, w) >= 0.55 * max(h, w) and size >= 0.45 * h * w:
             count += 1
     return count
+
+
+#: Green/red OD ratio above which a pixel is pink (a red cell's), for well-stained smears; and the lowest
+#: it may fall to on a stain whose red cells are greyish (see :func:`pink_ratio`).
+PINK_RATIO, PINK_RATIO_MIN = 1.35, 1.1
+
+
+def pink_ratio(od_r: np.ndarray, od_g: np.ndarray) -> float:
+    """The colour test of :func:`red_cell_count` for one area: :data:`PINK_RATIO`, or lower where the
+    area's stained pixels (nuclei excluded) are typically greyer.
+
+    Red cells are most of what is stained between the nuclei of a smear. A greyish stain (a pale,
+    overwashed or faded smear) shifts all of them below 1.35 together: 0.9 times their median keeps
+    most red cells while leukocyte cytoplasm (bluish or lilac: green/red OD about 1 or below) stays out.
+    The test is only ever lowered (to :data:`PINK_RATIO_MIN` at most), so a well-stained smear or an
+    eosin-pink tissue section is judged as before; separate discs are still required.
+    """
+    if od_r.size < 50:
+        return PINK_RATIO
+    typical = float(np.median(od_g / np.maximum(od_r, 1e-3)))
+    return min(PINK_RATIO, max(PINK_RATIO_MIN, 0.9 * typical))
 
 
 def field_equivalent_cells(cells: int, area_um2: float, field_diameter_um: float = 180.0) -> float:

@@ -89,7 +89,7 @@ def _discs(rgb, n=6, d_px=15, gap=30, size=240):
 
 @pytest.mark.parametrize("rgb,expected", [
     ((225, 150, 170), 36),   # well-stained pink red cells: green/red OD 7
-    ((193, 182, 199), 0),    # greyish discs of a pale stain (green/red OD 1.25): below the colour test
+    ((193, 182, 199), 36),   # greyish discs of a pale stain (green/red OD 1.25): the test follows the stain
     ((150, 205, 170), 0),    # absorbs red more than green: not a red cell
 ])
 def test_red_cells_are_separate_pink_discs(rgb, expected):
@@ -97,6 +97,17 @@ def test_red_cells_are_separate_pink_discs(rgb, expected):
     od = optical_density(img, np.full(3, 240.0))
     nuclei = np.zeros(img.shape[:2], bool)
     assert quality.red_cell_count(od, nuclei, 0.5) == expected  # 15 px at 0.5 µm/px: 7.5-µm discs
+
+
+def test_greyish_discs_among_well_stained_red_cells_are_not_red_cells():
+    # the colour test is lowered only where the stained pixels are typically greyish: beside well-stained
+    # pink red cells, greyish discs (e.g. leukocyte cytoplasm of that hue) stay out
+    pink, grey = _discs((225, 150, 170)), _discs((193, 182, 199))
+    img = np.concatenate([pink, grey[:, :120]], axis=1)
+    od = optical_density(img, np.full(3, 240.0))
+    nuclei = np.zeros(img.shape[:2], bool)
+    assert quality.pink_ratio(od[..., 0][od[..., 1] > 0.08], od[..., 1][od[..., 1] > 0.08]) == quality.PINK_RATIO
+    assert quality.red_cell_count(od, nuclei, 0.5) == 36
 
 
 def test_a_continuous_pink_sheet_has_no_red_cells():

@@ -86,6 +86,30 @@ def test_empty_glass_is_not_a_smear(tmp_path):
     assert sel.status == "inconclusive" and NOT_A_SMEAR in sel.reason and not sel.areas
 
 
+def _fade(img: np.ndarray, k: float) -> np.ndarray:
+    """A faded, greyish stain: every pixel's optical density pulled towards its mean over the channels."""
+    od = -np.log10(np.clip((img.astype(np.float32) + 1.0) / 256.0, 1e-3, 1.0))
+    mean = od.mean(axis=2, keepdims=True)
+    return np.clip(256.0 * 10.0 ** -(mean + k * (od - mean)) - 1.0, 0, 255).astype(np.uint8)
+
+
+def test_a_smear_with_greyish_red_cells_is_still_a_smear(tmp_path):
+    # a faded or overwashed stain leaves red cells greyish (green/red OD about 1.1 instead of 1.5-2.2);
+    # the colour test of the red-cell discs follows the slide's stain, so the smear keeps its areas
+    # (with the fixed test it was called "not a bone-marrow smear": no pink discs at all)
+    import tifffile
+
+    from wsi_apl.synth.cohort import synth_cohort
+    from wsi_apl.synth.writer import write_pyramid_tiff
+
+    synth_cohort(tmp_path, ["healthy"], seed=3, mpp=0.25, size=(6000, 4500))
+    faded = _fade(tifffile.imread(tmp_path / "slide_0003_000.tiff", key=0), 0.25)
+    write_pyramid_tiff(tmp_path / "faded.tiff", faded.shape[1], faded.shape[0], 0.25, lambda y0, y1: faded[y0:y1])
+    sel = select_areas(open_slide(tmp_path / "faded.tiff"), AREA, 0.5)
+    assert NOT_A_SMEAR not in sel.reason and sel.qc["red_cells_per_mm2"] >= 1000, sel.reason
+    assert sel.status == "ok" and sel.areas
+
+
 @pytest.mark.parametrize("folder,name,mpp", [
     ("hamamatsu-ndpi-stritt", "test3-DAPI-2-(387).ndpi", None),
     ("openslide-CMU-1-Small-Region", "CMU-1-Small-Region.svs", None),
