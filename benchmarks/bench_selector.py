@@ -30,7 +30,11 @@ Per group it prints:
   >= 95 %), next to the share in the monolayer alone and the worst truth blur inside a chosen area,
 - ``>=3 allow`` / ``mean areas``: slides whose truth allows at least three non-overlapping areas, and
   the mean number of areas chosen on them (target >= 3),
-- seconds per slide; for each falsely inconclusive slide, its reason.
+- seconds per slide; for each falsely inconclusive slide, its reason;
+
+and, over the sharp groups, every area read at full resolution by the screen's verdict against the
+truth (usable / blurred / thick / thin or glass): where the judge loses usable areas and which
+unusable ones it lets through.
 
 Overview against the truth: ``--overview SLIDE OUT.png``.
 
@@ -90,6 +94,33 @@ def truth_stats(truth_dir: Path, truth: dict, box, slide_mpp: float) -> tuple[fl
     return float((z[sl] == 2).mean()), float(b[sl].max())
 
 
+#: The screen's verdicts, shortened, and the truth classes of a read area (:func:`read_tally`).
+VERDICTS = ("accepted", "too thick", "too thin", "blurred", "other")
+TRUTH_CLASSES = ("usable", "blurred", "thick", "thin or glass")
+
+
+def read_tally(truth_dir: Path, truth: dict, screened: list, slide_mpp: float) -> dict[str, int]:
+    """Every area the screen read, by its verdict and by what the truth says of it: ``usable``
+    (>= 90 % monolayer, blur < 1 µm everywhere), else ``blurred`` (blur >= 1 µm somewhere), else
+    ``thick`` or ``thin or glass`` (whichever covers more of it). Keys ``"verdict|truth"``."""
+    maps = np.load(truth_dir / truth["maps"])
+    z, b, m = maps["zones"], maps["blur"].astype(np.float32), float(maps["map_mpp"])
+    tally: dict[str, int] = {}
+    for (x0, y0, x1, y1), meas in screened:
+        sl = (slice(int(y0 * slide_mpp / m), int(np.ceil(y1 * slide_mpp / m))),
+              slice(int(x0 * slide_mpp / m), int(np.ceil(x1 * slide_mpp / m))))
+        zz = z[sl]
+        if (zz == 2).mean() >= MONOLAYER_SHARE and b[sl].max() < BLUR_LIMIT_UM:
+            cls = "usable"
+        elif b[sl].max() >= BLUR_LIMIT_UM:
+            cls = "blurred"
+        else:
+            cls = "thick" if np.isin(zz, (1, 4)).mean() >= np.isin(zz, (0, 3)).mean() else "thin or glass"
+        verdict = next((v for v in VERDICTS[:4] if meas["verdict"].startswith(v)), "other")
+        tally[f"{verdict}|{cls}"] = tally.get(f"{verdict}|{cls}", 0) + 1
+    return tally
+
+
 def usable_positions(truth_dir: Path, truth: dict, area_um: tuple[float, float]) -> tuple[np.ndarray, tuple[int, int]]:
     """Top-left positions (truth-map grid) where an area lies >= 90 % in the monolayer, all in focus."""
     maps = np.load(truth_dir / truth["maps"])
@@ -139,7 +170,8 @@ def agreement(root: Path, area=(512, 384), area_mpp=0.5) -> dict:
             rows.append({"slide": path.name, "status": sel.status, "reason": sel.reason, "seconds": dt,
                          "areas": len(sel.areas), "mono": [s[0] for s in stats], "blur": [s[1] for s in stats],
                          "theta": (truth.get("smear") or {}).get("theta_deg"),
-                         "usable_positions": int(usable.sum()), "capacity": truth_capacity(usable, hw)})
+                         "usable_positions": int(usable.sum()), "capacity": truth_capacity(usable, hw),
+                         "reads": read_tally(folder / "truth", truth, sel.screened, slide.mpp)})
         report[name] = summarise(rows)
     sharp = [r for name in GROUPS if name not in DEFECT_GROUPS for r in report[name]["rows"]]
     for lo in (0, 45, 90, 135):
@@ -164,6 +196,8 @@ def summarise(rows: list[dict]) -> dict:
         "allow_three": len(three),
         "mean_areas_where_three": float(np.mean([r["areas"] for r in three])) if three else float("nan"),
         "seconds_per_slide": float(np.mean([r["seconds"] for r in rows])) if rows else 0.0,
+        "reads": {k: sum(r.get("reads", {}).get(k, 0) for r in rows)
+                  for k in sorted({k for r in rows for k in r.get("reads", {})})},
         "rows": rows,
     }
 
@@ -178,6 +212,18 @@ def print_agreement(report: dict) -> None:
         print(f"{name:28s} {g['slides']:6d} {g['allow']:6d} {false_inc:10.0%} {g['inconclusive']:5d} {g['areas']:6d} "
               f"{share:11.1%} {mono:6.1%} {g['worst_blur_um']:7.2f}µm {g['allow_three']:9d} "
               f"{g['mean_areas_where_three']:10.1f} {g['seconds_per_slide']:8.2f}")
+    reads: dict[str, int] = {}
+    for name, g in report.items():
+        if name not in DEFECT_GROUPS and not name.startswith("orientation"):
+            for k, v in g.get("reads", {}).items():
+                reads[k] = reads.get(k, 0) + v
+    if reads:
+        print("\nEvery area read at full resolution on the sharp groups: the screen's verdict (rows) against the "
+              "truth (columns)")
+        print(f"{'':12s}" + "".join(f"{c:>15s}" for c in TRUTH_CLASSES))
+        for v in VERDICTS:
+            print(f"{v:12s}" + "".join(f"{reads.get(f'{v}|{c}', 0):15d}" for c in TRUTH_CLASSES))
+        print()
     for name, g in report.items():
         if name.startswith("orientation"):
             continue
