@@ -67,13 +67,23 @@ def test_a_batch_of_areas_gives_what_each_gives_alone(models):
     assert set(t) == {"upload", "detect", "crop", "classify", "download", "measure"}
     for a, b in zip(alone, batch):
         assert len(a.boxes) == len(b.boxes) > 0
-        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-3)
-        np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+        # the same cells, paired by box: two cells whose scores tie to the last bits may come out in either
+        # order (a batch sums in another order than a single picture; seen once in CI, boxes 20 and 21 swapped)
+        k = _pairing(a.boxes, b.boxes)
+        np.testing.assert_allclose(a.boxes, b.boxes[k], atol=1e-3)
+        np.testing.assert_allclose(a.scores, b.scores[k], atol=1e-5)
         for h in models.cell_cfg.heads:
-            np.testing.assert_allclose(a.probs[h], b.probs[h], atol=1e-4)
-        for k in a.morph:
-            np.testing.assert_allclose(a.morph[k], b.morph[k], atol=1e-4, equal_nan=True)
+            np.testing.assert_allclose(a.probs[h], b.probs[h][k], atol=1e-4)
+        for m in a.morph:
+            np.testing.assert_allclose(a.morph[m], b.morph[m][k], atol=1e-4, equal_nan=True)
         assert b.gallery.shape == (len(b.boxes), GALLERY_PX, GALLERY_PX, 3)
+
+
+def _pairing(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """For each box of ``a``, the index of the nearest box of ``b``; asserts that this is a one-to-one pairing."""
+    k = np.abs(a[:, None, :] - b[None, :, :]).max(axis=2).argmin(axis=1)
+    assert sorted(k.tolist()) == list(range(len(b))), "the batch found other cells than the pictures alone"
+    return k
 
 
 def test_an_area_without_cells(models):
