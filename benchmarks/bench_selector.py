@@ -85,12 +85,17 @@ def make_cohort(root: Path, seed_offset: int = 0) -> None:
         synth_cohort(out, parse_diagnoses(dx), seed=seed + seed_offset, mpp=mpp, size=size, **opts)
 
 
+def _window(box, slide_mpp: float, map_mpp: float) -> tuple[slice, slice]:
+    """The truth-map cells under a level-0 ``box``."""
+    x0, y0, x1, y1 = box
+    return (slice(int(y0 * slide_mpp / map_mpp), int(np.ceil(y1 * slide_mpp / map_mpp))),
+            slice(int(x0 * slide_mpp / map_mpp), int(np.ceil(x1 * slide_mpp / map_mpp))))
+
+
 def truth_stats(truth_dir: Path, truth: dict, box, slide_mpp: float) -> tuple[float, float]:
     maps = np.load(truth_dir / truth["maps"])
     z, b, m = maps["zones"], maps["blur"].astype(np.float32), float(maps["map_mpp"])
-    x0, y0, x1, y1 = box
-    sl = (slice(int(y0 * slide_mpp / m), int(np.ceil(y1 * slide_mpp / m))),
-          slice(int(x0 * slide_mpp / m), int(np.ceil(x1 * slide_mpp / m))))
+    sl = _window(box, slide_mpp, m)
     return float((z[sl] == 2).mean()), float(b[sl].max())
 
 
@@ -106,14 +111,13 @@ def read_tally(truth_dir: Path, truth: dict, screened: list, slide_mpp: float) -
     maps = np.load(truth_dir / truth["maps"])
     z, b, m = maps["zones"], maps["blur"].astype(np.float32), float(maps["map_mpp"])
     tally: dict[str, int] = {}
-    for (x0, y0, x1, y1), meas in screened:
-        sl = (slice(int(y0 * slide_mpp / m), int(np.ceil(y1 * slide_mpp / m))),
-              slice(int(x0 * slide_mpp / m), int(np.ceil(x1 * slide_mpp / m))))
-        zz = z[sl]
-        if (zz == 2).mean() >= MONOLAYER_SHARE and b[sl].max() < BLUR_LIMIT_UM:
-            cls = "usable"
-        elif b[sl].max() >= BLUR_LIMIT_UM:
+    for box, meas in screened:
+        sl = _window(box, slide_mpp, m)
+        zz, blur = z[sl], float(b[sl].max())
+        if blur >= BLUR_LIMIT_UM:
             cls = "blurred"
+        elif (zz == 2).mean() >= MONOLAYER_SHARE:
+            cls = "usable"
         else:
             cls = "thick" if np.isin(zz, (1, 4)).mean() >= np.isin(zz, (0, 3)).mean() else "thin or glass"
         verdict = next((v for v in VERDICTS[:4] if meas["verdict"].startswith(v)), "other")

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import testdata
 from tile_selector.overview import overview_image
-from tile_selector.quality import area_measures, block_focus
+from tile_selector.quality import area_measures, block_focus, optical_density
 from tile_selector.select import NOT_A_SMEAR, SelectorConfig, select_areas
 from tile_selector.slide import open_slide
 
@@ -88,7 +88,7 @@ def test_empty_glass_is_not_a_smear(tmp_path):
 
 def _fade(img: np.ndarray, k: float) -> np.ndarray:
     """A faded, greyish stain: every pixel's optical density pulled towards its mean over the channels."""
-    od = -np.log10(np.clip((img.astype(np.float32) + 1.0) / 256.0, 1e-3, 1.0))
+    od = optical_density(img, np.full(3, 255.0))  # -log10((I + 1) / 256), inverted below
     mean = od.mean(axis=2, keepdims=True)
     return np.clip(256.0 * 10.0 ** -(mean + k * (od - mean)) - 1.0, 0, 255).astype(np.uint8)
 
