@@ -108,9 +108,24 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         if accepted and idle >= cfg.idle_reads:
             stopped = f"no further area accepted in the last {idle} reads"
             break
+    near = 0
+    if len(accepted) < cfg.rescue_below and cfg.rescue_margin_um < cfg.blur_margin_um and screened:
+        # Too few areas: the margin around blurred blocks (one focus block wide: a block that looks sharp
+        # by its sharpest edges may hide blur where it meets a blurred one) costs most where the usable
+        # part of the smear is small and lies next to an out-of-focus patch. The same reads are judged
+        # again with a narrow margin; an area accepted only this way carries ``near_blur`` (a warning
+        # on the slide page), and its own blocks must still be sharp. (Reading on with the narrow
+        # margin was tried: on seen cohorts it added as many blurred areas as sharp ones.)
+        before = {id(m) for _, m in accepted}
+        accepted, judged, focus_ref = judge(screened, cfg, slide.mpp_x, cfg.rescue_margin_um)
+        for _, m in accepted:
+            if id(m) not in before:
+                m["near_blur"] = True
+                near += 1
     search = {"positions": cmap.positions, "grid_um": round(cmap.map_mpp, 3), "read": len(screened),
               "read_budget": cfg.read_budget, "rounds": rounds, "stopped": stopped,
-              "level_first": round(first_level, 5), "level": round(cmap.level, 5), "widened": cmap.widened}
+              "level_first": round(first_level, 5), "level": round(cmap.level, 5), "widened": cmap.widened,
+              "near_blur": near}
     return Screen(screened, accepted, judged, focus_ref, picks, search)
 
 
@@ -128,14 +143,16 @@ def search_text(search: dict) -> str:
             f"{search['stopped']})")
 
 
-def judge(screened: list, cfg: SelectorConfig, mpp0: float) -> tuple[list, dict[str, int], float]:
+def judge(screened: list, cfg: SelectorConfig, mpp0: float,
+          margin_um: float | None = None) -> tuple[list, dict[str, int], float]:
     """Accept or reject screened candidates; focus is judged against the slide's sharpest areas.
 
-    An area is also blurred when an out-of-focus block of any screened candidate touches it: the
-    half-overlapping candidates see its surroundings on another block grid, so a blurred patch at
-    one edge of the area shows there even when the area's own blocks straddle it. ``mpp0``: the
-    slide's level-0 µm/px.
+    An area is also blurred when an out-of-focus block of any screened candidate comes within
+    ``margin_um`` (default ``cfg.blur_margin_um``) of it: the candidates see its surroundings on
+    another block grid, so a blurred patch at one edge of the area shows there even when the area's
+    own blocks straddle it. ``mpp0``: the slide's level-0 µm/px.
     """
+    margin_um = cfg.blur_margin_um if margin_um is None else margin_um
     focus_ref = float(np.percentile([m["focus_worst_block"] for _, m in screened], 90)) if screened else 0.0
     focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
     blurred = _blurred_blocks(screened, cfg, focus_ref)
@@ -153,7 +170,7 @@ def judge(screened: list, cfg: SelectorConfig, mpp0: float) -> tuple[list, dict[
             reason = R_THICK
         elif m["coverage"] < cfg.min_coverage or m["coverage_min_block"] < cfg.min_block_coverage:
             reason = R_THIN
-        elif m["focus_worst_block"] < focus_min or _touches(box, blurred, cfg.blur_margin_um / mpp0):
+        elif m["focus_worst_block"] < focus_min or _touches(box, blurred, margin_um / mpp0):
             reason = R_BLUR
         elif m["overlap"] > 0.3:
             reason = R_CLUMP

@@ -15,7 +15,9 @@
    blocks, and the next round tries further positions, until enough areas are accepted, nothing
    new was found in the last reads, or the read budget is spent. When the positions inside the
    border margin are used up (a small smear, a narrow band), the search widens once to positions
-   at least 90 % inside the outline itself; the screen judges them on their own pixels.
+   at least 90 % inside the outline itself; the screen judges them on their own pixels. When fewer
+   than three areas pass, the reads are judged again with a narrow margin around blurred blocks; an
+   area accepted only so is marked ``near_blur``, chosen last, and named in a QC warning.
 4. *Selection*: best combined score first, no overlap, spread over the smear, until the target
    nucleated-cell count or the maximum number of areas is reached. Every rejected candidate is
    counted by reason. No usable area: ``inconclusive`` with the reason in words, which says how
@@ -120,6 +122,8 @@ class SelectorConfig:
     focus_relative: float = 0.72       # of the slide's sharp areas (90th percentile of the worst blocks)
     blur_margin_um: float = 40.0       # a blurred block this close also rejects (one focus block: a block
     #                                    judged sharp by its sharpest edges may hide blur where it meets one)
+    rescue_below: int = 3              # fewer areas accepted than this: judge the reads again with ...
+    rescue_margin_um: float = 10.0     # ... this margin around blurred blocks (the areas carry a warning)
 
 
 def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:
@@ -212,6 +216,12 @@ def select_areas(slide: Slide, area_size: tuple[int, int] = (2560, 1920), area_m
     areas = [_area(k, box, m, area_size, area_mpp, screen.focus_ref) for k, (box, m) in enumerate(chosen)]
     qc = _qc(sm, ov_mpp, areas, area_size, area_mpp)
     warnings = list(qc.pop("warnings"))
+    near = [a.index + 1 for a in areas if a.scores.get("near_blur")]
+    if near:
+        many = len(near) > 1
+        warnings.append(f"area{'s' if many else ''} {', '.join(map(str, near))} lie{'' if many else 's'} within "
+                        f"{cfg.blur_margin_um:g} µm of an out-of-focus patch (taken because too few areas were found "
+                        f"farther away): check {'their' if many else 'its'} focus")
     timings["total"] = round(time.perf_counter() - t0, 3)
     n_candidates = len(lattice) + len(screen.picks)
     sel = Selection("ok", "", areas, rejected, n_candidates, qc, warnings, timings, **{
@@ -234,12 +244,13 @@ def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[li
     total_cells = 0
     pool = sorted(screen.accepted, key=lambda a: -a[1]["score"])
     while pool and len(chosen) < cfg.max_areas and not (cfg.target_cells and total_cells >= cfg.target_cells):
-        best_k, best_s = None, -1.0
+        best_k, best_s = None, (False, -1.0)
         for k, (box, m) in enumerate(pool):
             if any(_overlaps(box, c[0]) for c in chosen):
                 continue
             crowd = sum(1 for c in chosen if _near(box, c[0], 1.5))
-            s = m["score"] * (0.75 ** crowd)
+            # areas next to an out-of-focus patch (screen: near_blur) only after every other one
+            s = (not m.get("near_blur"), m["score"] * (0.75 ** crowd))
             if s > best_s:
                 best_k, best_s = k, s
         if best_k is None:
@@ -259,7 +270,8 @@ def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[li
 
 def _area(k: int, box, m: dict, area_size: tuple[int, int], area_mpp: float, focus_ref: float) -> Area:
     why = (f"in focus (edge sharpness {m['focus_worst_block']:.2f} vs slide best {focus_ref:.2f}), "
-           f"~{m['cells']} nucleated cells, coverage {m['coverage']:.0%}")
+           f"~{m['cells']} nucleated cells, coverage {m['coverage']:.0%}"
+           + ("; next to an out-of-focus patch" if m.get("near_blur") else ""))
     return Area(k, tuple(int(round(v)) for v in box), area_mpp, tuple(area_size),
                 {kk: v for kk, v in m.items() if kk[0] != "_"}, why)
 

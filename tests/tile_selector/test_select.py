@@ -178,3 +178,27 @@ def test_narrow_tilted_monolayer_band_is_found(tmp_path):
     assert search["read"] <= search["read_budget"]
     assert search["level"] != search["level_first"], "the monolayer level should have been learned from the reads"
     assert sum(sel.rejected.values()) + len(sel.areas) == sel.candidates
+
+
+def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_are_found(tmp_path):
+    """A small smear (1.5 x 1.1 mm) whose usable monolayer lies next to an out-of-focus patch. The
+    40-µm margin around blurred blocks leaves it no area (inconclusive); judged again with the 10-µm
+    margin, the screen takes a sharp area near the patch, marks it and warns, so the expert checks it."""
+    from wsi_apl.synth.cohort import synth_cohort
+
+    synth_cohort(tmp_path, ["healthy"], seed=9110, mpp=0.25, size=(6000, 4500))
+    slide = open_slide(tmp_path / "slide_9110_000.tiff")
+    strict = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0))
+    sel = select_areas(slide, AREA, 0.5)
+    assert strict.status == "inconclusive" and "blurred" in strict.reason, strict.reason
+    near = [a for a in sel.areas if a.scores.get("near_blur")]
+    assert near and len(sel.areas) > len(strict.areas)
+    assert sel.qc["search"]["near_blur"] >= len(near)
+    assert any("out-of-focus patch" in w and "check its focus" in w for w in sel.warnings), sel.warnings
+    assert all("next to an out-of-focus patch" in a.why for a in near)
+    maps = np.load(tmp_path / "truth" / "slide_9110_000.maps.npz")
+    m = float(maps["map_mpp"])
+    for a in near:
+        x0, y0, x1, y1 = (int(round(v * 0.25 / m)) for v in a.box)
+        assert (maps["zones"][y0:y1, x0:x1] == 2).mean() >= 0.9, "in the truth's monolayer"
+        assert float(maps["blur"][y0:y1, x0:x1].max()) < 1.0, "and in focus, however close the patch"

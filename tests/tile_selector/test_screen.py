@@ -1,0 +1,36 @@
+"""The full-resolution screen's judge: the margin around blurred blocks, and the narrow margin used
+when too few areas pass."""
+
+from __future__ import annotations
+
+from tile_selector.screen import R_BLUR, judge
+from tile_selector.select import SelectorConfig
+
+
+def _read(x0: float, focus: float, blocks: list) -> tuple:
+    """A 256x192-µm area read at level-0 1 µm/px, in the monolayer, whose worst block has ``focus``."""
+    box = (x0, 0.0, x0 + 256.0, 192.0)
+    return box, {"outside": 0.0, "coverage": 0.45, "coverage_min_block": 0.35, "coverage_max_block": 0.55,
+                 "focus_worst_block": focus, "overlap": 0.05, "cells": 40,
+                 "_blocks": [(x0 + a, 0.0, x0 + b, 40.0, v) for a, b, v in blocks]}
+
+
+def _reads() -> list:
+    # a blurred area whose soft block ends at x = 240; a sharp area starting 25 µm beyond it; a sharp
+    # area far away (sets the slide's focus reference)
+    return [_read(0.0, 0.2, [(200.0, 240.0, 0.2)]), _read(265.0, 0.7, [(0.0, 40.0, 0.7)]),
+            _read(2000.0, 0.7, [(0.0, 40.0, 0.7)])]
+
+
+def test_a_sharp_area_within_the_margin_of_a_blurred_block_is_rejected_by_default():
+    accepted, rejected, _ = judge(_reads(), SelectorConfig(), 1.0)
+    assert [b[0] for b, _ in accepted] == [2000.0]
+    assert rejected == {R_BLUR: 2}
+
+
+def test_a_narrow_margin_accepts_it_when_asked_and_an_area_touching_the_block_stays_out():
+    reads = _reads() + [_read(245.0, 0.7, [(0.0, 40.0, 0.7)])]  # 5 µm from the blurred block
+    accepted, rejected, _ = judge(reads, SelectorConfig(), 1.0, margin_um=10.0)
+    assert sorted(b[0] for b, _ in accepted) == [265.0, 2000.0]
+    assert rejected == {R_BLUR: 2}
+    assert reads[3][1]["verdict"] == R_BLUR and reads[1][1]["verdict"] == "accepted"
