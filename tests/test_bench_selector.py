@@ -36,3 +36,20 @@ def test_read_tally_sorts_reads_by_verdict_and_truth(tmp_path):
     tally = bench_selector.read_tally(tmp_path, truth, screened, mpp)
     assert tally == {"accepted|usable": 1, "too thin|usable": 1, "too thick|thick": 1, "accepted|thin or glass": 1,
                      "blurred|blurred": 1, "other|thick": 1}
+
+
+def test_truth_stats_give_the_share_of_an_area_in_monolayer_and_focus(tmp_path):
+    # a 10x10-cell area: 2 columns thin, and a blurred 2x5 patch inside the monolayer part
+    z = np.full((10, 10), 2, np.uint8)
+    z[:, 8:] = 3
+    blur = np.full((10, 10), 0.2, np.float32)
+    blur[:5, :2] = 2.0
+    np.savez(tmp_path / "s.maps.npz", zones=z, blur=blur, map_mpp=4.0)
+    mono, worst, good = bench_selector.truth_stats(tmp_path, {"maps": "s.maps.npz"}, (0, 0, 80, 80), 0.5)
+    assert (mono, worst) == (0.8, 2.0)
+    assert good == 0.7  # 80 monolayer cells less the 10 blurred ones
+    rows = [{"status": "ok", "capacity": 1, "areas": 2, "mono": [1.0, mono], "blur": [0.2, worst], "good": [1.0, good],
+             "seconds": 1.0}]
+    s = bench_selector.summarise(rows)
+    assert s["areas_mono_and_in_focus"] == 1
+    assert abs(s["good_pixels_mean"] - 0.85) < 1e-9 and s["good_pixels_worst"] == 0.7
