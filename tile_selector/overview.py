@@ -15,6 +15,9 @@ ZONE_TINTS = {
     ZONE_CODES["particle"]: ((160, 60, 200), 0.45),
 }
 
+#: Outline of a chosen area, and of one taken next to an out-of-focus patch (``near_blur``: check its focus).
+AREA_RGB, NEAR_BLUR_RGB = (255, 200, 0), (255, 60, 0)
+
 
 def overview_image(sel: Selection, slide_dimensions: tuple[int, int], max_side: int = 1600) -> Image.Image:
     """An RGB picture of the selection, at most ``max_side`` pixels wide or high."""
@@ -36,7 +39,7 @@ def overview_image(sel: Selection, slide_dimensions: tuple[int, int], max_side: 
     for a in sel.areas:
         x0, y0, x1, y1 = a.box
         box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
-        draw.rectangle(box, outline=(255, 200, 0), width=3)
+        draw.rectangle(box, outline=NEAR_BLUR_RGB if a.scores.get("near_blur") else AREA_RGB, width=3)
         draw.rectangle(box, outline=(0, 0, 0), width=1)
         label = str(a.index + 1)
         tx, ty = box[0] + 3, box[1] + 2
@@ -44,9 +47,11 @@ def overview_image(sel: Selection, slide_dimensions: tuple[int, int], max_side: 
         draw.text((tx, ty), label, fill=(255, 255, 0))
     legend = [("thick", ZONE_CODES["thick"]), ("monolayer", ZONE_CODES["monolayer"]),
               ("thin edge", ZONE_CODES["thin"]), ("particle", ZONE_CODES["particle"])]
+    rows = [(name, ZONE_TINTS[code][0]) for name, code in legend]
+    if any(a.scores.get("near_blur") for a in sel.areas):
+        rows.append(("area next to an out-of-focus patch", NEAR_BLUR_RGB))
     y = 4
-    for name, code in legend:
-        rgb = ZONE_TINTS[code][0]
+    for name, rgb in rows:
         draw.rectangle((4, y, 16, y + 10), fill=rgb)
         draw.text((20, y - 1), name, fill=(0, 0, 0))
         y += 14

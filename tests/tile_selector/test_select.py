@@ -196,6 +196,12 @@ def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_ar
     assert sel.qc["search"]["near_blur"] >= len(near)
     assert any("out-of-focus patch" in w and "check its focus" in w for w in sel.warnings), sel.warnings
     assert all("next to an out-of-focus patch" in a.why for a in near)
+    # the overview outlines it in its own colour (the page's picture of where the areas lie)
+    from tile_selector.overview import NEAR_BLUR_RGB
+
+    img = np.asarray(overview_image(sel, slide.dimensions))
+    assert (img.reshape(-1, 3) == NEAR_BLUR_RGB).all(axis=1).sum() > 100
+    assert not (np.asarray(overview_image(strict, slide.dimensions)).reshape(-1, 3) == NEAR_BLUR_RGB).all(axis=1).any()
     maps = np.load(tmp_path / "truth" / "slide_9110_000.maps.npz")
     m = float(maps["map_mpp"])
     for a in near:

@@ -392,3 +392,22 @@ def test_report_end_to_end_in_a_browser(trained, tmp_path, monkeypatch):
     shots = [_screenshot(chromium, profile, index, tmp_path / "report_index.png"),
              _screenshot(chromium, profile, page, tmp_path / "report_slide.png")]
     assert all(s.exists() for s in shots)
+
+
+def test_overview_marks_an_area_taken_next_to_an_out_of_focus_patch():
+    # a real slide file; the selector's areas as selection.json gives them (rank, box, scores)
+    import numpy as np
+
+    from tests.conftest import testdata
+    from tile_selector.slide import open_slide
+    from wsi_apl.report.pictures import NEAR_BLUR_RGB, overview_picture
+
+    slide = open_slide(testdata("openslide-CMU-1-Small-Region", "CMU-1-Small-Region.svs"))
+    w, h = slide.dimensions
+    areas = [{"rank": 1, "box": [0, 0, w // 3, h // 3], "scores": {}},
+             {"rank": 2, "box": [w // 2, h // 2, w - 10, h - 10], "scores": {"near_blur": True}}]
+    img = np.asarray(overview_picture(slide, areas)).reshape(-1, 3)
+    assert (img == NEAR_BLUR_RGB).all(axis=1).sum() > 50
+    assert (img == (255, 212, 0)).all(axis=1).sum() > 50
+    plain = np.asarray(overview_picture(slide, areas[:1])).reshape(-1, 3)
+    assert not (plain == NEAR_BLUR_RGB).all(axis=1).any()

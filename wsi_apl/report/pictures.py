@@ -43,9 +43,14 @@ def hex_rgb(colour: str) -> tuple[int, int, int]:
     return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
 
 
+#: Box of an area the selector took next to an out-of-focus patch (its ``scores.near_blur``).
+NEAR_BLUR_RGB = (255, 60, 0)
+
+
 def overview_picture(slide, areas: list[dict]) -> Image.Image:
     """The whole slide at about 8 µm/px (finer for a small slide, never wider than
-    :data:`OVERVIEW_MAX_SIDE`), the chosen areas boxed and numbered by their rank."""
+    :data:`OVERVIEW_MAX_SIDE`), the chosen areas boxed and numbered by their rank (an area taken next
+    to an out-of-focus patch in red-orange)."""
     w0, h0 = slide.dimensions
     extent_um = max(w0, h0) * slide.mpp
     target = min(OVERVIEW_MPP, extent_um / OVERVIEW_MIN_SIDE)
@@ -61,8 +66,9 @@ def overview_picture(slide, areas: list[dict]) -> Image.Image:
     for a in areas:
         x0, y0, x1, y1 = a["box"]
         box = (x0 * sx, y0 * sy, max(x0 * sx + 2, x1 * sx), max(y0 * sy + 2, y1 * sy))
+        near = bool((a.get("scores") or {}).get("near_blur"))  # taken next to an out-of-focus patch
         draw.rectangle(box, outline=(0, 0, 0), width=4)
-        draw.rectangle(box, outline=(255, 212, 0), width=2)
+        draw.rectangle(box, outline=NEAR_BLUR_RGB if near else (255, 212, 0), width=2)
         label = str(a.get("rank", "?"))
         tx, ty = box[2] + 2, box[1]
         if tx + 20 > img.size[0]:

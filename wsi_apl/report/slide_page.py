@@ -171,13 +171,17 @@ def _analysed(e: Entry, ctx: Context, cols: dict, attrs: dict, rule_why: str, ou
     parts.append('<h2 id="ratios">Ratios and thresholds</h2>' + ratios_section(e.row, ctx.binfo, rule_why))
     # (a) overview
     parts.append('<h2 id="overview">Overview</h2>')
+    near = [str(a.get("rank", "?")) for a in areas if (a.get("scores") or {}).get("near_blur")]
+    many = len(near) > 1
+    near_note = (f"; red-orange: area{'s' if many else ''} {', '.join(near)}, taken next to an out-of-focus patch: "
+                 f"check {'their' if many else 'its'} focus" if near else "")
     if slide is not None:
         try:
             out.images.append(save_picture(overview_picture(slide, areas), img_dir / "overview.jpg"))
             parts.append(f'<p><img src="{rel}/overview.jpg" alt="overview of the slide with the chosen areas '
                          f'numbered" style="max-width:100%;border:1px solid #adb5bd"></p>'
-                         f'<p class="small">{len(areas)} chosen areas, numbered by rank (yellow boxes); the '
-                         f'numbers lead to the <a href="#areas">area pictures</a>.</p>')
+                         f'<p class="small">{len(areas)} chosen areas, numbered by rank (yellow boxes{near_note}); '
+                         f'the numbers lead to the <a href="#areas">area pictures</a>.</p>')
         except Exception as exc:  # a reader error on one picture must not lose the page
             parts.append(f"<p>The overview could not be drawn ({esc(type(exc).__name__)}).</p>")
     else:
