@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from tile_selector.overview import NEAR_BLUR_RGB  # the selector's own colour for such an area
 from workers.bundle import replace_atomically
 
 from .html import HEAD_COLOURS
@@ -41,10 +42,6 @@ def _font(size: int):
 def hex_rgb(colour: str) -> tuple[int, int, int]:
     c = colour.lstrip("#")
     return int(c[0:2], 16), int(c[2:4], 16), int(c[4:6], 16)
-
-
-#: Box of an area the selector took next to an out-of-focus patch (its ``scores.near_blur``).
-NEAR_BLUR_RGB = (255, 60, 0)
 
 
 def overview_picture(slide, areas: list[dict]) -> Image.Image:
