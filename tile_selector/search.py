@@ -158,6 +158,22 @@ class CandidateMap:
             j1 = max(0, int(math.ceil(y1 * self.sy)))
             self.closed[j0:j1, i0:i1] = True
 
+    def reclose(self, reads: list, blocks: np.ndarray, margin: float) -> None:
+        """Close the map again from scratch around what was read: fully around the ``reads`` that are
+        accepted now, within a quarter area of the centre of the others, and within ``margin`` level-0 px
+        of ``blocks`` (blurred). ``reads``: (level-0 box, accepted) pairs.
+
+        Rebuilt, not added to, because a verdict may change after a later round (the slide's focus
+        reference rises, a blurred block is found next to an area): the full closure around an area
+        that is no longer accepted would otherwise keep its neighbours closed for good.
+        """
+        if not self.positions:
+            return
+        self.closed[:] = False
+        for box, accepted in reads:
+            self.suppress(box, 0.0 if accepted else 0.25)
+        self.suppress_blocks(blocks, margin)
+
     def widen(self) -> int:
         """Open the positions between the border margin and the smear's edge (at least
         :data:`WIDE_INSIDE` of the area inside the outline itself), except where a read already
@@ -170,9 +186,9 @@ class CandidateMap:
         if not self.positions or self.widened:
             return 0
         loose = _box_means(self._outline.astype(np.float32), self.bh, self.bw) >= WIDE_INSIDE
-        new = loose & ~self.allowed & (self.part < 0.5) & ~self.closed
-        self.allowed |= new
-        self.widened = int(new.sum())
+        new = loose & ~self.allowed & (self.part < 0.5)
+        self.allowed |= new  # closed ones among them open if the closure around a read is lifted (reclose)
+        self.widened = int((new & ~self.closed).sum())
         return self.widened
 
     # -- the monolayer level -----------------------------------------------------------------

@@ -114,3 +114,24 @@ def test_widening_opens_positions_near_the_edge_of_a_small_smear_once_and_keeps_
         assert cm.outline[y0:y1, x0:x1].mean() >= 0.9, "a widened position lies at least 90 % inside the outline"
     assert cm.closed[25, 30] and not cm.open[25, 30]
     assert cm.widen() == 0, "the search widens once"
+
+
+def test_reclosing_reopens_the_neighbours_of_an_area_no_longer_accepted():
+    """A verdict may change in a later round (a blurred block is found next to an area, the slide's
+    focus reference rises). The map is closed again from the reads' current verdicts: fully around an
+    accepted area, within a quarter area of a rejected one's centre, so an area rejected after being
+    accepted no longer keeps the positions that merely overlap it closed."""
+    smooth = np.full((60, 80), 0.4, np.float32)
+    smear = np.ones((60, 80), bool)
+    cm = CandidateMap(_map(smooth, smear, level=0.4), 1.0, 1.0, 1.0, 10.0, 8.0, border_um=0.0)
+    read = cm.box_of(20, 30)
+    no_blocks = np.zeros((0, 4))
+    cm.reclose([(read, True)], no_blocks, 0.0)
+    assert not cm.open[20, 36] and not cm.open[14, 30], "positions overlapping an accepted area are closed"
+    assert cm.open[20, 40] and cm.open[28, 30], "positions beside it are open"
+    cm.reclose([(read, False)], no_blocks, 0.0)
+    assert cm.open[20, 36] and cm.open[14, 30] and cm.open[20, 26], \
+        "rejected now: only a quarter area around its centre stays closed"
+    assert not cm.open[20, 30] and not cm.open[21, 31], "the read itself is not read again"
+    cm.reclose([(read, False)], np.array([[30.0, 20.0, 34.0, 24.0]]), 0.0)
+    assert not cm.open[20, 26] and cm.open[20, 36], "a blurred block closes what overlaps it"

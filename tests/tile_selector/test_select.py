@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import testdata
 from tile_selector.overview import overview_image
 from tile_selector.quality import area_measures, block_focus, optical_density
-from tile_selector.select import NOT_A_SMEAR, SelectorConfig, select_areas
+from tile_selector.select import NOT_A_SMEAR, SelectorConfig, _overlaps, select_areas
 from tile_selector.slide import open_slide
 
 AREA = (512, 384)
@@ -186,8 +186,8 @@ def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_ar
     margin, the screen takes a sharp area near the patch, marks it and warns, so the expert checks it."""
     from wsi_apl.synth.cohort import synth_cohort
 
-    synth_cohort(tmp_path, ["healthy"], seed=9110, mpp=0.25, size=(6000, 4500))
-    slide = open_slide(tmp_path / "slide_9110_000.tiff")
+    synth_cohort(tmp_path, ["healthy"], seed=9117, mpp=0.25, size=(6000, 4500))
+    slide = open_slide(tmp_path / "slide_9117_000.tiff")
     strict = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0))
     sel = select_areas(slide, AREA, 0.5)
     assert strict.status == "inconclusive" and "blurred" in strict.reason, strict.reason
@@ -202,9 +202,31 @@ def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_ar
     img = np.asarray(overview_image(sel, slide.dimensions))
     assert (img.reshape(-1, 3) == NEAR_BLUR_RGB).all(axis=1).sum() > 100
     assert not (np.asarray(overview_image(strict, slide.dimensions)).reshape(-1, 3) == NEAR_BLUR_RGB).all(axis=1).any()
-    maps = np.load(tmp_path / "truth" / "slide_9110_000.maps.npz")
+    maps = np.load(tmp_path / "truth" / "slide_9117_000.maps.npz")
     m = float(maps["map_mpp"])
     for a in near:
         x0, y0, x1, y1 = (int(round(v * 0.25 / m)) for v in a.box)
         assert (maps["zones"][y0:y1, x0:x1] == 2).mean() >= 0.9, "in the truth's monolayer"
         assert float(maps["blur"][y0:y1, x0:x1].max()) < 1.0, "and in focus, however close the patch"
+
+
+def test_the_neighbours_of_an_area_rejected_in_a_later_round_are_searched_again(tmp_path):
+    """A small smear (1.5 x 1.1 mm) whose first accepted area is rejected in a later round (a blurred
+    block found next to it). Before the map was closed again from the current verdicts, the
+    positions overlapping that area stayed closed, the search ran out of positions and the slide
+    was inconclusive; now a usable area beside it is read and taken, without the narrow blur margin."""
+    from wsi_apl.synth.cohort import synth_cohort
+
+    synth_cohort(tmp_path, ["healthy"], seed=9110, mpp=0.25, size=(6000, 4500))
+    slide = open_slide(tmp_path / "slide_9110_000.tiff")
+    sel = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0))
+    assert sel.status == "ok" and sel.areas, sel.reason
+    first = sel.screened[0]
+    assert first[1]["verdict"] == "blurred", "the first read was accepted, then rejected in a later round"
+    maps = np.load(tmp_path / "truth" / "slide_9110_000.maps.npz")
+    m = float(maps["map_mpp"])
+    for a in sel.areas:
+        assert _overlaps(a.box, first[0]), "the area taken overlaps the first read: its neighbourhood reopened"
+        x0, y0, x1, y1 = (int(round(v * 0.25 / m)) for v in a.box)
+        assert (maps["zones"][y0:y1, x0:x1] == 2).mean() >= 0.9, "in the truth's monolayer"
+        assert float(maps["blur"][y0:y1, x0:x1].max()) < 1.0, "and in focus"
