@@ -180,6 +180,9 @@ def judge(screened: list, cfg: SelectorConfig, mpp0: float,
         if reason:
             rejected[reason] = rejected.get(reason, 0) + 1
             continue
+        # how far the nearest soft block lies (µm; None: none seen): the choice takes areas clear of
+        # soft blocks first (select._choose)
+        m["soft_block_um"] = _distance_um(box, blurred, mpp0)
         mid = 1.0 - min(1.0, abs(m["coverage"] - 0.45) / 0.3)
         rel_focus = min(1.0, m["focus_worst_block"] / max(focus_ref, 1e-6))
         m["score"] = round(m["cells"] * (0.5 + 0.5 * rel_focus) * (0.6 + 0.4 * mid) * (1.0 - m["overlap"]), 3)
@@ -193,3 +196,12 @@ def _touches(box, blocks: np.ndarray, m: float) -> bool:
         return False
     return bool(np.any((blocks[:, 0] < box[2] + m) & (blocks[:, 2] > box[0] - m)
                        & (blocks[:, 1] < box[3] + m) & (blocks[:, 3] > box[1] - m)))
+
+
+def _distance_um(box, blocks: np.ndarray, mpp0: float) -> float | None:
+    """Distance (µm) from ``box`` to the nearest of ``blocks`` (level-0 boxes; 0 when one meets it)."""
+    if not len(blocks):
+        return None
+    dx = np.maximum(0.0, np.maximum(blocks[:, 0] - box[2], box[0] - blocks[:, 2]))
+    dy = np.maximum(0.0, np.maximum(blocks[:, 1] - box[3], box[1] - blocks[:, 3]))
+    return round(float(np.sqrt(dx * dx + dy * dy).min()) * mpp0, 1)

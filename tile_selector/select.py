@@ -18,7 +18,8 @@
    at least 90 % inside the outline itself; the screen judges them on their own pixels. When fewer
    than three areas pass, the reads are judged again with a narrow margin around blurred blocks; an
    area accepted only so is marked ``near_blur``, chosen last, and named in a QC warning.
-4. *Selection*: best combined score first, no overlap, spread over the smear, until the target
+4. *Selection*: best combined score first (areas clear of every soft block before those within
+   ``clear_um`` of one, ``near_blur`` ones last), no overlap, spread over the smear, until the target
    nucleated-cell count or the maximum number of areas is reached. Every rejected candidate is
    counted by reason. No usable area: ``inconclusive`` with the reason in words, which says how
    many positions were searched and how many areas were read.
@@ -124,6 +125,7 @@ class SelectorConfig:
     #                                    judged sharp by its sharpest edges may hide blur where it meets one)
     rescue_below: int = 3              # fewer areas accepted than this: judge the reads again with ...
     rescue_margin_um: float = 10.0     # ... this margin around blurred blocks (the areas carry a warning)
+    clear_um: float = 100.0            # areas this far from every soft (blurred) block are chosen first
 
 
 def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:
@@ -244,13 +246,15 @@ def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[li
     total_cells = 0
     pool = sorted(screen.accepted, key=lambda a: -a[1]["score"])
     while pool and len(chosen) < cfg.max_areas and not (cfg.target_cells and total_cells >= cfg.target_cells):
-        best_k, best_s = None, (False, -1.0)
+        best_k, best_s = None, (False, False, -1.0)
         for k, (box, m) in enumerate(pool):
             if any(_overlaps(box, c[0]) for c in chosen):
                 continue
             crowd = sum(1 for c in chosen if _near(box, c[0], 1.5))
-            # areas next to an out-of-focus patch (screen: near_blur) only after every other one
-            s = (not m.get("near_blur"), m["score"] * (0.75 ** crowd))
+            # areas next to an out-of-focus patch (screen: near_blur) only after every other one, and
+            # areas clear of every soft block before those closer than clear_um
+            soft = m.get("soft_block_um")
+            s = (not m.get("near_blur"), soft is None or soft >= cfg.clear_um, m["score"] * (0.75 ** crowd))
             if s > best_s:
                 best_k, best_s = k, s
         if best_k is None:
