@@ -95,9 +95,8 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         # closed around every read by its verdict now (a verdict may change in a later round), and
         # around the soft blocks of areas rejected as blurred or thick (blur spreads the stain, so a
         # blurred monolayer looks thick); blocks of sparse areas have few clean edges and say little
-        cmap.reclose([(b, m["verdict"] == "accepted") for b, m in screened],
-                     _blurred_blocks([(b, m) for b, m in screened if m["verdict"] in (R_BLUR, R_THICK)], cfg, focus_ref),
-                     cfg.blur_margin_um / slide.mpp_x)
+        soft = _blurred_blocks([(b, m) for b, m in screened if m["verdict"] in (R_BLUR, R_THICK)], cfg, focus_ref)
+        cmap.reclose([(b, m["verdict"] == "accepted") for b, m in screened], soft, cfg.blur_margin_um / slide.mpp_x)
         cmap.calibrate(screened, target_coverage, first_level, cfg.focus_floor)
         cells = sum(m["cells"] for _, m in accepted)
         if len(accepted) >= cfg.max_areas or (cfg.target_cells and cells >= 2 * cfg.target_cells):

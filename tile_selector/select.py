@@ -12,8 +12,9 @@
    own sharpest areas and an absolute floor, so it is comparable across stains. After each round the
    monolayer level is re-learned from the coverage of what was read (a narrow band far from the
    smear's median OD is found this way), the map is closed again around what was read (by each
-   read's current verdict) and around blurred blocks, and the next round tries further positions, until enough areas are accepted, nothing
-   new was found in the last reads, or the read budget is spent. When the positions inside the
+   read's current verdict) and around blurred blocks, and the next round tries further positions,
+   until enough areas are accepted, nothing new was found in the last reads, or the read budget is
+   spent. When the positions inside the
    border margin are used up (a small smear, a narrow band), the search widens once to positions
    at least 90 % inside the outline itself; the screen judges them on their own pixels. When fewer
    than three areas pass, the reads are judged again with a narrow margin around blurred blocks; an
