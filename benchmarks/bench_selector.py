@@ -40,7 +40,8 @@ Per group it prints:
 
 and, over the sharp groups, every area read at full resolution by the screen's verdict against the
 truth (usable / blurred / thick / thin or glass): where the judge loses usable areas and which
-unusable ones it lets through.
+unusable ones it lets through. ``--json OUT`` also keeps, per slide, every read with its verdict, its
+truth and the screen's figures (``read_details``), to study the judge offline without reading again.
 
 Overview against the truth: ``--overview SLIDE OUT.png``.
 
@@ -133,6 +134,23 @@ def read_tally(truth_dir: Path, truth: dict, screened: list, slide_mpp: float) -
     return tally
 
 
+#: The screen's figures of a read kept in ``--json`` (:func:`read_details`), for analysis offline.
+READ_FIELDS = ("coverage", "coverage_min_block", "coverage_max_block", "focus_worst_block", "overlap", "cells",
+               "soft_block_um", "near_blur", "lowres_od_ratio", "lowres_off_share", "score")
+
+
+def read_details(truth_dir: Path, truth: dict, screened: list, slide_mpp: float) -> list[dict]:
+    """Every area the screen read, in order: its level-0 box, the verdict, the truth (monolayer share,
+    worst blur, share in monolayer and focus) and the screen's figures (:data:`READ_FIELDS`)."""
+    out = []
+    for box, meas in screened:
+        mono, blur, good = truth_stats(truth_dir, truth, box, slide_mpp)
+        out.append({"box": [round(float(v), 1) for v in box], "verdict": meas["verdict"],
+                    "truth_mono": round(mono, 4), "truth_blur_um": round(blur, 3), "truth_good": round(good, 4),
+                    **{k: meas[k] for k in READ_FIELDS if k in meas}})
+    return out
+
+
 def usable_positions(truth_dir: Path, truth: dict, area_um: tuple[float, float]) -> tuple[np.ndarray, tuple[int, int]]:
     """Top-left positions (truth-map grid) where an area lies >= 90 % in the monolayer, all in focus."""
     maps = np.load(truth_dir / truth["maps"])
@@ -184,7 +202,8 @@ def agreement(root: Path, area=(512, 384), area_mpp=0.5) -> dict:
                          "good": [s[2] for s in stats],
                          "theta": (truth.get("smear") or {}).get("theta_deg"),
                          "usable_positions": int(usable.sum()), "capacity": truth_capacity(usable, hw),
-                         "reads": read_tally(folder / "truth", truth, sel.screened, slide.mpp)})
+                         "reads": read_tally(folder / "truth", truth, sel.screened, slide.mpp),
+                         "read_details": read_details(folder / "truth", truth, sel.screened, slide.mpp)})
         report[name] = summarise(rows)
     sharp = [r for name in GROUPS if name not in DEFECT_GROUPS for r in report[name]["rows"]]
     for lo in (0, 45, 90, 135):

@@ -53,3 +53,16 @@ def test_truth_stats_give_the_share_of_an_area_in_monolayer_and_focus(tmp_path):
     s = bench_selector.summarise(rows)
     assert s["areas_mono_and_in_focus"] == 1
     assert abs(s["good_pixels_mean"] - 0.85) < 1e-9 and s["good_pixels_worst"] == 0.7
+
+
+def test_read_details_keep_each_read_with_its_truth_and_the_screen_figures(tmp_path):
+    z = np.full((20, 20), 2, np.uint8)
+    z[:, 15:] = 3
+    np.savez(tmp_path / "s.maps.npz", zones=z, blur=np.full((20, 20), 0.2, np.float32), map_mpp=4.0)
+    screened = [((0, 0, 80, 80), {"verdict": "accepted", "coverage": 0.41, "soft_block_um": None, "_blocks": [1]}),
+                ((80, 0, 160, 80), {"verdict": "too thin (feathered edge, sparse cells)", "coverage": 0.2})]
+    rows = bench_selector.read_details(tmp_path, {"maps": "s.maps.npz"}, screened, 0.5)
+    assert [r["verdict"] for r in rows] == ["accepted", "too thin (feathered edge, sparse cells)"]
+    assert rows[0]["truth_mono"] == 1.0 and rows[1]["truth_mono"] == 0.5  # columns 10-19: 15-19 thin
+    assert rows[0]["coverage"] == 0.41 and rows[0]["soft_block_um"] is None and "_blocks" not in rows[0]
+    assert rows[1]["box"] == [80.0, 0.0, 160.0, 80.0] and rows[1]["truth_good"] == 0.5
