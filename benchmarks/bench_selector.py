@@ -58,6 +58,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -92,6 +93,19 @@ def make_cohort(root: Path, seed_offset: int = 0) -> None:
         synth_cohort(out, parse_diagnoses(dx), seed=seed + seed_offset, mpp=mpp, size=size, **opts)
 
 
+def truth_maps(truth_dir: Path, truth: dict) -> tuple[np.ndarray, np.ndarray, float]:
+    """A slide's truth maps: zone codes, blur (µm, float32) and the maps' µm/px. Loaded once per file
+    (each read and each chosen area of a slide is scored against the same maps)."""
+    path = truth_dir / truth["maps"]
+    return _load_maps(str(path), path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_maps(path: str, _mtime_ns: int) -> tuple[np.ndarray, np.ndarray, float]:
+    maps = np.load(path)
+    return maps["zones"], maps["blur"].astype(np.float32), float(maps["map_mpp"])
+
+
 def _window(box, slide_mpp: float, map_mpp: float) -> tuple[slice, slice]:
     """The truth-map cells under a level-0 ``box``."""
     x0, y0, x1, y1 = box
@@ -102,8 +116,7 @@ def _window(box, slide_mpp: float, map_mpp: float) -> tuple[slice, slice]:
 def truth_stats(truth_dir: Path, truth: dict, box, slide_mpp: float) -> tuple[float, float, float]:
     """Of a level-0 ``box``: its monolayer share, its worst truth blur, and the share of it that is
     monolayer and in focus at once (how much of an area that misses the >= 90 % / < 1 µm line is bad)."""
-    maps = np.load(truth_dir / truth["maps"])
-    z, b, m = maps["zones"], maps["blur"].astype(np.float32), float(maps["map_mpp"])
+    z, b, m = truth_maps(truth_dir, truth)
     sl = _window(box, slide_mpp, m)
     return float((z[sl] == 2).mean()), float(b[sl].max()), float(((z[sl] == 2) & (b[sl] < BLUR_LIMIT_UM)).mean())
 
@@ -117,8 +130,7 @@ def read_tally(truth_dir: Path, truth: dict, screened: list, slide_mpp: float) -
     """Every area the screen read, by its verdict and by what the truth says of it: ``usable``
     (>= 90 % monolayer, blur < 1 µm everywhere), else ``blurred`` (blur >= 1 µm somewhere), else
     ``thick`` or ``thin or glass`` (whichever covers more of it). Keys ``"verdict|truth"``."""
-    maps = np.load(truth_dir / truth["maps"])
-    z, b, m = maps["zones"], maps["blur"].astype(np.float32), float(maps["map_mpp"])
+    z, b, m = truth_maps(truth_dir, truth)
     tally: dict[str, int] = {}
     for box, meas in screened:
         sl = _window(box, slide_mpp, m)
@@ -153,8 +165,7 @@ def read_details(truth_dir: Path, truth: dict, screened: list, slide_mpp: float)
 
 def usable_positions(truth_dir: Path, truth: dict, area_um: tuple[float, float]) -> tuple[np.ndarray, tuple[int, int]]:
     """Top-left positions (truth-map grid) where an area lies >= 90 % in the monolayer, all in focus."""
-    maps = np.load(truth_dir / truth["maps"])
-    z, b, m = maps["zones"], maps["blur"].astype(np.float32), float(maps["map_mpp"])
+    z, b, m = truth_maps(truth_dir, truth)
     h, w = int(np.ceil(area_um[1] / m)), int(np.ceil(area_um[0] / m))
     if z.shape[0] < h or z.shape[1] < w:
         return np.zeros((0, 0), bool), (h, w)
@@ -333,13 +344,13 @@ def truth_overview(slide_path: str, out_png: str, area=(512, 384), area_mpp=0.5)
 
     path = Path(slide_path)
     truth = json.loads((path.parent / "truth" / f"{path.stem}.json").read_text())
-    maps = np.load(path.parent / "truth" / truth["maps"])
+    zones, blur_map, _ = truth_maps(path.parent / "truth", truth)
     slide = open_slide(path)
     sel = select_areas(slide, area, area_mpp, SelectorConfig())
     left = overview_image(sel, slide.dimensions)
     h, w = sel.zone_map.shape
-    z = np.asarray(Image.fromarray(maps["zones"]).resize((w, h), Image.Resampling.NEAREST))
-    blur = np.asarray(Image.fromarray(maps["blur"].astype(np.float32)).resize((w, h), Image.Resampling.NEAREST))
+    z = np.asarray(Image.fromarray(zones).resize((w, h), Image.Resampling.NEAREST))
+    blur = np.asarray(Image.fromarray(blur_map).resize((w, h), Image.Resampling.NEAREST))
     sel.zone_map = z
     right = overview_image(sel, slide.dimensions)
     hatch = np.asarray(Image.fromarray(((blur >= BLUR_LIMIT_UM) * 255).astype(np.uint8)).resize(right.size))
