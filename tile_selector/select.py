@@ -14,9 +14,9 @@
    smear's median OD is found this way), the map is closed again around what was read (by each
    read's current verdict) and around blurred blocks, and the next round tries further positions,
    until enough areas are accepted, nothing new was found in the last reads, or the read budget is
-   spent. When the positions inside the
-   border margin are used up (a small smear, a narrow band), the search widens once to positions
-   at least 90 % inside the outline itself; the screen judges them on their own pixels. When fewer
+   spent. When the positions inside the border margin are used up (a small smear, a narrow band),
+   the search widens once to positions at least 90 % inside the outline itself; the screen judges
+   them on their own pixels. When fewer
    than three areas pass, the reads are judged again with a narrow margin around blurred blocks; an
    area accepted only so is marked ``near_blur``, chosen last, and named in a QC warning.
 4. *Selection*: best combined score first (areas clear of every soft block before those within
