@@ -148,7 +148,7 @@ def read_tally(truth_dir: Path, truth: dict, screened: list, slide_mpp: float) -
 
 #: The screen's figures of a read kept in ``--json`` (:func:`read_details`), for analysis offline.
 READ_FIELDS = ("coverage", "coverage_min_block", "coverage_max_block", "focus_worst_block", "overlap", "cells",
-               "soft_block_um", "near_blur", "lowres_od_ratio", "lowres_off_share", "score")
+               "soft_block_um", "near_blur", "refined", "lowres_od_ratio", "lowres_off_share", "score")
 
 
 def read_details(truth_dir: Path, truth: dict, screened: list, slide_mpp: float) -> list[dict]:
@@ -303,6 +303,7 @@ def map_cost(size: tuple[int, int], mpp: float, area=(2560, 1920), area_mpp=0.12
     """Seconds of the overview-side work of a slide of ``size`` px at ``mpp``: smear map, dense
     search and ``rounds`` rounds of picks, on a synthetic 4-µm/px overview (an elliptic smear of
     dotted cells). The full-resolution reads are bounded by the read budget, whatever the size."""
+    from tile_selector.evidence import Limits, ReadEvidence
     from tile_selector.search import CandidateMap
     from tile_selector.select import OVERVIEW_MPP, SelectorConfig, _smear_map
 
@@ -322,15 +323,32 @@ def map_cost(size: tuple[int, int], mpp: float, area=(2560, 1920), area_mpp=0.12
     cm = CandidateMap(sm, OVERVIEW_MPP, sx, sx, aw0, ah0, SelectorConfig().border_um)
     reasons = cm.lattice_reasons()
     t2 = time.perf_counter()
-    picked = 0
+    # each round: the moves the reads' pixels allow (tile_selector.evidence), then the overview's
+    # best; every pick painted as a read (random covered pixels at the screen's 0.5 µm/px) and rejected
+    cfg = SelectorConfig()
+    sw, sh = (int(round(v * area_mpp / max(area_mpp, cfg.screen_mpp))) for v in area)
+    ev = ReadEvidence(cm.smooth, cm.sx, cm.sy, cm.bh, cm.bw, (sw, sh), max(area_mpp, cfg.screen_mpp))
+    limits = Limits(cfg.min_coverage, cfg.max_coverage, cfg.min_block_coverage, cfg.max_block_coverage)
+    reads: list = []
+    picked, refined, t_evidence = 0, 0, 0.0
     for _ in range(rounds):
-        for p in cm.take(12):
+        t = time.perf_counter()
+        moves = cm.refined(ev, cfg.refine_per_round, limits, reads, np.zeros((0, 4)), 0.0) if reads else []
+        t_evidence += time.perf_counter() - t
+        refined += len(moves)
+        for p in moves + cm.take(12 - len(moves), exclude=[m.box for m in moves]):
+            fg = rng.random((sh, sw)) < 0.4
+            t = time.perf_counter()
+            ev.add(p.box, fg)
+            t_evidence += time.perf_counter() - t
+            reads.append((p.box, False))
             cm.suppress(p.box, 0.25)
             picked += 1
     t3 = time.perf_counter()
     print(f"{size[0]}x{size[1]} px at {mpp} µm/px: overview {w}x{h} px, map grid {cm.map_mpp:g} µm, "
           f"{cm.positions:,} positions, {len(reasons)} lattice places; smear map {t1 - t0:.2f} s, "
-          f"search maps {t2 - t1:.2f} s, {rounds} rounds ({picked} picks) {t3 - t2:.2f} s")
+          f"search maps {t2 - t1:.2f} s, {rounds} rounds ({picked} picks, {refined} of them moves from the "
+          f"reads' pixels) {t3 - t2:.2f} s, of which the reads' evidence {t_evidence:.2f} s")
 
 
 def truth_overview(slide_path: str, out_png: str, area=(512, 384), area_mpp=0.5) -> None:

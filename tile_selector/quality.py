@@ -205,6 +205,7 @@ def area_measures(img: np.ndarray, mpp: float, white: np.ndarray | None = None,
         "focus_blocks": len(blocks),
         "blur_um": round(blur_from_sharpness(worst), 3) if blocks else None,
         "_blocks": blocks,
+        "_fg": fg,  # the covered pixels (the screen keeps them on its map: tile_selector.evidence)
         "cells": int(cells),
         "coverage": round(coverage, 4),
         "coverage_min_block": round(float(cov_blocks.min()), 4),

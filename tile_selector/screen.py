@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .evidence import Limits, ReadEvidence
 from .quality import area_measures, background_od
 from .search import CandidateMap, Pick
 from .slide import Slide
@@ -42,13 +43,15 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
                   cfg: SelectorConfig) -> Screen:
     """Read the best candidates at full resolution, round after round, until enough are accepted.
 
-    Each round takes the best open, mutually non-overlapping positions of ``cmap`` (the first also a
-    few probes across the smear's OD range), reads and judges them, re-learns the monolayer level
-    from what was read, and closes the map around what it saw: fully around accepted areas (the
-    final choice needs them apart), within a quarter area of the centre of rejected ones (a shifted area may pass), and
-    wherever a block was found blurred. It stops when ``max_areas`` (or twice the target cells) are
-    accepted, when no open position is left, after ``idle_reads`` reads that found nothing
-    new (once something was found), or at the read budget.
+    Each round first takes up to ``refine_per_round`` positions that the pixels already read say
+    would pass (a rejected area moved off the block that failed it: :mod:`tile_selector.evidence`),
+    then fills the round with the best open, mutually non-overlapping positions of ``cmap`` (the
+    first round also a few probes across the smear's OD range). It reads and judges them, re-learns
+    the monolayer level from what was read, and closes the map around what it saw: fully around
+    accepted areas (the final choice needs them apart), within a quarter area of the centre of
+    rejected ones (a shifted area may pass), and wherever a block was found blurred. It stops when
+    ``max_areas`` (or twice the target cells) are accepted, when no position is left to read, after
+    ``idle_reads`` reads that found nothing new (once something was found), or at the read budget.
     """
     screen_mpp = max(area_mpp, cfg.screen_mpp)
     sw, sh = int(round(area_size[0] * area_mpp / screen_mpp)), int(round(area_size[1] * area_mpp / screen_mpp))
@@ -64,13 +67,23 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
     plasma = None
     rounds, stopped = 0, "read budget reached"
     found, idle = 0, 0
+    evidence = ReadEvidence(cmap.smooth, cmap.sx, cmap.sy, cmap.bh, cmap.bw, (sw, sh), screen_mpp)
+    limits = Limits(cfg.min_coverage, cfg.max_coverage, cfg.min_block_coverage, cfg.max_block_coverage)
     while len(screened) < cfg.read_budget:
         room = cfg.read_budget - len(screened)
-        batch = cmap.take(min(per_round, room))
+        refined = []
+        if screened:
+            # first the moves that the pixels already read say would pass, then the overview's best
+            refined = cmap.refined(evidence, min(cfg.refine_per_round, room), limits,
+                                   [(b, m["verdict"] == "accepted") for b, m in screened],
+                                   _blurred_blocks(screened, cfg, focus_ref), cfg.blur_margin_um / slide.mpp_x)
+        exclude = [p.box for p in refined]
+        batch = cmap.take(min(per_round, room) - len(refined), exclude=exclude)
         if rounds == 0:
             batch += cmap.probes(exclude=[p.box for p in batch])[:max(0, room - len(batch))]
-        if not batch and cmap.widen():
-            batch = cmap.take(min(per_round, room))
+        if not batch and len(refined) < min(per_round, room) and cmap.widen():
+            batch = cmap.take(min(per_round, room) - len(refined), exclude=exclude)
+        batch = refined + batch
         if not batch:
             stopped = "no open position left"
             break
@@ -82,6 +95,7 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         for p, read in reads:
             meas = area_measures(read.image, screen_mpp, white, background=plasma)
             box = p.box
+            evidence.add(box, meas.pop("_fg"))
             sx_, sy_ = (box[2] - box[0]) / sw, (box[3] - box[1]) / sh  # screen px -> level-0 px
             meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, v)
                                for x0, y0, x1, y1, v in meas["_blocks"]]

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:  # the evidence module builds on this one
+    from .evidence import Limits, ReadEvidence
 
 #: Above this many overview pixels the maps are averaged into coarser cells (cost and memory bound).
 MAX_MAP_PIXELS = 4_000_000
@@ -136,8 +140,9 @@ class CandidateMap:
     def index_of(self, box) -> tuple[int, int]:
         return int(round(box[1] * self.sy)), int(round(box[0] * self.sx))
 
-    def suppress(self, box, share: float = 0.0) -> None:
-        """Close the positions whose box overlaps ``box`` (0: at all; 0.5: centre within half a box)."""
+    def suppress(self, box, share: float = 0.0, mask: np.ndarray | None = None) -> None:
+        """Close the positions whose box overlaps ``box`` (0: at all; 0.5: centre within half a box),
+        in ``mask`` (default: the map's own closure)."""
         if not self.positions:
             return
         if share <= 0:
@@ -146,17 +151,19 @@ class CandidateMap:
             j, i = self.index_of(box)
             rx, ry = max(1, int(round(self.bw * share))), max(1, int(round(self.bh * share)))
             near = (slice(max(0, j - ry + 1), max(0, j + ry)), slice(max(0, i - rx + 1), max(0, i + rx)))
-        self.closed[near] = True
+        (self.closed if mask is None else mask)[near] = True
 
-    def suppress_blocks(self, blocks: np.ndarray, margin: float = 0.0) -> None:
+    def suppress_blocks(self, blocks: np.ndarray, margin: float = 0.0, mask: np.ndarray | None = None) -> None:
         """Close every position whose box comes within ``margin`` level-0 px of one of ``blocks``
-        (level-0 boxes, e.g. blurred)."""
-        for x0, y0, x1, y1 in np.asarray(blocks, np.float64).reshape(-1, 4) + np.array([-margin, -margin, margin, margin]):
+        (level-0 boxes, e.g. blurred), in ``mask`` (default: the map's own closure)."""
+        mask = self.closed if mask is None else mask
+        grown = np.asarray(blocks, np.float64).reshape(-1, 4) + np.array([-margin, -margin, margin, margin])
+        for x0, y0, x1, y1 in grown:
             i0 = max(0, int(math.floor(x0 * self.sx)) - self.bw + 1)
             i1 = max(0, int(math.ceil(x1 * self.sx)))
             j0 = max(0, int(math.floor(y0 * self.sy)) - self.bh + 1)
             j1 = max(0, int(math.ceil(y1 * self.sy)))
-            self.closed[j0:j1, i0:i1] = True
+            mask[j0:j1, i0:i1] = True
 
     def reclose(self, reads: list, blocks: np.ndarray, margin: float) -> None:
         """Close the map again from scratch around what was read: fully around the ``reads`` that are
@@ -233,13 +240,15 @@ class CandidateMap:
         s = closeness * uniform * richness * (1.0 - self.part)
         return np.where(self.open & (r > 0.25) & (r < 4.0), s, -1.0).astype(np.float32)
 
-    def take(self, k: int) -> list[Pick]:
-        """The ``k`` best open positions, greedily, none overlapping another.
+    def take(self, k: int, exclude=()) -> list[Pick]:
+        """The ``k`` best open positions, greedily, none overlapping another or a box of ``exclude``.
 
-        The map stays as it is: the caller closes it around what it read (:meth:`suppress`)."""
+        The map stays as it is: the caller closes it around what it read (:meth:`reclose`)."""
         if not self.positions or k <= 0:
             return []
         s = self.scores()
+        for box in exclude:
+            s[self._overlapping(*self.index_of(box))] = -1.0
         picks: list[Pick] = []
         while len(picks) < k:
             flat = int(np.argmax(s))
@@ -248,6 +257,37 @@ class CandidateMap:
                 break
             picks.append(self._pick(j, i, float(s[j, i])))
             s[self._overlapping(j, i)] = -1.0
+        return picks
+
+    def refined(self, evidence: ReadEvidence, k: int, limits: Limits, reads: list, blocks: np.ndarray,
+                margin: float) -> list[Pick]:
+        """Up to ``k`` positions, none overlapping another, where the reads' own pixels say an area
+        would pass the judge's coverage limits (:mod:`tile_selector.evidence`): a rejected area moved
+        off the block that failed it. Best evidence first.
+
+        Not the overview's closure: a refined area may lie within a quarter area of a rejected one (that
+        is the point), but not within an eighth (read already, in effect), nor overlap an area accepted
+        now (``reads``: (level-0 box, accepted) pairs), nor come within ``margin`` level-0 px of
+        ``blocks`` (every soft block read: the judge rejects an area there whatever its coverage).
+        """
+        if not self.positions or k <= 0 or evidence.empty:
+            return []
+        closed = np.zeros(self.shape, bool)
+        for box, accepted in reads:
+            self.suppress(box, 0.0 if accepted else 0.125, closed)
+        self.suppress_blocks(blocks, margin, closed)
+        pos, rank = evidence.candidates(closed, limits)
+        picks: list[Pick] = []
+        for n in np.argsort(-rank, kind="stable"):
+            j, i = int(pos[n, 0]), int(pos[n, 1])
+            if closed[j, i]:
+                continue
+            p = self._pick(j, i, float(rank[n]))
+            p.low["refined"] = True
+            picks.append(p)
+            if len(picks) >= k:
+                break
+            closed[self._overlapping(j, i)] = True
         return picks
 
     def probes(self, exclude=(), quantiles=(0.15, 0.4, 0.65, 0.9)) -> list[Pick]:

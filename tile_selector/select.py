@@ -7,18 +7,20 @@
    the map's own grid (about 4 µm), scored with integral images: inside the smear's outline (the
    glass between monolayer cells is not "glass"), close to the monolayer level, uniform, rich in
    nucleated cells, off the particles. The cost grows with the overview's pixels.
-3. *Full-resolution screen in rounds* (:mod:`tile_selector.screen`): the best non-overlapping positions are read (focus,
-   cellularity, coverage, overlap; :mod:`tile_selector.quality`). Focus is judged against the slide's
-   own sharpest areas and an absolute floor, so it is comparable across stains. After each round the
-   monolayer level is re-learned from the coverage of what was read (a narrow band far from the
-   smear's median OD is found this way), the map is closed again around what was read (by each
-   read's current verdict) and around blurred blocks, and the next round tries further positions,
-   until enough areas are accepted, nothing new was found in the last reads, or the read budget is
-   spent. When the positions inside the border margin are used up (a small smear, a narrow band),
-   the search widens once to positions at least 90 % inside the outline itself; the screen judges
-   them on their own pixels. When fewer
-   than three areas pass, the reads are judged again with a narrow margin around blurred blocks; an
-   area accepted only so is marked ``near_blur``, chosen last, and named in a QC warning.
+3. *Full-resolution screen in rounds* (:mod:`tile_selector.screen`): the best non-overlapping
+   positions are read (focus, cellularity, coverage, overlap; :mod:`tile_selector.quality`). Focus
+   is judged against the slide's own sharpest areas and an absolute floor, so it is comparable
+   across stains. After each round the monolayer level is re-learned from the coverage of what was
+   read (a narrow band far from the smear's median OD is found this way), the map is closed again
+   around what was read (by each read's current verdict) and around blurred blocks, and the next
+   round tries further positions: first the moves of rejected areas that the pixels already read
+   say would pass (:mod:`tile_selector.evidence`), then the overview's best. It goes on until enough
+   areas are accepted, nothing new was found in the last reads, or the read budget is spent. When
+   the positions inside the border margin are used up (a small smear, a narrow band), the search
+   widens once to positions at least 90 % inside the outline itself; the screen judges them on
+   their own pixels. When fewer than three areas pass, the reads are judged again with a narrow
+   margin around blurred blocks; an area accepted only so is marked ``near_blur``, chosen last,
+   and named in a QC warning.
 4. *Selection*: best combined score first (areas clear of every soft block before those within
    ``clear_um`` of one, ``near_blur`` ones last), no overlap, spread over the smear, until the target
    nucleated-cell count or the maximum number of areas is reached. Every rejected candidate is
@@ -127,6 +129,7 @@ class SelectorConfig:
     rescue_below: int = 3              # fewer areas accepted than this: judge the reads again with ...
     rescue_margin_um: float = 10.0     # ... this margin around blurred blocks (the areas carry a warning)
     clear_um: float = 100.0            # areas this far from every soft (blurred) block are chosen first
+    refine_per_round: int = 4          # reads per round placed from the reads' own pixels (evidence)
 
 
 def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:

@@ -180,16 +180,32 @@ def test_narrow_tilted_monolayer_band_is_found(tmp_path):
     assert sum(sel.rejected.values()) + len(sel.areas) == sel.candidates
 
 
-def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_are_found(tmp_path):
-    """A small smear (1.5 x 1.1 mm) whose usable monolayer lies next to an out-of-focus patch. The
-    40-µm margin around blurred blocks leaves it no area (inconclusive); judged again with the 10-µm
-    margin, the screen takes a sharp area near the patch, marks it and warns, so the expert checks it."""
+@pytest.fixture(scope="module")
+def slide_9117(tmp_path_factory):
+    """A small smear (1.5 x 1.1 mm at 0.25 µm/px) whose usable monolayer lies next to an
+    out-of-focus patch, with its truth maps."""
     from wsi_apl.synth.cohort import synth_cohort
 
-    synth_cohort(tmp_path, ["healthy"], seed=9117, mpp=0.25, size=(6000, 4500))
-    slide = open_slide(tmp_path / "slide_9117_000.tiff")
-    strict = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0))
-    sel = select_areas(slide, AREA, 0.5)
+    folder = tmp_path_factory.mktemp("s9117")
+    synth_cohort(folder, ["healthy"], seed=9117, mpp=0.25, size=(6000, 4500))
+    return open_slide(folder / "slide_9117_000.tiff"), np.load(folder / "truth" / "slide_9117_000.maps.npz")
+
+
+def _in_truth(maps, box, mpp: float) -> tuple[float, float]:
+    """The truth's monolayer share and worst blur (µm) under a level-0 ``box``."""
+    m = float(maps["map_mpp"])
+    x0, y0, x1, y1 = (int(round(v * mpp / m)) for v in box)
+    return float((maps["zones"][y0:y1, x0:x1] == 2).mean()), float(maps["blur"][y0:y1, x0:x1].max())
+
+
+def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_are_found(slide_9117):
+    """The 40-µm margin around blurred blocks leaves the overview's reads no area (inconclusive);
+    judged again with the 10-µm margin, the screen takes a sharp area near the patch, marks it and
+    warns, so the expert checks it. (Without the moves from the reads' pixels: with them, this slide
+    finds an area clear of the patch, the next test.)"""
+    slide, maps = slide_9117
+    strict = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0, refine_per_round=0))
+    sel = select_areas(slide, AREA, 0.5, SelectorConfig(refine_per_round=0))
     assert strict.status == "inconclusive" and "blurred" in strict.reason, strict.reason
     near = [a for a in sel.areas if a.scores.get("near_blur")]
     assert near and len(sel.areas) > len(strict.areas)
@@ -202,12 +218,31 @@ def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_ar
     img = np.asarray(overview_image(sel, slide.dimensions))
     assert (img.reshape(-1, 3) == NEAR_BLUR_RGB).all(axis=1).sum() > 100
     assert not (np.asarray(overview_image(strict, slide.dimensions)).reshape(-1, 3) == NEAR_BLUR_RGB).all(axis=1).any()
-    maps = np.load(tmp_path / "truth" / "slide_9117_000.maps.npz")
-    m = float(maps["map_mpp"])
     for a in near:
-        x0, y0, x1, y1 = (int(round(v * 0.25 / m)) for v in a.box)
-        assert (maps["zones"][y0:y1, x0:x1] == 2).mean() >= 0.9, "in the truth's monolayer"
-        assert float(maps["blur"][y0:y1, x0:x1].max()) < 1.0, "and in focus, however close the patch"
+        mono, blur = _in_truth(maps, a.box, slide.mpp)
+        assert mono >= 0.9, "in the truth's monolayer"
+        assert blur < 1.0, "and in focus, however close the patch"
+
+
+def test_a_rejected_area_moved_off_the_block_that_failed_it_is_taken_clear_of_the_blurred_patch(slide_9117):
+    """The same slide with the default search: after the first rounds, the pixels read show where a
+    rejected area would pass if moved (tile_selector.evidence). That move is read and accepted with
+    the full 40-µm blur margin: an area in the truth's monolayer and focus, no warning needed, where
+    the overview's reads alone found none."""
+    slide, maps = slide_9117
+    without = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0, refine_per_round=0))
+    sel = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0))
+    assert without.status == "inconclusive", without.reason
+    assert sel.status == "ok" and sel.areas, sel.reason
+    moved = [a for a in sel.areas if a.scores.get("refined")]
+    assert moved and not any(a.scores.get("near_blur") for a in sel.areas)
+    reads = [(box, m) for box, m in sel.screened]
+    for a in moved:
+        k = next(n for n, (box, _m) in enumerate(reads) if tuple(int(round(v)) for v in box) == a.box)
+        assert any(_overlaps(a.box, box) and m["verdict"] != "accepted" for box, m in reads[:k]), \
+            "a move of an area read and rejected before it"
+        mono, blur = _in_truth(maps, a.box, slide.mpp)
+        assert mono >= 0.9 and blur < 1.0, (mono, blur)
 
 
 def test_the_neighbours_of_an_area_rejected_in_a_later_round_are_searched_again(tmp_path):
