@@ -341,7 +341,7 @@ def map_cost(size: tuple[int, int], mpp: float, area=(2560, 1920), area_mpp=0.12
             t = time.perf_counter()
             ev.add(p.box, fg)
             t_evidence += time.perf_counter() - t
-            reads.append((p.box, False))
+            reads.append((p.box, "rejected"))
             cm.suppress(p.box, 0.25)
             picked += 1
     t3 = time.perf_counter()

@@ -74,9 +74,11 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         refined = []
         if screened:
             # first the moves that the pixels already read say would pass, then the overview's best
-            refined = cmap.refined(evidence, min(cfg.refine_per_round, room), limits,
-                                   [(b, m["verdict"] == "accepted") for b, m in screened],
-                                   _blurred_blocks(screened, cfg, focus_ref), cfg.blur_margin_um / slide.mpp_x)
+            states = [(b, "rejected" if m["verdict"] != "accepted" else "accepted" if inside(m, cfg) else "edge")
+                      for b, m in screened]
+            refined = cmap.refined(evidence, min(cfg.refine_per_round, room), limits, states,
+                                   _blurred_blocks(screened, cfg, focus_ref), cfg.blur_margin_um / slide.mpp_x,
+                                   cfg.block_room)
         exclude = [p.box for p in refined]
         batch = cmap.take(min(per_round, room) - len(refined), exclude=exclude)
         if rounds == 0:
@@ -140,6 +142,13 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
               "level_first": round(first_level, 5), "level": round(cmap.level, 5), "widened": cmap.widened,
               "near_blur": near}
     return Screen(screened, accepted, judged, focus_ref, picks, search)
+
+
+def inside(m: dict, cfg: SelectorConfig) -> bool:
+    """Whether every block of an area lies ``block_room`` inside the block coverage range: not on a
+    thin or thick fringe of the monolayer (the choice takes such areas first)."""
+    return (m["coverage_min_block"] >= cfg.min_block_coverage + cfg.block_room
+            and m["coverage_max_block"] <= cfg.max_block_coverage - cfg.block_room)
 
 
 def _blurred_blocks(screened: list, cfg: SelectorConfig, focus_ref: float) -> np.ndarray:

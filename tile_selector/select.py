@@ -40,7 +40,7 @@ import numpy as np
 from scipy import ndimage
 
 from .quality import area_measures, field_equivalent_cells, optical_density
-from .screen import R_BLUR, R_FEW, R_THICK, R_THIN, Screen, screen_rounds, search_text
+from .screen import R_BLUR, R_FEW, R_THICK, R_THIN, Screen, inside, screen_rounds, search_text
 from .search import CandidateMap
 from .slide import Slide
 
@@ -130,6 +130,8 @@ class SelectorConfig:
     rescue_margin_um: float = 10.0     # ... this margin around blurred blocks (the areas carry a warning)
     clear_um: float = 100.0            # areas this far from every soft (blurred) block are chosen first
     refine_per_round: int = 4          # reads per round placed from the reads' own pixels (evidence)
+    block_room: float = 0.05           # areas whose every block lies this far inside the block coverage
+    #                                    range are chosen before those at its edge (a fringe of the monolayer)
 
 
 def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:
@@ -250,7 +252,7 @@ def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[li
     total_cells = 0
     pool = sorted(screen.accepted, key=lambda a: -a[1]["score"])
     while pool and len(chosen) < cfg.max_areas and not (cfg.target_cells and total_cells >= cfg.target_cells):
-        best_k, best_s = None, (False, False, -1.0)
+        best_k, best_s = None, (False, False, False, -1.0)
         for k, (box, m) in enumerate(pool):
             if any(_overlaps(box, c[0]) for c in chosen):
                 continue
@@ -258,7 +260,8 @@ def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[li
             # areas next to an out-of-focus patch (screen: near_blur) only after every other one, and
             # areas clear of every soft block before those closer than clear_um
             soft = m.get("soft_block_um")
-            s = (not m.get("near_blur"), soft is None or soft >= cfg.clear_um, m["score"] * (0.75 ** crowd))
+            s = (not m.get("near_blur"), soft is None or soft >= cfg.clear_um, inside(m, cfg),
+                 m["score"] * (0.75 ** crowd))
             if s > best_s:
                 best_k, best_s = k, s
         if best_k is None:

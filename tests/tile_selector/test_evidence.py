@@ -81,7 +81,7 @@ def test_a_rejected_area_is_moved_off_the_block_that_failed_it():
     ev = _evidence(cm)
     read = (0, 0, 512, 384)
     ev.add(read, _read(fg, read))
-    picks = cm.refined(ev, 3, LIMITS, [(read, False)], np.zeros((0, 4)), 0.0)
+    picks = cm.refined(ev, 3, LIMITS, [(read, "rejected")], np.zeros((0, 4)), 0.0)
     assert picks and all(p.low.get("refined") for p in picks)
     for p in picks:
         x0 = p.box[0]
@@ -93,10 +93,33 @@ def test_a_rejected_area_is_moved_off_the_block_that_failed_it():
     assert all(not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]) for k, a in enumerate(boxes)
                for b in boxes[k + 1:]), "refined picks of one round do not overlap"
     # an accepted area overlapping every such move closes them; so does a soft block next to them
-    assert not cm.refined(ev, 3, LIMITS, [(read, False), ((200, 0, 712, 384), True)], np.zeros((0, 4)), 0.0)
+    assert not cm.refined(ev, 3, LIMITS, [(read, "rejected"), ((200, 0, 712, 384), "accepted")], np.zeros((0, 4)), 0.0)
     soft = np.array([[300.0, 0.0, 340.0, 1536.0]])
-    assert not cm.refined(ev, 3, LIMITS, [(read, False)], soft, 0.0)
+    assert not cm.refined(ev, 3, LIMITS, [(read, "rejected")], soft, 0.0)
     # the sparse strip read as it is: no move passes when the whole read is sparse
     ev2 = _evidence(cm)
     ev2.add(read, np.zeros((384, 512), bool))
-    assert not cm.refined(ev2, 3, LIMITS, [(read, False)], np.zeros((0, 4)), 0.0)
+    assert not cm.refined(ev2, 3, LIMITS, [(read, "rejected")], np.zeros((0, 4)), 0.0)
+
+
+def test_an_accepted_area_at_the_edge_of_the_block_range_is_moved_inward_only_where_it_gains_room():
+    """An accepted area whose left blocks are barely dense enough (24 % covered against the 22 %
+    limit, a fringe): a move overlapping it is proposed when the pixels read say it clears the
+    fringe by ``edge_room`` more; an accepted area well inside the range keeps its overlap closed."""
+    fg = np.where(np.arange(2048)[None, :] < 128, np.random.default_rng(4).random((1536, 2048)) < 0.24,
+                  np.random.default_rng(5).random((1536, 2048)) < 0.45)
+    cm = _cmap(np.full((192, 256), 0.4, np.float32))
+    ev = _evidence(cm)
+    read = (0, 0, 512, 384)
+    ev.add(read, _read(fg, read))
+    assert block_means(_read(fg, read), 0.5, 64.0).min() < 0.27
+    none = np.zeros((0, 4))
+    moves = cm.refined(ev, 2, LIMITS, [(read, "edge")], none, 0.0, edge_room=0.05)
+    assert moves, "a move inward is proposed"
+    for p in moves:
+        window = fg[int(p.box[1]):int(p.box[3]), int(p.box[0]):int(p.box[2])]
+        assert p.box[0] > 0 and block_means(window, 0.5, 64.0).min() >= 0.27, "moved right, clear of the fringe"
+    assert not cm.refined(ev, 2, LIMITS, [(read, "accepted")], none, 0.0, edge_room=0.05), \
+        "an accepted area inside the range: nothing overlapping it is read"
+    assert not cm.refined(ev, 2, LIMITS, [(read, "edge")], none, 0.0, edge_room=0.5), \
+        "no move gains that much room"

@@ -55,3 +55,29 @@ def test_the_choice_takes_areas_clear_of_soft_blocks_before_closer_ones_with_a_h
     assert rejected.get("not needed (enough better areas)") == 1
     chosen, _ = _choose(screen, [], SelectorConfig(max_areas=3, target_cells=0, clear_um=0.0))
     assert 265.0 in [b[0] for b, _ in chosen], "without the rule the best score goes first"
+
+
+def test_the_choice_takes_areas_inside_the_block_coverage_range_before_those_at_its_edge():
+    """An accepted area whose thinnest (or densest) ~64-µm block lies within ``block_room`` of the
+    limit is more often on a fringe of the monolayer (on the seen synthetic seeds 1701-1707, the
+    areas chosen outside the truth's monolayer had a thinnest block of 0.23-0.26, against a median of
+    0.35 for the usable ones): among areas otherwise alike, the choice takes those inside first."""
+    from tile_selector.screen import Screen
+    from tile_selector.select import _choose
+
+    reads = [_read(x, 0.7, [(0.0, 40.0, 0.7)]) for x in (0.0, 600.0, 1200.0, 1800.0)]
+    for _, m in reads:
+        m["coverage_max_block"] = 0.5
+    reads[0][1]["coverage_min_block"] = 0.24   # at the thin edge of the range (0.22)
+    reads[1][1]["coverage_max_block"] = 0.58   # at the thick edge (0.6)
+    accepted, judged, ref = judge(reads, SelectorConfig(), 1.0)
+    assert len(accepted) == 4
+    for _, m in accepted:
+        m["score"] = 100.0 if m["coverage_min_block"] < 0.27 or m["coverage_max_block"] > 0.55 else 50.0
+    screen = Screen(reads, accepted, judged, ref, list(reads), {})
+    chosen, _ = _choose(screen, [], SelectorConfig(max_areas=2, target_cells=0))
+    assert sorted(b[0] for b, _ in chosen) == [1200.0, 1800.0], "the edge ones, though they score higher, wait"
+    chosen, _ = _choose(screen, [], SelectorConfig(max_areas=3, target_cells=0))
+    assert len(chosen) == 3, "an edge area is still taken when more areas are wanted"
+    chosen, _ = _choose(screen, [], SelectorConfig(max_areas=2, target_cells=0, block_room=0.0))
+    assert sorted(b[0] for b, _ in chosen) == [0.0, 600.0], "without the rule the best score goes first"
