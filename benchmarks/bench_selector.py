@@ -333,7 +333,8 @@ def map_cost(size: tuple[int, int], mpp: float, area=(2560, 1920), area_mpp=0.12
     picked, refined, t_evidence = 0, 0, 0.0
     for _ in range(rounds):
         t = time.perf_counter()
-        moves = cm.refined(ev, cfg.refine_per_round, limits, reads, np.zeros((0, 4)), 0.0) if reads else []
+        moves = (cm.refined(ev, cfg.refine_per_round, limits, reads, np.zeros((0, 4)), 0.0, cfg.block_room)
+                 if reads else [])
         t_evidence += time.perf_counter() - t
         refined += len(moves)
         for p in moves + cm.take(12 - len(moves), exclude=[m.box for m in moves]):

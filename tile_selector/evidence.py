@@ -133,11 +133,10 @@ class ReadEvidence:
         cells = float(self.bh * self.bw)
         return {"known": known / cells, "coverage": covered / cells, "block_min": lo, "block_max": hi}
 
-    def candidates(self, closed: np.ndarray, limits: Limits,
-                   extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def candidates(self, closed: np.ndarray, limits: Limits, room: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Positions not ``closed``, at least :data:`MIN_KNOWN` read, that would pass the judge's
-        coverage limits with a :data:`MARGIN` (plus ``extra`` per position, if given), and their
-        ranks: the known share, times how far inside the limits they lie."""
+        coverage limits with ``room`` plus a :data:`MARGIN` to spare, and their ranks: the known
+        share, times how far inside the limits they lie."""
         if self.empty:
             return np.zeros((0, 2), int), np.zeros(0)
         H, W = closed.shape
@@ -149,10 +148,10 @@ class ReadEvidence:
             return pos, np.zeros(0)
         p = self._predict(pos, sk, _sat(self.filled()))
         cov, lo, hi = p["coverage"], p["block_min"], p["block_max"]
-        room = np.minimum.reduce([cov - limits.min_coverage, limits.max_coverage - cov,
-                                  lo - limits.min_block, limits.max_block - hi])
-        ok = room >= MARGIN + (0.0 if extra is None else extra[pos[:, 0], pos[:, 1]])
-        rank = p["known"][ok] * (0.5 + 0.5 * np.minimum(1.0, room[ok] / 0.1))
+        spare = np.minimum.reduce([cov - limits.min_coverage, limits.max_coverage - cov,
+                                   lo - limits.min_block, limits.max_block - hi])
+        ok = spare >= MARGIN + room
+        rank = p["known"][ok] * (0.5 + 0.5 * np.minimum(1.0, spare[ok] / 0.1))
         return pos[ok], rank
 
 

@@ -74,10 +74,13 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         refined = []
         if screened:
             # first the moves that the pixels already read say would pass, then the overview's best
+            # moves predicted inside the block range with room to spare (an area on its fringe is more
+            # often off the monolayer), and clear of soft blocks by clear_um, not only by the judge's
+            # margin: a move hugs the ground already read, and next to a blurred patch that is its edge
             states = [(b, "rejected" if m["verdict"] != "accepted" else "accepted" if inside(m, cfg) else "edge")
                       for b, m in screened]
             refined = cmap.refined(evidence, min(cfg.refine_per_round, room), limits, states,
-                                   _blurred_blocks(screened, cfg, focus_ref), cfg.blur_margin_um / slide.mpp_x,
+                                   _blurred_blocks(screened, cfg, focus_ref), cfg.clear_um / slide.mpp_x,
                                    cfg.block_room)
         exclude = [p.box for p in refined]
         batch = cmap.take(min(per_round, room) - len(refined), exclude=exclude)

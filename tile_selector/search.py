@@ -260,30 +260,25 @@ class CandidateMap:
         return picks
 
     def refined(self, evidence: ReadEvidence, k: int, limits: Limits, reads: list, blocks: np.ndarray,
-                margin: float, edge_room: float = 0.0) -> list[Pick]:
+                margin: float, room: float = 0.0) -> list[Pick]:
         """Up to ``k`` positions, none overlapping another, where the reads' own pixels say an area
-        would pass the judge's coverage limits (:mod:`tile_selector.evidence`): a rejected area moved
-        off the block that failed it, or an accepted one at the edge of the block range moved inward.
-        Best evidence first.
+        would pass the judge's coverage limits with ``room`` to spare in every block
+        (:mod:`tile_selector.evidence`): a rejected area moved off the block that failed it, or an
+        accepted one at the edge of the block range moved inward. Best evidence first.
 
         ``reads``: (level-0 box, state) pairs, state ``"rejected"``, ``"accepted"`` or ``"edge"``
-        (accepted, with a block within ``edge_room`` of a limit). Not the overview's closure: a move may
-        lie within a quarter area of a rejected read (that is the point), but not within an eighth
-        (read already, in effect), nor overlap an accepted area; it may overlap an ``"edge"`` one only
-        where it predicts ``edge_room`` more room inside the limits (the choice then prefers it). Nor may
-        it come within ``margin`` level-0 px of ``blocks`` (every soft block read: the judge rejects an
-        area there whatever its coverage).
+        (accepted, with a block within the room of a limit). Not the overview's closure: a move may
+        lie within a quarter area of a rejected or edge read (that is the point), but not within an
+        eighth (read already, in effect), nor overlap an accepted area, nor come within ``margin``
+        level-0 px of ``blocks`` (every soft block read).
         """
         if not self.positions or k <= 0 or evidence.empty:
             return []
         closed = np.zeros(self.shape, bool)
-        edge = np.zeros(self.shape, bool)
         for box, state in reads:
             self.suppress(box, 0.0 if state == "accepted" else 0.125, closed)
-            if state == "edge":
-                self.suppress(box, 0.0, edge)
         self.suppress_blocks(blocks, margin, closed)
-        pos, rank = evidence.candidates(closed, limits, extra=edge_room * edge)
+        pos, rank = evidence.candidates(closed, limits, room)
         picks: list[Pick] = []
         for n in np.argsort(-rank, kind="stable"):
             j, i = int(pos[n, 0]), int(pos[n, 1])

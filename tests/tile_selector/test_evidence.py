@@ -105,7 +105,7 @@ def test_a_rejected_area_is_moved_off_the_block_that_failed_it():
 def test_an_accepted_area_at_the_edge_of_the_block_range_is_moved_inward_only_where_it_gains_room():
     """An accepted area whose left blocks are barely dense enough (24 % covered against the 22 %
     limit, a fringe): a move overlapping it is proposed when the pixels read say it clears the
-    fringe by ``edge_room`` more; an accepted area well inside the range keeps its overlap closed."""
+    fringe with ``room`` to spare in every block; an accepted area well inside the range keeps its overlap closed."""
     fg = np.where(np.arange(2048)[None, :] < 128, np.random.default_rng(4).random((1536, 2048)) < 0.24,
                   np.random.default_rng(5).random((1536, 2048)) < 0.45)
     cm = _cmap(np.full((192, 256), 0.4, np.float32))
@@ -114,12 +114,12 @@ def test_an_accepted_area_at_the_edge_of_the_block_range_is_moved_inward_only_wh
     ev.add(read, _read(fg, read))
     assert block_means(_read(fg, read), 0.5, 64.0).min() < 0.27
     none = np.zeros((0, 4))
-    moves = cm.refined(ev, 2, LIMITS, [(read, "edge")], none, 0.0, edge_room=0.05)
+    moves = cm.refined(ev, 2, LIMITS, [(read, "edge")], none, 0.0, room=0.05)
     assert moves, "a move inward is proposed"
     for p in moves:
         window = fg[int(p.box[1]):int(p.box[3]), int(p.box[0]):int(p.box[2])]
         assert p.box[0] > 0 and block_means(window, 0.5, 64.0).min() >= 0.27, "moved right, clear of the fringe"
-    assert not cm.refined(ev, 2, LIMITS, [(read, "accepted")], none, 0.0, edge_room=0.05), \
+    assert not cm.refined(ev, 2, LIMITS, [(read, "accepted")], none, 0.0, room=0.05), \
         "an accepted area inside the range: nothing overlapping it is read"
-    assert not cm.refined(ev, 2, LIMITS, [(read, "edge")], none, 0.0, edge_room=0.5), \
+    assert not cm.refined(ev, 2, LIMITS, [(read, "edge")], none, 0.0, room=0.5), \
         "no move gains that much room"
