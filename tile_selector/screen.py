@@ -73,9 +73,9 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         room = cfg.read_budget - len(screened)
         refined = []
         if screened:
-            # first the moves that the pixels already read say would pass, then the overview's best
-            # moves predicted inside the block range with room to spare (an area on its fringe is more
-            # often off the monolayer), and clear of soft blocks by clear_um, not only by the judge's
+            # first the moves that the pixels already read say would pass, then the overview's best.
+            # A move must be predicted inside the block range with room to spare (an area on its fringe
+            # is more often off the monolayer) and keep clear_um from soft blocks, not only the judge's
             # margin: a move hugs the ground already read, and next to a blurred patch that is its edge
             states = [(b, "rejected" if m["verdict"] != "accepted" else "accepted" if inside(m, cfg) else "edge")
                       for b, m in screened]
