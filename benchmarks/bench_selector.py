@@ -6,8 +6,12 @@ tuning cohort ``--seed-offset -100``, seeds 801-807; seeds 1201-1207 (``--seed-o
 seeds 1401-1407, was held out for the widened search and its misses were looked at; ``600``, seeds
 1501-1507, for the stain-following red-cell test; ``700`` (seeds 1601-1607) for the narrow blur margin
 when too few areas pass, its misses were looked at, and it was used to develop the closure rebuilt each round;
-``800`` (seeds 1701-1707) for that closure and the choice clear of soft blocks; the next unseen cohort
-is ``--seed-offset 900``, seeds 1801-1807):
+``800`` (seeds 1701-1707) for that closure and the choice clear of soft blocks, and was used to develop
+the moves from the pixels read; ``900`` (seeds 1801-1807) was held out for those moves, and their
+misses there changed them (clear of soft blocks, room inside the block range); ``1000`` (seeds
+1901-1907) was held out for the changed moves, and its narrow bands were looked at; ``1100`` (seeds
+2001-2007) was held out once more for the same code; the next unseen cohort is ``--seed-offset 1200``,
+seeds 2101-2107):
 
     python benchmarks/bench_selector.py --cohort /tmp/selector-cohort
 
