@@ -43,7 +43,8 @@ class Limits:
 
 
 class ReadEvidence:
-    """Covered-pixel shares of every read, on a map grid of ``shape`` cells.
+    """Covered-pixel shares of every read, on the grid of the map whose smoothed optical density is
+    ``od`` (it also predicts the cells no read covered).
 
     ``sx, sy``: map cells per level-0 pixel; ``bh, bw``: an area's size in map cells (its position
     (j, i) covers rows j..j+bh, columns i..i+bw); ``area_px``: the area's size in screen pixels
@@ -56,6 +57,7 @@ class ReadEvidence:
         self.od = od  # the overview's smoothed optical density on the map grid
         self.cover = np.zeros(od.shape, np.float32)  # covered share of the cell's pixels (where known)
         self.known = np.zeros(od.shape, bool)
+        self.version = 0  # reads painted so far; the filled map below belongs to one version
         self._filled: tuple[int, np.ndarray] | None = None
         gx = max(1, int(round(area_px[0] * screen_mpp / COVERAGE_BLOCK_UM)))
         gy = max(1, int(round(area_px[1] * screen_mpp / COVERAGE_BLOCK_UM)))
@@ -89,13 +91,13 @@ class ReadEvidence:
         cols = np.arange(c0, c1)[keep_x]
         self.cover[np.ix_(rows, cols)] = sums / counts
         self.known[np.ix_(rows, cols)] = True
+        self.version += 1
 
     def filled(self) -> np.ndarray:
         """The covered share of every cell: read where known, elsewhere predicted from the overview's
         optical density by this slide's own reads (mean coverage per OD bin of the known cells, made
         non-decreasing: coverage grows with OD until cells pile up)."""
-        n = int(self.known.sum())
-        if self._filled is not None and self._filled[0] == n:
+        if self._filled is not None and self._filled[0] == self.version:
             return self._filled[1]
         od, cover = self.od[self.known], self.cover[self.known]
         edges = np.unique(np.quantile(od, np.linspace(0.0, 1.0, FIT_BINS + 1)))
@@ -110,7 +112,7 @@ class ReadEvidence:
             means = np.maximum.accumulate(sums[has] / counts[has])
             guess = np.interp(self.od, centres, means).astype(np.float32)
         out = np.where(self.known, self.cover, guess).astype(np.float32)
-        self._filled = (n, out)
+        self._filled = (self.version, out)
         return out
 
     def predict(self, positions: np.ndarray) -> dict[str, np.ndarray]:

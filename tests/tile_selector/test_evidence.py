@@ -69,6 +69,8 @@ def test_cells_not_read_are_predicted_from_the_overview_by_the_slides_own_reads(
     assert np.abs(unread - cover[100:, 20:180]).mean() < 0.04
     order = np.argsort(cm.smooth[100:, :192].ravel())
     assert np.all(np.diff(filled[100:, :192].ravel()[order]) >= -1e-6), "the fit is non-decreasing in OD"
+    ev.add((0, 0, 1536, 384), np.ones((384, 1536), bool))  # read again over the same cells, covered now
+    assert ev.filled()[:48, :192].min() == 1.0, "a read over cells read before replaces what they showed"
 
 
 def test_a_rejected_area_is_moved_off_the_block_that_failed_it():
