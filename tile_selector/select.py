@@ -13,8 +13,8 @@
    across stains. After each round the monolayer level is re-learned from the coverage of what was
    read (a narrow band far from the smear's median OD is found this way), the map is closed again
    around what was read (by each read's current verdict) and around blurred blocks, and the next
-   round tries further positions: first the moves of rejected areas that the pixels already read
-   say would pass (:mod:`tile_selector.evidence`), then the overview's best. It goes on until enough
+   round tries further positions: first the moves of rejected (or fringe) areas that the pixels
+   already read say would pass (:mod:`tile_selector.evidence`), then the overview's best. It goes on until enough
    areas are accepted, nothing new was found in the last reads, or the read budget is spent. When
    the positions inside the border margin are used up (a small smear, a narrow band), the search
    widens once to positions at least 90 % inside the outline itself; the screen judges them on
@@ -22,7 +22,8 @@
    margin around blurred blocks; an area accepted only so is marked ``near_blur``, chosen last,
    and named in a QC warning.
 4. *Selection*: best combined score first (areas clear of every soft block before those within
-   ``clear_um`` of one, ``near_blur`` ones last), no overlap, spread over the smear, until the target
+   ``clear_um`` of one, then areas whose every block lies ``block_room`` inside the coverage range
+   before those on a fringe, ``near_blur`` ones last), no overlap, spread over the smear, until the target
    nucleated-cell count or the maximum number of areas is reached. Every rejected candidate is
    counted by reason. No usable area: ``inconclusive`` with the reason in words, which says how
    many positions were searched and how many areas were read.
@@ -257,8 +258,9 @@ def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[li
             if any(_overlaps(box, c[0]) for c in chosen):
                 continue
             crowd = sum(1 for c in chosen if _near(box, c[0], 1.5))
-            # areas next to an out-of-focus patch (screen: near_blur) only after every other one, and
-            # areas clear of every soft block before those closer than clear_um
+            # areas next to an out-of-focus patch (screen: near_blur) only after every other one,
+            # areas clear of every soft block before those closer than clear_um, and areas inside the
+            # block coverage range before those on a fringe of it (screen.inside)
             soft = m.get("soft_block_um")
             s = (not m.get("near_blur"), soft is None or soft >= cfg.clear_um, inside(m, cfg),
                  m["score"] * (0.75 ** crowd))
