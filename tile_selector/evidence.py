@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .quality import COVERAGE_BLOCK_UM
-from .search import _sat
+from .search import _box_sums, _sat
 
 #: Least share of a refined area that reads must have covered: a move, not a new guess.
 MIN_KNOWN = 0.5
@@ -141,10 +141,8 @@ class ReadEvidence:
         share, times how far inside the limits they lie."""
         if self.empty:
             return np.zeros((0, 2), int), np.zeros(0)
-        H, W = closed.shape
-        sk = _sat(self.known)
-        bh, bw = self.bh, self.bw
-        known_share = (sk[bh:bh + H, bw:bw + W] - sk[:H, bw:bw + W] - sk[bh:bh + H, :W] + sk[:H, :W]) / (bh * bw)
+        sk = _sat(self.known)  # the same table serves the known share of every position and the moves
+        known_share = _box_sums(sk, self.bh, self.bw) / float(self.bh * self.bw)
         pos = np.argwhere((known_share >= MIN_KNOWN) & ~closed)
         if not len(pos):
             return pos, np.zeros(0)

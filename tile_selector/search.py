@@ -47,11 +47,15 @@ def _sat(a: np.ndarray) -> np.ndarray:
     return np.pad(a.astype(np.float64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
 
 
+def _box_sums(s: np.ndarray, bh: int, bw: int) -> np.ndarray:
+    """Sum over every bh x bw box from the summed-area table ``s`` (:func:`_sat`); entry (j, i) is
+    the box whose top-left pixel is (j, i)."""
+    return s[bh:, bw:] - s[:-bh, bw:] - s[bh:, :-bw] + s[:-bh, :-bw]
+
+
 def _box_means(a: np.ndarray, bh: int, bw: int) -> np.ndarray:
     """Mean of ``a`` over every bh x bw box; entry (j, i) is the box whose top-left pixel is (j, i)."""
-    s = _sat(a)
-    out = s[bh:, bw:] - s[:-bh, bw:] - s[bh:, :-bw] + s[:-bh, :-bw]
-    return (out / float(bh * bw)).astype(np.float32)
+    return (_box_sums(_sat(a), bh, bw) / float(bh * bw)).astype(np.float32)
 
 
 def _block_reduce(a: np.ndarray, f: int) -> np.ndarray:
