@@ -175,6 +175,9 @@ def area_measures(img: np.ndarray, mpp: float, white: np.ndarray | None = None,
         background = float(np.percentile(od_sum, 5))
     worst, blocks, whole = block_focus(od_sum, mpp)
     fg = od_sum > background + 0.1
+    # each focus block also carries its own coverage: the screen weighs a soft block by it (a piled-up
+    # or sparse block shows fewer clean edges than the monolayer, whatever the focus)
+    blocks = [(x0, y0, x1, y1, v, round(float(fg[y0:y1, x0:x1].mean()), 4)) for x0, y0, x1, y1, v in blocks]
     coverage = float(fg.mean())
     cov_blocks = block_means(fg, mpp, COVERAGE_BLOCK_UM)
     if fg.any():

@@ -102,8 +102,8 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
             box = p.box
             evidence.add(box, meas.pop("_fg"))
             sx_, sy_ = (box[2] - box[0]) / sw, (box[3] - box[1]) / sh  # screen px -> level-0 px
-            meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, v)
-                               for x0, y0, x1, y1, v in meas["_blocks"]]
+            meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, *v)
+                               for x0, y0, x1, y1, *v in meas["_blocks"]]
             meas["outside"] = round(read.outside_fraction, 4)
             meas["lowres_score"] = round(p.score, 4)
             meas.update(p.low)
@@ -155,8 +155,23 @@ def inside(m: dict, cfg: SelectorConfig) -> bool:
 
 
 def _blurred_blocks(screened: list, cfg: SelectorConfig, focus_ref: float) -> np.ndarray:
+    """The level-0 boxes of the soft focus blocks of ``screened``: the evidence of blur that the judge's
+    margin, the closure and the moves keep away from.
+
+    A block below the slide's relative focus limit counts when its own coverage lies in the block
+    coverage range. A piled-up or sparse block counts only below the absolute focus floor: its cells
+    overlap or its edges are few, so it falls short of the slide's sharpest (monolayer) areas without
+    any blur. On the seen synthetic seeds 2001-2007, such blocks between the floor and the relative
+    limit were blurred in 9 % (piled) and 19 % (sparse) of cases, monolayer blocks there in 75-97 %.
+    """
     focus_min = max(cfg.focus_floor, cfg.focus_relative * focus_ref)
-    return np.array([b[:4] for _, m in screened for b in m.get("_blocks", []) if b[4] < focus_min],
+
+    def soft(b) -> bool:
+        if b[4] >= focus_min:
+            return False
+        return b[4] < cfg.focus_floor or len(b) < 6 or cfg.min_block_coverage <= b[5] <= cfg.max_block_coverage
+
+    return np.array([b[:4] for _, m in screened for b in m.get("_blocks", []) if soft(b)],
                     np.float64).reshape(-1, 4)
 
 

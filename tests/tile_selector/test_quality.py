@@ -115,3 +115,24 @@ def test_a_continuous_pink_sheet_has_no_red_cells():
     img[20:220, 20:220] = (225, 150, 170)  # eosin-like: pink, but no separate discs
     od = optical_density(img, np.full(3, 240.0))
     assert quality.red_cell_count(od, np.zeros(img.shape[:2], bool), 0.5) == 0
+
+
+def test_every_focus_block_carries_its_own_coverage():
+    """The screen weighs a soft block by its own coverage (screen._blurred_blocks): each focus block
+    of area_measures carries the share of its pixels covered by cells."""
+    from tile_selector.quality import area_measures
+
+    img = np.full((96, 160, 3), 235, np.uint8)
+    rng = np.random.default_rng(3)
+    for _ in range(40):  # dark discs on the left half only
+        y, x = rng.integers(6, 90), rng.integers(6, 74)
+        yy, xx = np.ogrid[:96, :160]
+        img[(yy - y) ** 2 + (xx - x) ** 2 <= 25] = (90, 40, 120)
+    m = area_measures(img, 0.5)
+    blocks = m["_blocks"]
+    assert blocks and all(len(b) == 6 for b in blocks)
+    fg = m["_fg"]
+    for x0, y0, x1, y1, _, cov in blocks:
+        assert cov == round(float(fg[y0:y1, x0:x1].mean()), 4)
+    left = [b[5] for b in blocks if b[2] <= 80]
+    assert left and min(left) > 0.1

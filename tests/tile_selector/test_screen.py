@@ -8,11 +8,12 @@ from tile_selector.select import SelectorConfig
 
 
 def _read(x0: float, focus: float, blocks: list) -> tuple:
-    """A 256x192-µm area read at level-0 1 µm/px, in the monolayer, whose worst block has ``focus``."""
+    """A 256x192-µm area read at level-0 1 µm/px, in the monolayer, whose worst block has ``focus``;
+    ``blocks``: (x0, x1, sharpness[, coverage]) of its focus blocks."""
     box = (x0, 0.0, x0 + 256.0, 192.0)
     return box, {"outside": 0.0, "coverage": 0.45, "coverage_min_block": 0.35, "coverage_max_block": 0.55,
                  "focus_worst_block": focus, "overlap": 0.05, "cells": 40,
-                 "_blocks": [(x0 + a, 0.0, x0 + b, 40.0, v) for a, b, v in blocks]}
+                 "_blocks": [(x0 + a, 0.0, x0 + b, 40.0, *v) for a, b, *v in blocks]}
 
 
 def _reads() -> list:
@@ -81,3 +82,27 @@ def test_the_choice_takes_areas_inside_the_block_coverage_range_before_those_at_
     assert len(chosen) == 3, "an edge area is still taken when more areas are wanted"
     chosen, _ = _choose(screen, [], SelectorConfig(max_areas=2, target_cells=0, block_room=0.0))
     assert sorted(b[0] for b, _ in chosen) == [0.0, 600.0], "without the rule the best score goes first"
+
+
+def test_a_piled_up_block_soft_only_against_the_slides_sharpest_areas_is_no_evidence_of_blur():
+    """Piled-up cells overlap and show fewer clean edges than the monolayer, so a thick area's block
+    falls short of the slide's relative focus limit (0.72 x its sharpest areas) without any blur. Such
+    a block does not reject its neighbour; a monolayer block as soft does, and so does a piled-up one
+    below the absolute focus floor (0.33, about 1.2 µm of blur)."""
+    def reads(focus: float, cov: float) -> list:
+        thick = _read(0.0, focus, [(200.0, 240.0, focus)])
+        thick[1]["_blocks"] = [b + (cov,) for b in thick[1]["_blocks"]]
+        thick[1]["coverage"], thick[1]["coverage_max_block"] = 0.7, 0.8
+        # a sharp monolayer area 25 µm beyond the block, and sharp ones far away (focus reference 0.7)
+        return [thick] + [_read(x, 0.7, [(0.0, 40.0, 0.7, 0.45)]) for x in (265.0, 2000.0, 3000.0)]
+
+    cfg = SelectorConfig()
+    assert 0.72 * 0.7 > 0.4 > cfg.focus_floor
+    accepted, _, _ = judge(reads(0.4, 0.85), cfg, 1.0)
+    assert sorted(b[0] for b, _ in accepted) == [265.0, 2000.0, 3000.0], "the piled-up block is explained by the pile"
+    accepted, _, _ = judge(reads(0.4, 0.45), cfg, 1.0)
+    assert sorted(b[0] for b, _ in accepted) == [2000.0, 3000.0], "a monolayer block as soft is blur"
+    accepted, _, _ = judge(reads(0.3, 0.85), cfg, 1.0)
+    assert sorted(b[0] for b, _ in accepted) == [2000.0, 3000.0], "below the absolute floor a pile is blurred too"
+    accepted, _, _ = judge(reads(0.4, 0.1), cfg, 1.0)
+    assert sorted(b[0] for b, _ in accepted) == [265.0, 2000.0, 3000.0], "a sparse block: few edges, no evidence"
