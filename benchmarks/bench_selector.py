@@ -10,8 +10,9 @@ when too few areas pass, its misses were looked at, and it was used to develop t
 the moves from the pixels read; ``900`` (seeds 1801-1807) was held out for those moves, and their
 misses there changed them (clear of soft blocks, room inside the block range); ``1000`` (seeds
 1901-1907) was held out for the changed moves, and its narrow bands were looked at; ``1100`` (seeds
-2001-2007) was held out once more for the same code; the next unseen cohort is ``--seed-offset 1200``,
-seeds 2101-2107):
+2001-2007) was held out once more for the same code, then used to develop the soft blocks weighed by
+their coverage; ``1200`` (seeds 2101-2107) was held out for that change and its misses were looked
+at; the next unseen cohort is ``--seed-offset 1300``, seeds 2201-2207):
 
     python benchmarks/bench_selector.py --cohort /tmp/selector-cohort
 
