@@ -169,7 +169,7 @@ def _blurred_blocks(screened: list, cfg: SelectorConfig, focus_ref: float) -> np
     def soft(b) -> bool:
         if b[4] >= focus_min:
             return False
-        return b[4] < cfg.focus_floor or len(b) < 6 or cfg.min_block_coverage <= b[5] <= cfg.max_block_coverage
+        return b[4] < cfg.focus_floor or cfg.min_block_coverage <= b[5] <= cfg.max_block_coverage
 
     return np.array([b[:4] for _, m in screened for b in m.get("_blocks", []) if soft(b)],
                     np.float64).reshape(-1, 4)

@@ -9,11 +9,11 @@ from tile_selector.select import SelectorConfig
 
 def _read(x0: float, focus: float, blocks: list) -> tuple:
     """A 256x192-µm area read at level-0 1 µm/px, in the monolayer, whose worst block has ``focus``;
-    ``blocks``: (x0, x1, sharpness[, coverage]) of its focus blocks."""
+    ``blocks``: (x0, x1, sharpness[, coverage]) of its focus blocks (coverage: the area's own, 0.45)."""
     box = (x0, 0.0, x0 + 256.0, 192.0)
     return box, {"outside": 0.0, "coverage": 0.45, "coverage_min_block": 0.35, "coverage_max_block": 0.55,
                  "focus_worst_block": focus, "overlap": 0.05, "cells": 40,
-                 "_blocks": [(x0 + a, 0.0, x0 + b, 40.0, *v) for a, b, *v in blocks]}
+                 "_blocks": [(x0 + a, 0.0, x0 + b, 40.0, v, *(c or (0.45,))) for a, b, v, *c in blocks]}
 
 
 def _reads() -> list:
@@ -90,11 +90,10 @@ def test_a_piled_up_block_soft_only_against_the_slides_sharpest_areas_is_no_evid
     a block does not reject its neighbour; a monolayer block as soft does, and so does a piled-up one
     below the absolute focus floor (0.33, about 1.2 µm of blur)."""
     def reads(focus: float, cov: float) -> list:
-        thick = _read(0.0, focus, [(200.0, 240.0, focus)])
-        thick[1]["_blocks"] = [b + (cov,) for b in thick[1]["_blocks"]]
+        thick = _read(0.0, focus, [(200.0, 240.0, focus, cov)])
         thick[1]["coverage"], thick[1]["coverage_max_block"] = 0.7, 0.8
         # a sharp monolayer area 25 µm beyond the block, and sharp ones far away (focus reference 0.7)
-        return [thick] + [_read(x, 0.7, [(0.0, 40.0, 0.7, 0.45)]) for x in (265.0, 2000.0, 3000.0)]
+        return [thick] + [_read(x, 0.7, [(0.0, 40.0, 0.7)]) for x in (265.0, 2000.0, 3000.0)]
 
     cfg = SelectorConfig()
     assert 0.72 * 0.7 > 0.4 > cfg.focus_floor
