@@ -12,7 +12,7 @@ import numpy as np
 
 from .evidence import Limits, ReadEvidence
 from .quality import area_measures, background_od
-from .search import CandidateMap, Pick
+from .search import CandidateMap, Pick, pack
 from .slide import Slide
 
 if TYPE_CHECKING:  # the config is defined with the selection that uses it
@@ -52,6 +52,9 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
     rejected ones (a shifted area may pass), and wherever a block was found blurred. It stops when
     ``max_areas`` (or twice the target cells) are accepted, when no position is left to read, after
     ``idle_reads`` reads that found nothing new (once something was found), or at the read budget.
+    Then, when fewer than ``pack_below`` accepted areas fit side by side, it reads the positions of a
+    packing laid end to end over the ground already read (:meth:`CandidateMap.packed`), up to
+    ``pack_reads`` reads, if that packing holds more areas.
     """
     screen_mpp = max(area_mpp, cfg.screen_mpp)
     sw, sh = int(round(area_size[0] * area_mpp / screen_mpp)), int(round(area_size[1] * area_mpp / screen_mpp))
@@ -69,6 +72,27 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
     found, idle = 0, 0
     evidence = ReadEvidence(cmap.smooth, cmap.sx, cmap.sy, cmap.bh, cmap.bw, (sw, sh), screen_mpp)
     limits = Limits(cfg.min_coverage, cfg.max_coverage, cfg.min_block_coverage, cfg.max_block_coverage)
+
+    def _read(batch: list[Pick], plasma: float | None) -> float:
+        """Read and measure ``batch`` at full resolution; returns the plasma level (set by the first)."""
+        reads = [(p, slide.read_area(p.box, (sw, sh))) for p in batch]
+        if plasma is None:
+            # the plasma between cells: its level over the first candidates (most show some)
+            plasma = float(np.median([background_od(r.image, white) for _, r in reads]))
+        for p, read in reads:
+            meas = area_measures(read.image, screen_mpp, white, background=plasma)
+            box = p.box
+            evidence.add(box, meas.pop("_fg"))
+            sx_, sy_ = (box[2] - box[0]) / sw, (box[3] - box[1]) / sh  # screen px -> level-0 px
+            meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, *v)
+                               for x0, y0, x1, y1, *v in meas["_blocks"]]
+            meas["outside"] = round(read.outside_fraction, 4)
+            meas["lowres_score"] = round(p.score, 4)
+            meas.update(p.low)
+            screened.append((box, meas))
+        picks.extend(batch)
+        return plasma
+
     while len(screened) < cfg.read_budget:
         room = cfg.read_budget - len(screened)
         refined = []
@@ -93,23 +117,7 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
             stopped = "no open position left"
             break
         rounds += 1
-        reads = [(p, slide.read_area(p.box, (sw, sh))) for p in batch]
-        if plasma is None:
-            # the plasma between cells: its level over the first candidates (most show some)
-            plasma = float(np.median([background_od(r.image, white) for _, r in reads]))
-        for p, read in reads:
-            meas = area_measures(read.image, screen_mpp, white, background=plasma)
-            box = p.box
-            evidence.add(box, meas.pop("_fg"))
-            sx_, sy_ = (box[2] - box[0]) / sw, (box[3] - box[1]) / sh  # screen px -> level-0 px
-            meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, *v)
-                               for x0, y0, x1, y1, *v in meas["_blocks"]]
-            meas["outside"] = round(read.outside_fraction, 4)
-            meas["lowres_score"] = round(p.score, 4)
-            meas.update(p.low)
-            screened.append((box, meas))
-        del reads
-        picks += batch
+        plasma = _read(batch, plasma)
         accepted, judged, focus_ref = judge(screened, cfg, slide.mpp_x)
         # closed around every read by its verdict now (a verdict may change in a later round), and
         # around the soft blocks of areas rejected as blurred or thick (blur spreads the stain, so a
@@ -126,6 +134,25 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         if accepted and idle >= cfg.idle_reads:
             stopped = f"no further area accepted in the last {idle} reads"
             break
+    packed = 0
+    while stopped != "enough areas accepted" and screened and packed < cfg.pack_reads:
+        # Fewer areas fit side by side than wanted: the best areas, read one by one, may lie in the middle
+        # of a small smear's monolayer with less than an area of room on either side. Lay areas end to
+        # end over the ground already read (search.pack) and read the positions of that packing, when it
+        # holds more areas than the accepted ones do; the choice packs the accepted areas the same way.
+        have = len(pack([b for b, _ in accepted]))
+        room = min(cfg.read_budget - len(screened), cfg.pack_reads - packed)
+        if have >= cfg.pack_below or room <= 0:
+            break
+        n, new = cmap.packed(evidence, limits, [b for b, _ in accepted],
+                             [b for b, m in screened if m["verdict"] != "accepted"],
+                             _blurred_blocks(screened, cfg, focus_ref), cfg.clear_um / slide.mpp_x, cfg.block_room)
+        if n <= have or not new or len(new) > room:
+            break
+        rounds += 1
+        packed += len(new)
+        plasma = _read(new, plasma)
+        accepted, judged, focus_ref = judge(screened, cfg, slide.mpp_x)
     near = 0
     if len(accepted) < cfg.rescue_below and cfg.rescue_margin_um < cfg.blur_margin_um and screened:
         # Too few areas: the margin around blurred blocks (one focus block wide: a block that looks sharp
@@ -143,7 +170,7 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
     search = {"positions": cmap.positions, "grid_um": round(cmap.map_mpp, 3), "read": len(screened),
               "read_budget": cfg.read_budget, "rounds": rounds, "stopped": stopped,
               "level_first": round(first_level, 5), "level": round(cmap.level, 5), "widened": cmap.widened,
-              "near_blur": near}
+              "packed": packed, "near_blur": near}
     return Screen(screened, accepted, judged, focus_ref, picks, search)
 
 
@@ -178,9 +205,10 @@ def _blurred_blocks(screened: list, cfg: SelectorConfig, focus_ref: float) -> np
 def search_text(search: dict) -> str:
     wide = (f" ({search['widened']:,} of them near the smear's edge, searched once those inside its border margin "
             "were used up)") if search.get("widened") else ""
+    packed = (f", {search['packed']} of them to lay areas side by side" if search.get("packed") else "")
     return (f"searched {search['positions']:,} positions{wide} on a {search['grid_um']:g}-µm grid, read "
             f"{search['read']} at full resolution in {search['rounds']} round(s) (budget {search['read_budget']}; "
-            f"{search['stopped']})")
+            f"{search['stopped']}{packed})")
 
 
 def judge(screened: list, cfg: SelectorConfig, mpp0: float,

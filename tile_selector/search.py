@@ -80,6 +80,43 @@ def smear_outline(smear: np.ndarray, ov_mpp: float, min_area_px: float) -> np.nd
     return filled
 
 
+#: Directions (degrees) along which :func:`pack` sweeps: a band of monolayer runs along one of them
+#: closely enough for areas to be laid end to end.
+PACK_DIRECTIONS = (0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0)
+
+
+def pack(boxes, prefer=None) -> list[int]:
+    """Indices of a large set of mutually non-overlapping ``boxes`` (equal-sized, level-0).
+
+    Greedy choice by where a box lies, not by its score: boxes are swept along each of
+    :data:`PACK_DIRECTIONS` and each one is kept unless it overlaps one kept before (for intervals of
+    one length this is the largest set; a band of monolayer is nearly one-dimensional). The sweep that
+    keeps most boxes wins; ties go to the one keeping more ``prefer`` (e.g. areas already read and
+    accepted), then to the first direction. Choosing the best area first instead may put it in the
+    middle of a band with room for three, leaving less than an area on either side.
+    """
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if not len(b):
+        return []
+    pref = np.zeros(len(b)) if prefer is None else np.asarray(prefer, np.float64)
+    cx, cy = (b[:, 0] + b[:, 2]) / 2.0, (b[:, 1] + b[:, 3]) / 2.0
+    best: tuple[tuple[int, float], list[int]] = ((-1, -1.0), [])
+    for deg in PACK_DIRECTIONS:
+        t = cx * math.cos(math.radians(deg)) + cy * math.sin(math.radians(deg))
+        order = np.lexsort((-pref, np.round(t, 6)))  # along the sweep; a preferred box first on a tie
+        free = np.ones(len(b), bool)
+        kept: list[int] = []
+        for k in order:
+            if not free[k]:
+                continue
+            kept.append(int(k))
+            free &= ~((b[:, 0] < b[k, 2]) & (b[k, 0] < b[:, 2]) & (b[:, 1] < b[k, 3]) & (b[k, 1] < b[:, 3]))
+        key = (len(kept), float(pref[kept].sum()))
+        if key > best[0]:
+            best = (key, kept)
+    return best[1]
+
+
 @dataclass
 class Pick:
     """One candidate taken from the map: its level-0 box and its overview figures."""
@@ -295,6 +332,33 @@ class CandidateMap:
                 break
             closed[self._overlapping(j, i)] = True
         return picks
+
+    def packed(self, evidence: ReadEvidence, limits: Limits, accepted: list, rejected: list, blocks: np.ndarray,
+               margin: float, room: float = 0.0) -> tuple[int, list[Pick]]:
+        """Areas laid side by side on the ground already read: the ``accepted`` boxes and the positions
+        where the reads' pixels say an area would pass (as :meth:`refined`: ``room`` inside the block
+        range, not within an eighth area of a ``rejected`` box, clear of ``blocks`` by ``margin``
+        level-0 px), as many mutually non-overlapping as :func:`pack` finds, accepted boxes first on a
+        tie. Returns how many the packing holds and its positions that are not accepted boxes (to be
+        read). A position may overlap an accepted box: the packing may move areas, not only add them.
+        """
+        if not self.positions or evidence.empty:
+            return len(pack(accepted)), []
+        closed = np.zeros(self.shape, bool)
+        for box in rejected:
+            self.suppress(box, 0.125, closed)
+        self.suppress_blocks(blocks, margin, closed)
+        pos, rank = evidence.candidates(closed, limits, room)
+        boxes = [tuple(b) for b in accepted] + [self.box_of(int(j), int(i)) for j, i in pos]
+        kept = pack(boxes, [1.0] * len(accepted) + [0.0] * len(pos))
+        picks = []
+        for k in sorted(kept):
+            if k >= len(accepted):
+                j, i = (int(v) for v in pos[k - len(accepted)])
+                p = self._pick(j, i, float(rank[k - len(accepted)]))
+                p.low["packed"] = True
+                picks.append(p)
+        return len(kept), picks
 
     def probes(self, exclude=(), quantiles=(0.15, 0.4, 0.65, 0.9)) -> list[Pick]:
         """Uniform open positions spread over the smear's OD range, to learn its monolayer level.

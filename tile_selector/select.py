@@ -18,13 +18,17 @@
    areas are accepted, nothing new was found in the last reads, or the read budget is spent. When
    the positions inside the border margin are used up (a small smear, a narrow band), the search
    widens once to positions at least 90 % inside the outline itself; the screen judges them on
-   their own pixels. When fewer than three areas pass, the reads are judged again with a narrow
+   their own pixels. When fewer than three accepted areas fit side by side (the best ones, read one
+   by one, may sit in the middle of a small smear's monolayer), areas are laid end to end over the
+   ground already read (:func:`tile_selector.search.pack`) and that packing's positions are read,
+   if it holds more. When fewer than three areas pass, the reads are judged again with a narrow
    margin around blurred blocks; an area accepted only so is marked ``near_blur``, chosen last,
    and named in a QC warning.
 4. *Selection*: best combined score first (areas clear of every soft block before those within
    ``clear_um`` of one, then areas whose every block lies ``block_room`` inside the coverage range
    before those on a fringe, ``near_blur`` ones last), no overlap, spread over the smear, until the target
-   nucleated-cell count or the maximum number of areas is reached. Every rejected candidate is
+   nucleated-cell count or the maximum number of areas is reached; when that falls short and more
+   first-tier areas fit side by side, those are taken first. Every rejected candidate is
    counted by reason. No usable area: ``inconclusive`` with the reason in words, which says how
    many positions were searched and how many areas were read.
 
@@ -42,7 +46,7 @@ from scipy import ndimage
 
 from .quality import area_measures, field_equivalent_cells, optical_density
 from .screen import R_BLUR, R_FEW, R_THICK, R_THIN, Screen, inside, screen_rounds, search_text
-from .search import CandidateMap
+from .search import CandidateMap, pack
 from .slide import Slide
 
 OVERVIEW_MPP = 4.0
@@ -133,6 +137,8 @@ class SelectorConfig:
     refine_per_round: int = 4          # reads per round placed from the reads' own pixels (evidence)
     block_room: float = 0.05           # areas whose every block lies this far inside the block coverage
     #                                    range are chosen before those at its edge (a fringe of the monolayer)
+    pack_below: int = 3                # fewer accepted areas side by side than this: read a packing ...
+    pack_reads: int = 12               # ... of at most this many reads in all (screen; search.pack)
 
 
 def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:
@@ -249,28 +255,16 @@ def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[li
         rejected[words[code]] = rejected.get(words[code], 0) + 1
     for k, v in screen.judged.items():
         rejected[k] = rejected.get(k, 0) + v
-    chosen: list[tuple[tuple, dict]] = []
-    total_cells = 0
     pool = sorted(screen.accepted, key=lambda a: -a[1]["score"])
-    while pool and len(chosen) < cfg.max_areas and not (cfg.target_cells and total_cells >= cfg.target_cells):
-        best_k, best_s = None, (False, False, False, -1.0)
-        for k, (box, m) in enumerate(pool):
-            if any(_overlaps(box, c[0]) for c in chosen):
-                continue
-            crowd = sum(1 for c in chosen if _near(box, c[0], 1.5))
-            # areas next to an out-of-focus patch (screen: near_blur) only after every other one,
-            # areas clear of every soft block before those closer than clear_um, and areas inside the
-            # block coverage range before those on a fringe of it (screen.inside)
-            soft = m.get("soft_block_um")
-            s = (not m.get("near_blur"), soft is None or soft >= cfg.clear_um, inside(m, cfg),
-                 m["score"] * (0.75 ** crowd))
-            if s > best_s:
-                best_k, best_s = k, s
-        if best_k is None:
-            break
-        box, m = pool.pop(best_k)
-        chosen.append((box, m))
-        total_cells += m["cells"]
+    chosen = _greedy(list(pool), [], cfg)
+    top = [a for a in pool if _tier(a[1], cfg) == (True, True, True)]
+    if len(chosen) < cfg.max_areas and not (cfg.target_cells and _cells(chosen) >= cfg.target_cells):
+        # the best first may sit in the middle of a small smear's monolayer and crowd out two others:
+        # when the first-tier areas laid side by side (search.pack) are more, they are taken instead
+        packed = [top[k] for k in pack([b for b, _ in top])]
+        if len(packed) > sum(1 for c in chosen if _tier(c[1], cfg) == (True, True, True)):
+            chosen = _greedy(list(pool), [], cfg, first=packed)
+    pool = [a for a in pool if not any(a is c for c in chosen)]
     for box, _m in pool:
         key = R_OVERLAP if any(_overlaps(box, c[0]) for c in chosen) else R_NOT_NEEDED
         rejected[key] = rejected.get(key, 0) + 1
@@ -279,6 +273,42 @@ def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[li
         key = R_NOT_NEEDED if chosen else R_NOT_SCREENED
         rejected[key] = rejected.get(key, 0) + n_unscreened
     return chosen, rejected
+
+
+def _tier(m: dict, cfg: SelectorConfig) -> tuple[bool, bool, bool]:
+    """The choice's order before the score: areas next to an out-of-focus patch (screen: near_blur) only
+    after every other one, areas clear of every soft block before those closer than clear_um, and areas
+    inside the block coverage range before those on a fringe of it (screen.inside)."""
+    soft = m.get("soft_block_um")
+    return not m.get("near_blur"), soft is None or soft >= cfg.clear_um, inside(m, cfg)
+
+
+def _cells(chosen: list) -> int:
+    return sum(m["cells"] for _, m in chosen)
+
+
+def _greedy(pool: list, chosen: list, cfg: SelectorConfig, first: list = ()) -> list:
+    """Best first by tier and score, no overlap, spread over the smear (a crowded area counts less),
+    until the target cells or the maximum number of areas; ``first`` are taken before, best first."""
+    chosen = list(chosen)
+    for a in sorted(first, key=lambda a: -a[1]["score"]):
+        if len(chosen) >= cfg.max_areas or (cfg.target_cells and _cells(chosen) >= cfg.target_cells):
+            break
+        chosen.append(a)
+    pool = [a for a in pool if not any(a is c for c in chosen)]
+    while pool and len(chosen) < cfg.max_areas and not (cfg.target_cells and _cells(chosen) >= cfg.target_cells):
+        best_k, best_s = None, (False, False, False, -1.0)
+        for k, (box, m) in enumerate(pool):
+            if any(_overlaps(box, c[0]) for c in chosen):
+                continue
+            crowd = sum(1 for c in chosen if _near(box, c[0], 1.5))
+            s = (*_tier(m, cfg), m["score"] * (0.75 ** crowd))
+            if s > best_s:
+                best_k, best_s = k, s
+        if best_k is None:
+            break
+        chosen.append(pool.pop(best_k))
+    return chosen
 
 
 def _area(k: int, box, m: dict, area_size: tuple[int, int], area_mpp: float, focus_ref: float) -> Area:

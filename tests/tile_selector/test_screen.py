@@ -105,3 +105,25 @@ def test_a_piled_up_block_soft_only_against_the_slides_sharpest_areas_is_no_evid
     assert sorted(b[0] for b, _ in accepted) == [2000.0, 3000.0], "below the absolute floor a pile is blurred too"
     accepted, _, _ = judge(reads(0.4, 0.1), cfg, 1.0)
     assert sorted(b[0] for b, _ in accepted) == [265.0, 2000.0, 3000.0], "a sparse block: few edges, no evidence"
+
+
+def test_the_choice_lays_first_tier_areas_side_by_side_when_the_best_first_leaves_fewer():
+    """Three accepted areas side by side and a better one overlapping two of them: best first takes
+    the better one and one more; laid side by side (search.pack) the three fit, and they are taken
+    while the slide is short of its target cells. With the target met by the best first, it stays."""
+    from tile_selector.screen import Screen
+    from tile_selector.select import _choose
+
+    reads = [_read(x, 0.7, [(0.0, 40.0, 0.7)]) for x in (0.0, 256.0, 512.0, 400.0)]
+    for _, m in reads:
+        m["coverage_max_block"] = 0.5  # inside the block range: first tier
+    accepted, judged, ref = judge(reads, SelectorConfig(), 1.0)
+    assert len(accepted) == 4
+    for b, m in accepted:
+        m["score"] = 100.0 if b[0] == 400.0 else 50.0
+    screen = Screen(reads, accepted, judged, ref, list(reads), {})
+    chosen, rejected = _choose(screen, [], SelectorConfig(max_areas=6, target_cells=500))
+    assert sorted(b[0] for b, _ in chosen) == [0.0, 256.0, 512.0]
+    assert rejected.get("overlaps or crowds a chosen area") == 1
+    chosen, _ = _choose(screen, [], SelectorConfig(max_areas=6, target_cells=60))
+    assert [b[0] for b, _ in chosen][:1] == [400.0], "the best first when its cells reach the target"

@@ -135,3 +135,32 @@ def test_reclosing_reopens_the_neighbours_of_an_area_no_longer_accepted():
     assert not cm.open[20, 30] and not cm.open[21, 31], "the read itself is not read again"
     cm.reclose([(read, False)], np.array([[30.0, 20.0, 34.0, 24.0]]), 0.0)
     assert not cm.open[20, 26] and cm.open[20, 36], "a blurred block closes what overlaps it"
+
+
+def test_pack_lays_areas_end_to_end_where_the_best_first_leaves_room_for_one_neighbour():
+    """A band 3.2 areas long. An area in the middle (the best one, say) leaves less than an area on
+    one side; swept along the band, three fit side by side, and an accepted box is kept on a tie."""
+    from tile_selector.search import pack
+
+    w, h = 10.0, 8.0
+    starts = np.arange(0.0, 22.0 + 1e-9, 1.0)           # every position of the band, 32 wide
+    boxes = [(x, 0.0, x + w, h) for x in starts]
+    middle = boxes.index((6.0, 0.0, 16.0, h))
+    greedy = [middle]
+    for k, b in enumerate(boxes):
+        if all(not (b[0] < boxes[g][2] and boxes[g][0] < b[2]) for g in greedy):
+            greedy.append(k)
+    assert len(greedy) == 2, "the middle one first: room for one more"
+    kept = pack(boxes)
+    assert len(kept) == 3
+    for a in kept:
+        for b in kept:
+            if a != b:
+                assert not (boxes[a][0] < boxes[b][2] and boxes[b][0] < boxes[a][2]), "packed boxes overlap"
+    # the band along y instead of x, and tilted: still three
+    assert len(pack([(0.0, y, w, y + h) for y in np.arange(0.0, 17.0, 1.0)])) == 3
+    assert len(pack([(x, x, x + w, x + h) for x in np.arange(0.0, 17.0, 1.0)])) == 3
+    # a preferred (already accepted) box wins a tie of equal counts
+    two = [(0.0, 0.0, w, h), (10.0, 0.0, 20.0, h), (0.0, 0.0, w, h)]
+    assert sorted(pack(two, prefer=[0, 0, 1])) == [1, 2]
+    assert pack([]) == []

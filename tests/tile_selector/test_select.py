@@ -269,3 +269,28 @@ def test_the_neighbours_of_an_area_rejected_in_a_later_round_are_searched_again(
         x0, y0, x1, y1 = (int(round(v * 0.25 / m)) for v in a.box)
         assert (maps["zones"][y0:y1, x0:x1] == 2).mean() >= 0.9, "in the truth's monolayer"
         assert float(maps["blur"][y0:y1, x0:x1].max()) < 1.0, "and in focus"
+
+
+def test_areas_are_laid_side_by_side_on_a_small_smear_where_the_best_first_leaves_room_for_fewer(tmp_path):
+    """A small smear (seed 9304, 1.5 x 1.1 mm at 0.25 µm/px). Read one by one from the overview's best,
+    two areas are accepted and no open position is left: the usable monolayer is used up around them.
+    Laid end to end over the ground already read (search.pack), three fit; their positions are read
+    and accepted, and all three lie in the truth's monolayer and in focus."""
+    from wsi_apl.synth.cohort import synth_cohort
+
+    synth_cohort(tmp_path, ["healthy"], seed=9304, mpp=0.25, size=(6000, 4500))
+    slide = open_slide(tmp_path / "slide_9304_000.tiff")
+    maps = np.load(tmp_path / "truth" / "slide_9304_000.maps.npz")
+    without = select_areas(slide, AREA, 0.5, SelectorConfig(pack_reads=0))
+    sel = select_areas(slide, AREA, 0.5)
+    assert without.status == "ok" and len(without.areas) == 2
+    assert without.qc["search"]["stopped"] == "no open position left"
+    assert sel.status == "ok" and len(sel.areas) == 3, sel.reason
+    search = sel.qc["search"]
+    assert 0 < search["packed"] <= SelectorConfig().pack_reads and search["read"] <= search["read_budget"]
+    assert any(a.scores.get("packed") for a in sel.areas), "an area placed by the packing"
+    for a in sel.areas:
+        mono, blur = _in_truth(maps, a.box, slide.mpp)
+        assert mono >= 0.9 and blur < 1.0, (a.index, mono, blur)
+    assert sel.estimated_cells > without.estimated_cells
+    assert sum(sel.rejected.values()) + len(sel.areas) == sel.candidates
