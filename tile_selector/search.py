@@ -106,10 +106,13 @@ def pack(boxes, prefer=None) -> list[int]:
         order = np.lexsort((-pref, np.round(t, 6)))  # along the sweep; a preferred box first on a tie
         free = np.ones(len(b), bool)
         kept: list[int] = []
-        for k in order:
-            if not free[k]:
-                continue
-            kept.append(int(k))
+        while True:  # one vectorised pass per box kept (a few), not a Python loop over every box
+            ahead = free[order]
+            r = int(np.argmax(ahead))
+            if not ahead[r]:
+                break
+            k = int(order[r])
+            kept.append(k)
             free &= ~((b[:, 0] < b[k, 2]) & (b[k, 0] < b[:, 2]) & (b[:, 1] < b[k, 3]) & (b[k, 1] < b[:, 3]))
         key = (len(kept), float(pref[kept].sum()))
         if key > best[0]:
