@@ -12,7 +12,9 @@ misses there changed them (clear of soft blocks, room inside the block range); `
 1901-1907) was held out for the changed moves, and its narrow bands were looked at; ``1100`` (seeds
 2001-2007) was held out once more for the same code, then used to develop the soft blocks weighed by
 their coverage; ``1200`` (seeds 2101-2107) was held out for that change and its misses were looked
-at; the next unseen cohort is ``--seed-offset 1300``, seeds 2201-2207):
+at; the small smears of ``1100`` and ``1200`` were used to develop the areas laid side by side, and
+``1300`` (seeds 2201-2207) and ``1400`` (seeds 2301-2307) were held out for them, once each, and their
+misses were looked at; the next unseen cohort is ``--seed-offset 1500``, seeds 2401-2407):
 
     python benchmarks/bench_selector.py --cohort /tmp/selector-cohort
 
