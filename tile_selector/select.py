@@ -256,14 +256,14 @@ def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[li
     for k, v in screen.judged.items():
         rejected[k] = rejected.get(k, 0) + v
     pool = sorted(screen.accepted, key=lambda a: -a[1]["score"])
-    chosen = _greedy(list(pool), [], cfg)
+    chosen = _greedy(pool, cfg)
     top = [a for a in pool if _tier(a[1], cfg) == (True, True, True)]
     if len(chosen) < cfg.max_areas and not (cfg.target_cells and _cells(chosen) >= cfg.target_cells):
         # the best first may sit in the middle of a small smear's monolayer and crowd out two others:
         # when the first-tier areas laid side by side (search.pack) are more, they are taken instead
         packed = [top[k] for k in pack([b for b, _ in top])]
         if len(packed) > sum(1 for c in chosen if _tier(c[1], cfg) == (True, True, True)):
-            chosen = _greedy(list(pool), [], cfg, first=packed)
+            chosen = _greedy(pool, cfg, first=packed)
     pool = [a for a in pool if not any(a is c for c in chosen)]
     for box, _m in pool:
         key = R_OVERLAP if any(_overlaps(box, c[0]) for c in chosen) else R_NOT_NEEDED
@@ -287,10 +287,11 @@ def _cells(chosen: list) -> int:
     return sum(m["cells"] for _, m in chosen)
 
 
-def _greedy(pool: list, chosen: list, cfg: SelectorConfig, first: list = ()) -> list:
-    """Best first by tier and score, no overlap, spread over the smear (a crowded area counts less),
-    until the target cells or the maximum number of areas; ``first`` are taken before, best first."""
-    chosen = list(chosen)
+def _greedy(pool: list, cfg: SelectorConfig, first: list = ()) -> list:
+    """From ``pool``: best first by tier and score, no overlap, spread over the smear (a crowded area
+    counts less), until the target cells or the maximum number of areas; ``first`` (mutually apart)
+    are taken before, best score first."""
+    chosen: list = []
     for a in sorted(first, key=lambda a: -a[1]["score"]):
         if len(chosen) >= cfg.max_areas or (cfg.target_cells and _cells(chosen) >= cfg.target_cells):
             break
