@@ -220,10 +220,17 @@ class CandidateMap:
         """
         if not self.positions:
             return
-        self.closed[:] = False
-        for box, accepted in reads:
-            self.suppress(box, 0.0 if accepted else 0.25)
-        self.suppress_blocks(blocks, margin)
+        self._closure([(box, 0.0 if accepted else 0.25) for box, accepted in reads], blocks, margin, self.closed)
+
+    def _closure(self, reads: list, blocks: np.ndarray, margin: float, mask: np.ndarray | None = None) -> np.ndarray:
+        """``mask`` (default: a new one) set to the positions closed around ``reads`` ((level-0 box,
+        share) pairs, as :meth:`suppress`) and within ``margin`` level-0 px of ``blocks``."""
+        mask = np.zeros(self.shape, bool) if mask is None else mask
+        mask[:] = False
+        for box, share in reads:
+            self.suppress(box, share, mask)
+        self.suppress_blocks(blocks, margin, mask)
+        return mask
 
     def widen(self) -> int:
         """Open the positions between the border margin and the smear's edge (at least
@@ -318,10 +325,7 @@ class CandidateMap:
         """
         if not self.positions or k <= 0 or evidence.empty:
             return []
-        closed = np.zeros(self.shape, bool)
-        for box, state in reads:
-            self.suppress(box, 0.0 if state == "accepted" else 0.125, closed)
-        self.suppress_blocks(blocks, margin, closed)
+        closed = self._closure([(box, 0.0 if state == "accepted" else 0.125) for box, state in reads], blocks, margin)
         pos, rank = evidence.candidates(closed, limits, room)
         picks: list[Pick] = []
         for n in np.argsort(-rank, kind="stable"):
@@ -347,10 +351,7 @@ class CandidateMap:
         """
         if not self.positions or evidence.empty:
             return len(pack(accepted)), []
-        closed = np.zeros(self.shape, bool)
-        for box in rejected:
-            self.suppress(box, 0.125, closed)
-        self.suppress_blocks(blocks, margin, closed)
+        closed = self._closure([(box, 0.125) for box in rejected], blocks, margin)
         pos, rank = evidence.candidates(closed, limits, room)
         boxes = [tuple(b) for b in accepted] + [self.box_of(int(j), int(i)) for j, i in pos]
         kept = pack(boxes, [1.0] * len(accepted) + [0.0] * len(pos))

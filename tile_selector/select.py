@@ -257,12 +257,12 @@ def _choose(screen: Screen, lattice: list[str], cfg: SelectorConfig) -> tuple[li
         rejected[k] = rejected.get(k, 0) + v
     pool = sorted(screen.accepted, key=lambda a: -a[1]["score"])
     chosen = _greedy(pool, cfg)
-    top = [a for a in pool if _tier(a[1], cfg) == (True, True, True)]
     if len(chosen) < cfg.max_areas and not (cfg.target_cells and _cells(chosen) >= cfg.target_cells):
         # the best first may sit in the middle of a small smear's monolayer and crowd out two others:
         # when the first-tier areas laid side by side (search.pack) are more, they are taken instead
+        top = [a for a in pool if all(_tier(a[1], cfg))]
         packed = [top[k] for k in pack([b for b, _ in top])]
-        if len(packed) > sum(1 for c in chosen if _tier(c[1], cfg) == (True, True, True)):
+        if len(packed) > sum(1 for c in chosen if all(_tier(c[1], cfg))):
             chosen = _greedy(pool, cfg, first=packed)
     pool = [a for a in pool if not any(a is c for c in chosen)]
     for box, _m in pool:
