@@ -128,6 +128,7 @@ class SelectorConfig:
     max_block_coverage: float = 0.6
     border_um: float = 16.0            # areas stay this far inside the smear's edge
     focus_floor: float = 0.33          # absolute edge sharpness (µm⁻¹) of the worst 40-µm block (~1.2 µm blur)
+    off_range_floor: float = 0.30      # the same for a piled-up or sparse block as evidence of blur (screen)
     focus_relative: float = 0.72       # of the slide's sharp areas (90th percentile of the worst blocks)
     blur_margin_um: float = 40.0       # a blurred block this close also rejects (one focus block: a block
     #                                    judged sharp by its sharpest edges may hide blur where it meets one)

@@ -88,7 +88,8 @@ def test_a_piled_up_block_soft_only_against_the_slides_sharpest_areas_is_no_evid
     """Piled-up cells overlap and show fewer clean edges than the monolayer, so a thick area's block
     falls short of the slide's relative focus limit (0.72 x its sharpest areas) without any blur. Such
     a block does not reject its neighbour; a monolayer block as soft does, and so does a piled-up one
-    below the absolute focus floor (0.33, about 1.2 µm of blur)."""
+    below ``off_range_floor`` (0.30, a little under the absolute focus floor of 0.33). Between the two,
+    a monolayer block is blur and a pile (a marrow particle, say) is not."""
     def reads(focus: float, cov: float) -> list:
         thick = _read(0.0, focus, [(200.0, 240.0, focus, cov)])
         thick[1]["coverage"], thick[1]["coverage_max_block"] = 0.7, 0.8
@@ -101,8 +102,13 @@ def test_a_piled_up_block_soft_only_against_the_slides_sharpest_areas_is_no_evid
     assert sorted(b[0] for b, _ in accepted) == [265.0, 2000.0, 3000.0], "the piled-up block is explained by the pile"
     accepted, _, _ = judge(reads(0.4, 0.45), cfg, 1.0)
     assert sorted(b[0] for b, _ in accepted) == [2000.0, 3000.0], "a monolayer block as soft is blur"
-    accepted, _, _ = judge(reads(0.3, 0.85), cfg, 1.0)
-    assert sorted(b[0] for b, _ in accepted) == [2000.0, 3000.0], "below the absolute floor a pile is blurred too"
+    accepted, _, _ = judge(reads(0.25, 0.85), cfg, 1.0)
+    assert sorted(b[0] for b, _ in accepted) == [2000.0, 3000.0], "well below the floor a pile is blurred too"
+    assert cfg.off_range_floor < 0.31 < cfg.focus_floor
+    accepted, _, _ = judge(reads(0.31, 0.85), cfg, 1.0)
+    assert sorted(b[0] for b, _ in accepted) == [265.0, 2000.0, 3000.0], "a pile just under the floor: no evidence"
+    accepted, _, _ = judge(reads(0.31, 0.45), cfg, 1.0)
+    assert sorted(b[0] for b, _ in accepted) == [2000.0, 3000.0], "a monolayer block as soft is blur"
     accepted, _, _ = judge(reads(0.4, 0.1), cfg, 1.0)
     assert sorted(b[0] for b, _ in accepted) == [265.0, 2000.0, 3000.0], "a sparse block: few edges, no evidence"
 

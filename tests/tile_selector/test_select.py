@@ -201,10 +201,13 @@ def _in_truth(maps, box, mpp: float) -> tuple[float, float]:
 def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_are_found(slide_9117):
     """The 40-µm margin around blurred blocks leaves it no area (inconclusive); judged again with the
     10-µm margin, the screen takes a sharp area near the patch, marks it and warns, so the expert
-    checks it."""
+    checks it. (The soft block 25 µm from it is sparse feathered edge at 0.326, just under the focus
+    floor, sharp in the truth: with the default ``off_range_floor`` (0.30) it is no evidence of blur and
+    the same area is taken without the rescue; here it counts, as a block in the coverage range would.)"""
     slide, maps = slide_9117
-    strict = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0))
-    sel = select_areas(slide, AREA, 0.5)
+    floor = SelectorConfig().focus_floor
+    strict = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0, off_range_floor=floor))
+    sel = select_areas(slide, AREA, 0.5, SelectorConfig(off_range_floor=floor))
     assert strict.status == "inconclusive" and "blurred" in strict.reason, strict.reason
     near = [a for a in sel.areas if a.scores.get("near_blur")]
     assert near and len(sel.areas) > len(strict.areas)
@@ -221,6 +224,8 @@ def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_ar
         mono, blur = _in_truth(maps, a.box, slide.mpp)
         assert mono >= 0.9, "in the truth's monolayer"
         assert blur < 1.0, "and in focus, however close the patch"
+    default = select_areas(slide, AREA, 0.5)
+    assert [a.box for a in default.areas] == [a.box for a in near] and not default.warnings
 
 
 def test_an_area_on_a_thin_fringe_of_a_narrow_band_is_moved_inward_from_the_pixels_read(tmp_path):
@@ -251,14 +256,22 @@ def test_the_neighbours_of_an_area_rejected_in_a_later_round_are_searched_again(
     """A small smear (1.5 x 1.1 mm) whose first accepted area is rejected in a later round (a blurred
     block found next to it). Before the map was closed again from the current verdicts, the
     positions overlapping that area stayed closed, the search ran out of positions and the slide
-    was inconclusive; now a usable area beside it is read and taken, without the narrow blur margin."""
+    was inconclusive; now a usable area beside it is read and taken, without the narrow blur margin.
+    (The block that rejects it is sparse or piled up, just under the focus floor: with the default
+    ``off_range_floor`` it is no evidence of blur and the first area stays accepted, as the truth
+    allows; here it counts, as a block in the coverage range would.)"""
     from wsi_apl.synth.cohort import synth_cohort
 
     synth_cohort(tmp_path, ["healthy"], seed=9110, mpp=0.25, size=(6000, 4500))
     slide = open_slide(tmp_path / "slide_9110_000.tiff")
     # the overview's reads alone, as when the closure was rebuilt (the moves from the reads' pixels
     # find an area here too, and the later reads then take a second one on a thin fringe, 87 % monolayer)
-    sel = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0, refine_per_round=0))
+    floor = SelectorConfig().focus_floor
+    default = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0, refine_per_round=0))
+    assert default.screened[0][1]["verdict"] == "accepted" and default.areas[0].box == tuple(
+        int(round(v)) for v in default.screened[0][0])
+    sel = select_areas(slide, AREA, 0.5,
+                       SelectorConfig(rescue_margin_um=40.0, refine_per_round=0, off_range_floor=floor))
     assert sel.status == "ok" and sel.areas, sel.reason
     first = sel.screened[0]
     assert first[1]["verdict"] == "blurred", "the first read was accepted, then rejected in a later round"
@@ -294,3 +307,23 @@ def test_areas_are_laid_side_by_side_on_a_small_smear_where_the_best_first_leave
         assert mono >= 0.9 and blur < 1.0, (a.index, mono, blur)
     assert sel.estimated_cells > without.estimated_cells
     assert sum(sel.rejected.values()) + len(sel.areas) == sel.candidates
+
+
+def test_a_particle_or_the_feathered_edge_just_under_the_focus_floor_does_not_reject_the_monolayer_beside_it(tmp_path):
+    """A small smear (seed 9355, 1.5 x 1.1 mm at 0.25 µm/px). Its sharp monolayer lies between a marrow
+    particle and the feathered edge, whose blocks (piled up; sparse) score 0.30-0.31, just under the
+    absolute focus floor (0.33) with no blur in the truth. Counted as blur, they reject every area
+    beside them and the slide ends inconclusive; counted only below ``off_range_floor`` (0.30), an area
+    is found, in the truth's monolayer and in focus."""
+    from wsi_apl.synth.cohort import synth_cohort
+
+    synth_cohort(tmp_path, ["aml"], seed=9355, mpp=0.25, size=(6000, 4500))
+    slide = open_slide(tmp_path / "slide_9355_000.tiff")
+    maps = np.load(tmp_path / "truth" / "slide_9355_000.maps.npz")
+    before = select_areas(slide, AREA, 0.5, SelectorConfig(off_range_floor=SelectorConfig().focus_floor))
+    assert before.status == "inconclusive" and "blurred" in before.reason
+    sel = select_areas(slide, AREA, 0.5)
+    assert sel.status == "ok" and sel.areas, sel.reason
+    for a in sel.areas:
+        mono, blur = _in_truth(maps, a.box, slide.mpp)
+        assert mono >= 0.9 and blur < 1.0, (a.index, mono, blur)
