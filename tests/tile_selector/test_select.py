@@ -312,7 +312,7 @@ def test_areas_are_laid_side_by_side_on_a_small_smear_where_the_best_first_leave
 def test_a_particle_or_the_feathered_edge_just_under_the_focus_floor_does_not_reject_the_monolayer_beside_it(tmp_path):
     """A small smear (seed 9355, 1.5 x 1.1 mm at 0.25 µm/px). Its sharp monolayer lies between a marrow
     particle and the feathered edge, whose blocks (piled up; sparse) score 0.30-0.31, just under the
-    absolute focus floor (0.33) with no blur in the truth. Counted as blur, they reject every area
+    absolute focus floor (0.33), with a median truth blur of 0.2-0.9 µm. Counted as blur, they reject every area
     beside them and the slide ends inconclusive; counted only below ``off_range_floor`` (0.30), an area
     is found, in the truth's monolayer and in focus."""
     from wsi_apl.synth.cohort import synth_cohort
