@@ -55,6 +55,12 @@ truth and the screen's figures (``read_details``), to study the judge offline wi
 
 Overview against the truth: ``--overview SLIDE OUT.png``.
 
+Search or judge: ``--exhaustive SLIDE [SLIDE ...] [--step-um 32]`` reads every area on a grid inside the
+smear's outline, judges them all with the selector's own judge, and prints per slide how many usable
+areas (by the truth) the judge's accepted ones hold side by side, against the areas the selector chose:
+accepted areas clear of the chosen ones are areas the search missed; where there are none, only another
+judge (what counts as thin, thick or blurred) finds more.
+
 Speed (one process, one core): ``--timing SLIDE [SLIDE ...]`` selects 2560x1920-px areas at
 0.125 µm/px on each slide and prints seconds and decoded megapixels; ``--map-cost 100000x80000@0.125``
 times the part that grows with the slide (smear map, dense search, picks) on a synthetic overview.
@@ -362,6 +368,65 @@ def map_cost(size: tuple[int, int], mpp: float, area=(2560, 1920), area_mpp=0.12
           f"reads' pixels) {t3 - t2:.2f} s, of which the reads' evidence {t_evidence:.2f} s")
 
 
+def exhaustive(paths: list[str], step_um: float = 32.0, area=(512, 384), area_mpp=0.5) -> None:
+    """Every area on a ``step_um`` grid inside the smear's outline, read and judged by the selector's own
+    judge, against the areas the selector chose: whether the search or the judge loses the areas.
+
+    Per slide: the areas chosen (how many usable by the truth), the areas read here, how many the judge
+    accepts, how many of those lie side by side (:func:`tile_selector.search.pack`; usable by the truth),
+    and how many accepted ones lie clear of the chosen areas. A search that misses what its judge would
+    accept shows as accepted areas clear of the chosen ones; where there are none, only another judge
+    (what counts as thin, thick or blurred) can find more.
+    """
+    from tile_selector.screen import judge, read_areas, white_point
+    from tile_selector.search import pack, smear_outline
+    from tile_selector.select import OVERVIEW_MPP, SelectorConfig, _overlaps, _smear_map, select_areas
+    from tile_selector.slide import open_slide
+
+    cfg = SelectorConfig()
+    screen_mpp = max(area_mpp, cfg.screen_mpp)
+    size = tuple(int(round(v * area_mpp / screen_mpp)) for v in area)
+    more = 0
+    for p in paths:
+        path = Path(p)
+        truth = json.loads((path.parent / "truth" / f"{path.stem}.json").read_text())
+        slide = open_slide(path)
+        sel = select_areas(slide, area, area_mpp, cfg)
+        ov, ov_mpp = slide.read_overview(OVERVIEW_MPP)
+        sm = _smear_map(ov, ov_mpp)
+        (w0, h0), s = slide.dimensions, ov.shape[1] / slide.dimensions[0]  # overview px per level-0 px
+        aw0, ah0 = area[0] * area_mpp / slide.mpp_x, area[1] * area_mpp / slide.mpp_y
+        outline = smear_outline(sm["smear"], ov_mpp, 0.5 * aw0 * ah0 * s * s)
+        step = step_um / slide.mpp_x
+        boxes = [(x, y, x + aw0, y + ah0) for y in np.arange(0.0, h0 - ah0, step) for x in np.arange(0.0, w0 - aw0, step)
+                 if outline[int(y * s):int((y + ah0) * s) + 1, int(x * s):int((x + aw0) * s) + 1].mean() >= 0.9]
+        white, plasma, screened = white_point(ov), None, []
+        for k in range(0, len(boxes), 12):  # the plasma level from the first reads, as the screen does
+            plasma, reads = read_areas(slide, boxes[k:k + 12], size, screen_mpp, white, plasma)
+            for box, m in reads:
+                m.pop("_fg")
+                screened.append((box, m))
+        accepted, _, _ = judge(screened, cfg, slide.mpp_x)
+
+        def usable(box) -> bool:
+            mono, blur, _ = truth_stats(path.parent / "truth", truth, box, slide.mpp)
+            return mono >= MONOLAYER_SHARE and blur < BLUR_LIMIT_UM
+
+        chosen = [a.box for a in sel.areas]
+        good = [b for b, _ in accepted if usable(b)]
+        clear = [b for b, _ in accepted if not any(_overlaps(b, c) for c in chosen)]
+        clear_good = [b for b in clear if usable(b)]
+        n_sel = sum(usable(b) for b in chosen)
+        n_pack = len(pack(good))
+        more += max(0, n_pack - n_sel)
+        print(f"{path.name}: chose {len(chosen)} ({n_sel} usable); read {len(screened)} on a {step_um:g}-µm grid, "
+              f"judge accepts {len(accepted)} ({len(good)} usable), {len(pack([b for b, _ in accepted]))} side by side "
+              f"({n_pack} usable); clear of the chosen: {len(clear)} ({len(pack(clear_good))} usable side by side)",
+              flush=True)
+    print(f"usable areas side by side that the exhaustive read finds beyond the selector's: {more} "
+          f"over {len(paths)} slides")
+
+
 def truth_overview(slide_path: str, out_png: str, area=(512, 384), area_mpp=0.5) -> None:
     """Side by side: the selector's overview (its own zones) and the same areas on the truth zones,
     with the truth's out-of-focus parts (blur >= 1 µm) hatched."""
@@ -406,11 +471,17 @@ def main() -> None:
     ap.add_argument("--map-cost", default=None, metavar="WxH@MPP",
                     help="time the overview-side work for a slide of that size, e.g. 100000x80000@0.125")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--exhaustive", nargs="+", metavar="SLIDE", default=None,
+                    help="read every area on a grid and judge it: does the search or the judge lose areas?")
+    ap.add_argument("--step-um", type=float, default=32.0, help="the grid of --exhaustive (µm)")
     ap.add_argument("--overview", nargs=2, metavar=("SLIDE", "OUT_PNG"), default=None,
                     help="draw the chosen areas on the selector's zones and on the truth zones")
     args = ap.parse_args()
     if args.overview:
         truth_overview(*args.overview)
+        return
+    if args.exhaustive:
+        exhaustive(args.exhaustive, args.step_um)
         return
     if args.map_cost:
         dims, mpp = args.map_cost.split("@")

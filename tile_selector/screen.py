@@ -58,7 +58,7 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
     """
     screen_mpp = max(area_mpp, cfg.screen_mpp)
     sw, sh = int(round(area_size[0] * area_mpp / screen_mpp)), int(round(area_size[1] * area_mpp / screen_mpp))
-    white = np.percentile(ov.reshape(-1, 3), 99.5, axis=0)
+    white = white_point(ov)
     first_level = cmap.level
     target_coverage = (cfg.min_coverage + cfg.max_coverage) / 2.0
     per_round = max(cfg.round_size, cfg.max_areas)
@@ -75,18 +75,9 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
 
     def _read(batch: list[Pick], plasma: float | None) -> float:
         """Read and measure ``batch`` at full resolution; returns the plasma level (set by the first)."""
-        reads = [(p, slide.read_area(p.box, (sw, sh))) for p in batch]
-        if plasma is None:
-            # the plasma between cells: its level over the first candidates (most show some)
-            plasma = float(np.median([background_od(r.image, white) for _, r in reads]))
-        for p, read in reads:
-            meas = area_measures(read.image, screen_mpp, white, background=plasma)
-            box = p.box
+        plasma, reads = read_areas(slide, [p.box for p in batch], (sw, sh), screen_mpp, white, plasma)
+        for p, (box, meas) in zip(batch, reads):
             evidence.add(box, meas.pop("_fg"))
-            sx_, sy_ = (box[2] - box[0]) / sw, (box[3] - box[1]) / sh  # screen px -> level-0 px
-            meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, *v)
-                               for x0, y0, x1, y1, *v in meas["_blocks"]]
-            meas["outside"] = round(read.outside_fraction, 4)
             meas["lowres_score"] = round(p.score, 4)
             meas.update(p.low)
             screened.append((box, meas))
@@ -172,6 +163,31 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
               "level_first": round(first_level, 5), "level": round(cmap.level, 5), "widened": cmap.widened,
               "packed": packed, "near_blur": near}
     return Screen(screened, accepted, judged, focus_ref, picks, search)
+
+
+def white_point(ov: np.ndarray) -> np.ndarray:
+    """The glass's RGB on the overview (99.5th percentile per channel): the optical densities' reference."""
+    return np.percentile(ov.reshape(-1, 3), 99.5, axis=0)
+
+
+def read_areas(slide: Slide, boxes: list, size: tuple[int, int], screen_mpp: float, white: np.ndarray,
+               plasma: float | None = None) -> tuple[float, list[tuple[tuple, dict]]]:
+    """Read level-0 ``boxes`` at ``size`` px (``screen_mpp`` µm/px) and measure each as the judge needs
+    (:func:`tile_selector.quality.area_measures`; its focus blocks in level-0 px, the share outside the
+    image). ``plasma``: the OD of the plasma between cells; None sets it from these reads (their median
+    background: most candidates show some). Returns the plasma level and (box, measures) pairs."""
+    reads = [(box, slide.read_area(box, size)) for box in boxes]
+    if plasma is None and reads:
+        plasma = float(np.median([background_od(r.image, white) for _, r in reads]))
+    out = []
+    for box, read in reads:
+        meas = area_measures(read.image, screen_mpp, white, background=plasma)
+        sx_, sy_ = (box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1]  # screen px -> level-0 px
+        meas["_blocks"] = [(box[0] + x0 * sx_, box[1] + y0 * sy_, box[0] + x1 * sx_, box[1] + y1 * sy_, *v)
+                           for x0, y0, x1, y1, *v in meas["_blocks"]]
+        meas["outside"] = round(read.outside_fraction, 4)
+        out.append((box, meas))
+    return plasma, out
 
 
 def inside(m: dict, cfg: SelectorConfig) -> bool:
