@@ -309,6 +309,28 @@ def test_areas_are_laid_side_by_side_on_a_small_smear_where_the_best_first_leave
     assert sum(sel.rejected.values()) + len(sel.areas) == sel.candidates
 
 
+def test_the_packing_keeps_the_judges_margin_from_soft_blocks_not_the_moves_clearance(tmp_path):
+    """A small smear (seed 9418, 1.5 x 1.1 mm at 0.25 µm/px). Two areas are accepted one by one; laid end
+    to end over the ground read, three fit, but near an out-of-focus patch: held 100 µm (``clear_um``, the
+    moves' clearance) from every soft block, the packing finds no position (the twelfth session's code
+    took two areas). Then held only the judge's own 40 µm from them, its positions are read and three
+    areas are taken, all in the truth's monolayer and in focus."""
+    from wsi_apl.synth.cohort import synth_cohort
+
+    synth_cohort(tmp_path, ["apl"], seed=9418, mpp=0.25, size=(6000, 4500))
+    slide = open_slide(tmp_path / "slide_9418_000.tiff")
+    maps = np.load(tmp_path / "truth" / "slide_9418_000.maps.npz")
+    without = select_areas(slide, AREA, 0.5, SelectorConfig(pack_reads=0))
+    sel = select_areas(slide, AREA, 0.5)
+    assert without.status == "ok" and len(without.areas) == 2, without.reason
+    assert sel.status == "ok" and len(sel.areas) == 3, sel.reason
+    assert sel.qc["search"]["packed"] > 0 and any(a.scores.get("packed") for a in sel.areas)
+    for a in sel.areas:
+        mono, blur = _in_truth(maps, a.box, slide.mpp)
+        assert mono >= 0.9 and blur < 1.0, (a.index, mono, blur)
+    assert sel.estimated_cells > without.estimated_cells
+
+
 def test_a_particle_or_the_feathered_edge_just_under_the_focus_floor_does_not_reject_the_monolayer_beside_it(tmp_path):
     """A small smear (seed 9355, 1.5 x 1.1 mm at 0.25 µm/px). Its sharp monolayer lies between a marrow
     particle and the feathered edge, whose blocks (piled up; sparse) score 0.30-0.31, just under the
