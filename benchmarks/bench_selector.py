@@ -398,7 +398,8 @@ def exhaustive(paths: list[str], step_um: float = 32.0, area=(512, 384), area_mp
         aw0, ah0 = area[0] * area_mpp / slide.mpp_x, area[1] * area_mpp / slide.mpp_y
         outline = smear_outline(sm["smear"], ov_mpp, 0.5 * aw0 * ah0 * s * s)
         step = step_um / slide.mpp_x
-        boxes = [(x, y, x + aw0, y + ah0) for y in np.arange(0.0, h0 - ah0, step) for x in np.arange(0.0, w0 - aw0, step)
+        grid = [(x, y) for y in np.arange(0.0, h0 - ah0, step) for x in np.arange(0.0, w0 - aw0, step)]
+        boxes = [(x, y, x + aw0, y + ah0) for x, y in grid
                  if outline[int(y * s):int((y + ah0) * s) + 1, int(x * s):int((x + aw0) * s) + 1].mean() >= 0.9]
         white, plasma, screened = white_point(ov), None, []
         for k in range(0, len(boxes), 12):  # the plasma level from the first reads, as the screen does
