@@ -16,8 +16,9 @@ at; the small smears of ``1100`` and ``1200`` were used to develop the areas lai
 ``1300`` (seeds 2201-2207) and ``1400`` (seeds 2301-2307) were held out for them, once each, and their
 misses were looked at; ``1500`` (seeds 2401-2407) was held out once for that code, then used with
 ``1300`` to develop the floor for piled-up and sparse blocks, and ``1600`` (seeds 2501-2507) was held out
-for it, once, and its misses were looked at; the next unseen cohort is ``--seed-offset 1700``, seeds
-2601-2607):
+for it, once, and its misses were looked at, and it was used (with ``1500``) to develop the packing's
+fallback margin; ``1700`` (seeds 2601-2607) was held out for that, and its misses were looked at; the
+next unseen cohort is ``--seed-offset 1800``, seeds 2701-2707):
 
     python benchmarks/bench_selector.py --cohort /tmp/selector-cohort
 
