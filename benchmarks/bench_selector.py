@@ -402,9 +402,12 @@ def exhaustive(paths: list[str], step_um: float = 32.0, area=(512, 384), area_mp
         grid = [(x, y) for y in np.arange(0.0, h0 - ah0, step) for x in np.arange(0.0, w0 - aw0, step)]
         boxes = [(x, y, x + aw0, y + ah0) for x, y in grid
                  if outline[int(y * s):int((y + ah0) * s) + 1, int(x * s):int((x + aw0) * s) + 1].mean() >= 0.9]
-        white, plasma, screened = white_point(ov), None, []
-        for k in range(0, len(boxes), 12):  # the plasma level from the first reads, as the screen does
-            plasma, reads = read_areas(slide, boxes[k:k + 12], size, screen_mpp, white, plasma)
+        white = white_point(ov)
+        # the plasma level from 12 areas spread over the smear (the screen's first round spreads likewise)
+        plasma, _ = read_areas(slide, boxes[::max(1, len(boxes) // 12)][:12], size, screen_mpp, white)
+        screened = []
+        for k in range(0, len(boxes), 12):
+            _, reads = read_areas(slide, boxes[k:k + 12], size, screen_mpp, white, plasma)
             for box, m in reads:
                 m.pop("_fg")
                 screened.append((box, m))
