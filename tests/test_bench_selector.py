@@ -1,4 +1,5 @@
-"""benchmarks/bench_selector.py's read tally: every area the screen read, by verdict and by truth class."""
+"""benchmarks/bench_selector.py: its read tally (every area the screen read, by verdict and by truth class), the
+truth figures and the exhaustive read."""
 
 from __future__ import annotations
 
@@ -66,3 +67,21 @@ def test_read_details_keep_each_read_with_its_truth_and_the_screen_figures(tmp_p
     assert rows[0]["truth_mono"] == 1.0 and rows[1]["truth_mono"] == 0.5  # columns 10-19: 15-19 thin
     assert rows[0]["coverage"] == 0.41 and rows[0]["soft_block_um"] is None and "_blocks" not in rows[0]
     assert rows[1]["box"] == [80.0, 0.0, 160.0, 80.0] and rows[1]["truth_good"] == 0.5
+
+
+def test_the_exhaustive_read_judges_every_area_on_a_grid_and_counts_against_the_selectors(tmp_path, capsys):
+    """``--exhaustive`` on a small synthetic smear: every area on a 64-µm grid inside the outline is read
+    and judged; the line names the areas the selector chose and how many the judge accepts."""
+    import re
+
+    from wsi_apl.synth.cohort import synth_cohort
+
+    synth_cohort(tmp_path, ["healthy"], seed=9404, mpp=0.25, size=(4000, 3000))
+    path = tmp_path / "slide_9404_000.tiff"
+    bench_selector.exhaustive([str(path)], step_um=64.0)
+    out = capsys.readouterr().out
+    m = re.search(r"chose (\d+) \((\d+) usable\); read (\d+) on a 64-µm grid, judge accepts (\d+) \((\d+) usable\)", out)
+    assert m, out
+    chose, chose_good, read, accepted, good = (int(v) for v in m.groups())
+    assert read > 10 and accepted <= read and good <= accepted and chose_good <= chose
+    assert "over 1 slides" in out
