@@ -80,7 +80,8 @@ def test_the_exhaustive_read_judges_every_area_on_a_grid_and_counts_against_the_
     path = tmp_path / "slide_9404_000.tiff"
     bench_selector.exhaustive([str(path)], step_um=64.0)
     out = capsys.readouterr().out
-    m = re.search(r"chose (\d+) \((\d+) usable\); read (\d+) on a 64-µm grid, judge accepts (\d+) \((\d+) usable\)", out)
+    m = re.search(r"chose (\d+) \((\d+) usable\); read (\d+) on a 64-µm grid, "
+                  r"judge accepts (\d+) \((\d+) usable\)", out)
     assert m, out
     chose, chose_good, read, accepted, good = (int(v) for v in m.groups())
     assert read > 10 and accepted <= read and good <= accepted and chose_good <= chose
