@@ -336,16 +336,19 @@ def test_a_particle_or_the_feathered_edge_just_under_the_focus_floor_does_not_re
     particle and the feathered edge, whose blocks (piled up; sparse) score 0.30-0.31, just under the
     absolute focus floor (0.33), with a median truth blur of 0.2-0.9 µm. Counted as blur, they reject every area
     beside them and the slide ends inconclusive; counted only below ``off_range_floor`` (0.30), an area
-    is found, in the truth's monolayer and in focus."""
+    is found, in the truth's monolayer and in focus, without the packing. (With the old floor, the packing
+    held only the judge's 40 µm from soft blocks now reads one area there, at 89 % monolayer: a fringe.
+    The old floor is judged here without the packing, as the twelfth session's packing found nothing.)"""
     from wsi_apl.synth.cohort import synth_cohort
 
     synth_cohort(tmp_path, ["aml"], seed=9355, mpp=0.25, size=(6000, 4500))
     slide = open_slide(tmp_path / "slide_9355_000.tiff")
     maps = np.load(tmp_path / "truth" / "slide_9355_000.maps.npz")
-    before = select_areas(slide, AREA, 0.5, SelectorConfig(off_range_floor=SelectorConfig().focus_floor))
+    before = select_areas(slide, AREA, 0.5, SelectorConfig(off_range_floor=SelectorConfig().focus_floor, pack_reads=0))
     assert before.status == "inconclusive" and "blurred" in before.reason
     sel = select_areas(slide, AREA, 0.5)
     assert sel.status == "ok" and sel.areas, sel.reason
+    assert sel.qc["search"]["packed"] == 0
     for a in sel.areas:
         mono, blur = _in_truth(maps, a.box, slide.mpp)
         assert mono >= 0.9 and blur < 1.0, (a.index, mono, blur)
