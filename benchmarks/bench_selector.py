@@ -381,7 +381,7 @@ def exhaustive(paths: list[str], step_um: float = 32.0, area=(512, 384), area_mp
     """
     from tile_selector.screen import judge, read_areas, white_point
     from tile_selector.search import pack, smear_outline
-    from tile_selector.select import OVERVIEW_MPP, SelectorConfig, _overlaps, _smear_map, select_areas
+    from tile_selector.select import SelectorConfig, _overlaps, _smear_map, select_areas
     from tile_selector.slide import open_slide
 
     cfg = SelectorConfig()
@@ -393,7 +393,7 @@ def exhaustive(paths: list[str], step_um: float = 32.0, area=(512, 384), area_mp
         truth = json.loads((path.parent / "truth" / f"{path.stem}.json").read_text())
         slide = open_slide(path)
         sel = select_areas(slide, area, area_mpp, cfg)
-        ov, ov_mpp = slide.read_overview(OVERVIEW_MPP)
+        ov, ov_mpp = sel.overview, sel.overview_mpp  # the overview the selection read
         sm = _smear_map(ov, ov_mpp)
         (w0, h0), s = slide.dimensions, ov.shape[1] / slide.dimensions[0]  # overview px per level-0 px
         aw0, ah0 = area[0] * area_mpp / slide.mpp_x, area[1] * area_mpp / slide.mpp_y

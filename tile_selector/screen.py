@@ -139,11 +139,11 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         room = min(cfg.read_budget - len(screened), cfg.pack_reads - packed)
         if have >= cfg.pack_below or room <= 0:
             break
+        kept = [b for b, _ in accepted]
+        rejected = [b for b, m in screened if m["verdict"] != "accepted"]
         soft = _blurred_blocks(screened, cfg, focus_ref)
         for margin_um in (cfg.clear_um, cfg.blur_margin_um):
-            n, new = cmap.packed(evidence, limits, [b for b, _ in accepted],
-                                 [b for b, m in screened if m["verdict"] != "accepted"], soft,
-                                 margin_um / slide.mpp_x, cfg.block_room)
+            n, new = cmap.packed(evidence, limits, kept, rejected, soft, margin_um / slide.mpp_x, cfg.block_room)
             if n > have and new and len(new) <= room:
                 break
         else:
