@@ -181,14 +181,15 @@ def test_narrow_tilted_monolayer_band_is_found(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def slide_9117(tmp_path_factory):
-    """A small smear (1.5 x 1.1 mm at 0.25 µm/px) whose usable monolayer lies next to an
-    out-of-focus patch, with its truth maps."""
+def slide_9504(tmp_path_factory):
+    """A small smear (1.5 x 1.1 mm at 0.25 µm/px) with part of its usable monolayer next to an
+    out-of-focus patch, with its truth maps. (Generator 2's seed for these tests, 9117, lost the
+    scenario with generator 3, whose patch fall-off is as blurred as its truth says.)"""
     from wsi_apl.synth.cohort import synth_cohort
 
-    folder = tmp_path_factory.mktemp("s9117")
-    synth_cohort(folder, ["healthy"], seed=9117, mpp=0.25, size=(6000, 4500))
-    return open_slide(folder / "slide_9117_000.tiff"), np.load(folder / "truth" / "slide_9117_000.maps.npz")
+    folder = tmp_path_factory.mktemp("s9504")
+    synth_cohort(folder, ["healthy"], seed=9504, mpp=0.25, size=(6000, 4500))
+    return open_slide(folder / "slide_9504_000.tiff"), np.load(folder / "truth" / "slide_9504_000.maps.npz")
 
 
 def _in_truth(maps, box, mpp: float) -> tuple[float, float]:
@@ -198,17 +199,18 @@ def _in_truth(maps, box, mpp: float) -> tuple[float, float]:
     return float((maps["zones"][y0:y1, x0:x1] == 2).mean()), float(maps["blur"][y0:y1, x0:x1].max())
 
 
-def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_are_found(slide_9117):
-    """The 40-µm margin around blurred blocks leaves it no area (inconclusive); judged again with the
-    10-µm margin, the screen takes a sharp area near the patch, marks it and warns, so the expert
-    checks it. (The soft block 25 µm from it is sparse feathered edge at 0.326, just under the focus
-    floor, sharp in the truth: with the default ``off_range_floor`` (0.30) it is no evidence of blur and
+def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_are_found(slide_9504):
+    """The 40-µm margin around blurred blocks leaves one area; judged again with the 10-µm margin
+    because fewer than three were found, the screen also takes a sharp area near the patch, marks it
+    and warns, so the expert checks it. (The soft block near it lies out of the block coverage range,
+    just under the focus floor: with the default ``off_range_floor`` (0.30) it is no evidence of blur and
     the same area is taken without the rescue; here it counts, as a block in the coverage range would.)"""
-    slide, maps = slide_9117
+    slide, maps = slide_9504
     floor = SelectorConfig().focus_floor
     strict = select_areas(slide, AREA, 0.5, SelectorConfig(rescue_margin_um=40.0, off_range_floor=floor))
     sel = select_areas(slide, AREA, 0.5, SelectorConfig(off_range_floor=floor))
-    assert strict.status == "inconclusive" and "blurred" in strict.reason, strict.reason
+    assert strict.status == "ok" and len(strict.areas) < SelectorConfig().rescue_below, strict.reason
+    assert not any(a.scores.get("near_blur") for a in strict.areas)
     near = [a for a in sel.areas if a.scores.get("near_blur")]
     assert near and len(sel.areas) > len(strict.areas)
     assert sel.qc["search"]["near_blur"] >= len(near)
@@ -225,7 +227,8 @@ def test_an_area_next_to_a_blurred_patch_is_taken_with_a_warning_when_too_few_ar
         assert mono >= 0.9, "in the truth's monolayer"
         assert blur < 1.0, "and in focus, however close the patch"
     default = select_areas(slide, AREA, 0.5)
-    assert [a.box for a in default.areas] == [a.box for a in near] and not default.warnings
+    assert {a.box for a in near} <= {a.box for a in default.areas} and not default.warnings
+    assert not any(a.scores.get("near_blur") for a in default.areas)
 
 
 def test_an_area_on_a_thin_fringe_of_a_narrow_band_is_moved_inward_from_the_pixels_read(tmp_path):
@@ -332,18 +335,19 @@ def test_the_packing_keeps_the_judges_margin_from_soft_blocks_not_the_moves_clea
 
 
 def test_a_particle_or_the_feathered_edge_just_under_the_focus_floor_does_not_reject_the_monolayer_beside_it(tmp_path):
-    """A small smear (seed 9355, 1.5 x 1.1 mm at 0.25 µm/px). Its sharp monolayer lies between a marrow
-    particle and the feathered edge, whose blocks (piled up; sparse) score 0.30-0.31, just under the
-    absolute focus floor (0.33), with a median truth blur of 0.2-0.9 µm. Counted as blur, they reject every area
-    beside them and the slide ends inconclusive; counted only below ``off_range_floor`` (0.30), an area
-    is found, in the truth's monolayer and in focus, without the packing. (With the old floor, the packing
-    held only the judge's 40 µm from soft blocks now reads one area there, at 89 % monolayer: a fringe.
-    The old floor is judged here without the packing, as the twelfth session's packing found nothing.)"""
+    """A small smear (seed 9560, 1.5 x 1.1 mm at 0.25 µm/px). Its sharp monolayer lies beside a marrow
+    particle whose piled-up block (coverage 0.78) scores 0.329, just under the absolute focus floor
+    (0.33), 20 µm from the area; the truth calls it sharp (0.23 µm). Counted as blur, it rejects the
+    area beside it and the slide ends inconclusive; counted only below ``off_range_floor`` (0.30), the
+    area is found, in the truth's monolayer and in focus, without the packing. (Both are judged without
+    the packing, so that the floor alone is compared. Generator 2's seed for this test, 9355, lost the
+    scenario with generator 3: the blocks beside its monolayer, at 0.5-0.9 µm of truth blur, now look as
+    soft as the truth says.)"""
     from wsi_apl.synth.cohort import synth_cohort
 
-    synth_cohort(tmp_path, ["aml"], seed=9355, mpp=0.25, size=(6000, 4500))
-    slide = open_slide(tmp_path / "slide_9355_000.tiff")
-    maps = np.load(tmp_path / "truth" / "slide_9355_000.maps.npz")
+    synth_cohort(tmp_path, ["healthy"], seed=9560, mpp=0.25, size=(6000, 4500))
+    slide = open_slide(tmp_path / "slide_9560_000.tiff")
+    maps = np.load(tmp_path / "truth" / "slide_9560_000.maps.npz")
     before = select_areas(slide, AREA, 0.5, SelectorConfig(off_range_floor=SelectorConfig().focus_floor, pack_reads=0))
     assert before.status == "inconclusive" and "blurred" in before.reason
     sel = select_areas(slide, AREA, 0.5)

@@ -132,3 +132,52 @@ def test_cell_sizes_measured_in_the_image(medium_slide):
         checked += 1
     assert checked >= 30
     assert float(np.median(errors)) < 0.08 and float(np.percentile(errors, 90)) < 0.15
+
+
+def test_each_pixel_is_blurred_by_the_sigma_its_truth_gives():
+    """Generator 3: at a patch's fall-off a pixel is blurred by the truth's ``sigma * weight``, as a
+    defocus would blur it. (Generator 2 blended the sharp image with the patch's full blur by the
+    weight: its pixels there kept the sharp edges at reduced contrast, and the selector's benchmark
+    counted them as blurred.) Measured with the selector's own focus measure on a field of dots."""
+    import math
+
+    from tile_selector.quality import area_measures
+    from wsi_apl.synth.focus import BlurPatch, apply_blur, box_sigma, gauss_box
+
+    mpp, base = 0.25, 0.2
+    rng = np.random.default_rng(3)
+    od = np.zeros((768, 1024), np.float32)
+    yy, xx = np.ogrid[:768, :1024]
+    for x, y in rng.uniform((0, 0), (1024, 768), size=(140, 2)):
+        od[(xx - x) ** 2 + (yy - y) ** 2 <= 16.0 ** 2] += 0.5  # cells of 8 µm at 0.25 µm/px
+    sharp = np.repeat(np.exp(-math.log(10.0) * od)[..., None], 3, axis=2)
+
+    def focus(trans):
+        img = np.clip(trans * 255.0 + 0.5, 0, 255).astype(np.uint8)[::2, ::2]
+        return area_measures(np.ascontiguousarray(img), 2 * mpp)["focus"]
+
+    def gaussian(sigma_um):
+        t = sharp.copy()
+        gauss_box(t, base / mpp)
+        gauss_box(t, math.sqrt(sigma_um ** 2 - base ** 2) / mpp)
+        return t
+
+    # a patch so wide that its weight is ~0.5 all over the field: truth sigma 4 x 0.5 = 2 µm
+    r = 1e5
+    patch = BlurPatch(512 * mpp - r, 384 * mpp, r, r, 0.0, 4.0)
+    assert patch.weight(np.array([0.0, 256.0]), np.array([96.0, 96.0])) == pytest.approx(0.5, abs=0.01)
+    rendered = sharp.copy()
+    apply_blur(rendered, [patch], base, mpp, 0, 0)
+    blend = sharp.copy()
+    gauss_box(blend, base / mpp)
+    full = blend.copy()
+    gauss_box(full, math.sqrt(4.0 ** 2 - base ** 2) / mpp)
+    blend = 0.5 * blend + 0.5 * full  # generator 2
+    f_rendered, f_truth, f_blend = focus(rendered), focus(gaussian(2.0)), focus(blend)
+    assert f_rendered == pytest.approx(f_truth, rel=0.1), (f_rendered, f_truth)
+    assert f_blend > 1.5 * f_truth, "the blend's edges stay sharp: this test would catch it"
+    # outside every patch, only the slide's softness; the steps are what gauss_box delivers
+    plain = sharp.copy()
+    apply_blur(plain, [], base, mpp, 0, 0)
+    assert focus(plain) > 2 * f_truth
+    assert box_sigma(4.0) == pytest.approx(math.sqrt((9 * 9 - 1) / 4.0))
