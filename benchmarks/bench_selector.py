@@ -17,8 +17,11 @@ at; the small smears of ``1100`` and ``1200`` were used to develop the areas lai
 misses were looked at; ``1500`` (seeds 2401-2407) was held out once for that code, then used with
 ``1300`` to develop the floor for piled-up and sparse blocks, and ``1600`` (seeds 2501-2507) was held out
 for it, once, and its misses were looked at, and it was used (with ``1500``) to develop the packing's
-fallback margin; ``1700`` (seeds 2601-2607) was held out for that, and its misses were looked at; the
-next unseen cohort is ``--seed-offset 1800``, seeds 2701-2707):
+fallback margin; ``1700`` (seeds 2601-2607) was held out for that, and its misses were looked at;
+``1800`` (seeds 2701-2707) and ``1900`` (seeds 2801-2807) were rendered with generator 3 (each pixel
+blurred by its truth's sigma) and measured once each with the same selector, ``1800`` also with
+generator 2, and their misses were looked at; the next unseen cohort is ``--seed-offset 2000``, seeds
+2901-2907):
 
     python benchmarks/bench_selector.py --cohort /tmp/selector-cohort
 
