@@ -54,7 +54,9 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
     ``idle_reads`` reads that found nothing new (once something was found), or at the read budget.
     Then, when fewer than ``pack_below`` accepted areas fit side by side, it reads the positions of a
     packing laid end to end over the ground already read (:meth:`CandidateMap.packed`), up to
-    ``pack_reads`` reads, if that packing holds more areas.
+    ``pack_reads`` reads, if that packing holds more areas. While no area has passed, the rounds stop
+    ``last_reads`` short of the budget: if none passes by then, those reads go to the moves the pixels
+    read say would pass with no room to spare (the last resort before an inconclusive slide).
     """
     screen_mpp = max(area_mpp, cfg.screen_mpp)
     sw, sh = int(round(area_size[0] * area_mpp / screen_mpp)), int(round(area_size[1] * area_mpp / screen_mpp))
@@ -84,8 +86,11 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         picks.extend(batch)
         return plasma
 
-    while len(screened) < cfg.read_budget:
-        room = cfg.read_budget - len(screened)
+    def budget() -> int:  # the last reads are kept for the last resort below while nothing passed
+        return cfg.read_budget - (0 if accepted else cfg.last_reads)
+
+    while len(screened) < budget():
+        room = budget() - len(screened)
         refined = []
         if screened:
             # first the moves that the pixels already read say would pass, then the overview's best.
@@ -152,6 +157,27 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
         packed += len(new)
         plasma = _read(new, plasma)
         accepted, judged, focus_ref = judge(screened, cfg, slide.mpp_x)
+    last = 0
+    if not accepted and screened and not slide_out_of_focus(focus_ref, cfg):
+        # The last resort, before calling the slide inconclusive: the moves that the pixels read say would
+        # pass the judge's coverage limits with no room to spare, first with the judge's own margin around
+        # soft blocks, then with the rescue's narrow one (the moves above keep clear_um and block_room: a
+        # fringe or the edge of a blurred patch is more often unusable, but here nothing else passed). The
+        # monolayer of a small smear or a narrow band may be a spot a few tens of µm across between a
+        # blurred patch and the thick or thin zone. Each read is still judged on its own pixels (and one
+        # within the judge's margin of a soft block only by the rescue below, with its warning).
+        for margin_um in (cfg.blur_margin_um, cfg.rescue_margin_um):
+            states = [(b, "rejected") for b, _ in screened]
+            k = min(cfg.last_reads - last, cfg.read_budget - len(screened))
+            new = cmap.refined(evidence, k, limits, states, _blurred_blocks(screened, cfg, focus_ref),
+                               margin_um / slide.mpp_x, 0.0)
+            if new:
+                rounds += 1
+                last += len(new)
+                plasma = _read(new, plasma)
+                accepted, judged, focus_ref = judge(screened, cfg, slide.mpp_x)
+                if accepted:
+                    break
     near = 0
     if len(accepted) < cfg.rescue_below and cfg.rescue_margin_um < cfg.blur_margin_um and screened:
         # Too few areas: the margin around blurred blocks (one focus block wide: a block that looks sharp
@@ -169,8 +195,13 @@ def screen_rounds(slide: Slide, cmap: CandidateMap, ov: np.ndarray, area_size: t
     search = {"positions": cmap.positions, "grid_um": round(cmap.map_mpp, 3), "read": len(screened),
               "read_budget": cfg.read_budget, "rounds": rounds, "stopped": stopped,
               "level_first": round(first_level, 5), "level": round(cmap.level, 5), "widened": cmap.widened,
-              "packed": packed, "near_blur": near}
+              "packed": packed, "last_resort": last, "near_blur": near}
     return Screen(screened, accepted, judged, focus_ref, picks, search)
+
+
+def slide_out_of_focus(focus_ref: float, cfg: SelectorConfig) -> bool:
+    """Even the sharpest areas read are below the absolute focus floor (the judge rejects every area)."""
+    return focus_ref < cfg.focus_floor
 
 
 def white_point(ov: np.ndarray) -> np.ndarray:
@@ -235,6 +266,8 @@ def search_text(search: dict) -> str:
     wide = (f" ({search['widened']:,} of them near the smear's edge, searched once those inside its border margin "
             "were used up)") if search.get("widened") else ""
     packed = (f", {search['packed']} of them to lay areas side by side" if search.get("packed") else "")
+    packed += (f", {search['last_resort']} as a last resort with no room to spare" if search.get("last_resort")
+               else "")
     return (f"searched {search['positions']:,} positions{wide} on a {search['grid_um']:g}-µm grid, read "
             f"{search['read']} at full resolution in {search['rounds']} round(s) (budget {search['read_budget']}; "
             f"{search['stopped']}{packed})")
@@ -255,7 +288,7 @@ def judge(screened: list, cfg: SelectorConfig, mpp0: float,
     blurred = _blurred_blocks(screened, cfg, focus_ref)
     # even the sharpest areas read are below the absolute floor: the slide is out of focus, and blur
     # spreads the stain so that coverage would call its areas thick
-    slide_blurred = focus_ref < cfg.focus_floor
+    slide_blurred = slide_out_of_focus(focus_ref, cfg)
     accepted, rejected = [], {}
     for box, m in screened:
         reason = None

@@ -21,7 +21,9 @@
    their own pixels. When fewer than three accepted areas fit side by side (the best ones, read one
    by one, may sit in the middle of a small smear's monolayer), areas are laid end to end over the
    ground already read (:func:`tile_selector.search.pack`) and that packing's positions are read,
-   if it holds more. When fewer than three areas pass, the reads are judged again with a narrow
+   if it holds more. When no area passed at all, a last resort reads up to ``last_reads`` (kept from
+   the budget) moves the pixels read say would pass with no room to spare and only the judge's own
+   margin around soft blocks. When fewer than three areas pass, the reads are judged again with a narrow
    margin around blurred blocks; an area accepted only so is marked ``near_blur``, chosen last,
    and named in a QC warning.
 4. *Selection*: best combined score first (areas clear of every soft block before those within
@@ -140,6 +142,7 @@ class SelectorConfig:
     #                                    range are chosen before those at its edge (a fringe of the monolayer)
     pack_below: int = 3                # fewer accepted areas side by side than this: read a packing ...
     pack_reads: int = 12               # ... of at most this many reads in all (screen; search.pack)
+    last_reads: int = 8                # of the read budget, kept for a last resort while no area passed (screen)
 
 
 def _area_px0(slide: Slide, size: tuple[int, int], mpp: float) -> tuple[float, float]:
