@@ -20,8 +20,9 @@ for it, once, and its misses were looked at, and it was used (with ``1500``) to 
 fallback margin; ``1700`` (seeds 2601-2607) was held out for that, and its misses were looked at;
 ``1800`` (seeds 2701-2707) and ``1900`` (seeds 2801-2807) were rendered with generator 3 (each pixel
 blurred by its truth's sigma) and measured once each with the same selector, ``1800`` also with
-generator 2, and their misses were looked at; the next unseen cohort is ``--seed-offset 2000``, seeds
-2901-2907):
+generator 2, and their misses were looked at; ``2000`` (seeds 2901-2907) was held out for the last
+resort before an inconclusive slide, once, and its misses were looked at; the next unseen cohort is
+``--seed-offset 2100``, seeds 3001-3007):
 
     python benchmarks/bench_selector.py --cohort /tmp/selector-cohort
 
