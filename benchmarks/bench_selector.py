@@ -230,7 +230,8 @@ def agreement(root: Path, area=(512, 384), area_mpp=0.5) -> dict:
             stats = [truth_stats(folder / "truth", truth, a.box, slide.mpp) for a in sel.areas]
             usable, hw = usable_positions(folder / "truth", truth, area_um)
             rows.append({"slide": path.name, "status": sel.status, "reason": sel.reason, "seconds": dt,
-                         "areas": len(sel.areas), "boxes": [list(a.box) for a in sel.areas], "mono": [s[0] for s in stats], "blur": [s[1] for s in stats],
+                         "areas": len(sel.areas), "boxes": [list(a.box) for a in sel.areas],
+                         "mono": [s[0] for s in stats], "blur": [s[1] for s in stats],
                          "good": [s[2] for s in stats],
                          "theta": (truth.get("smear") or {}).get("theta_deg"),
                          "usable_positions": int(usable.sum()), "capacity": truth_capacity(usable, hw),

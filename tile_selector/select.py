@@ -22,10 +22,10 @@
    by one, may sit in the middle of a small smear's monolayer), areas are laid end to end over the
    ground already read (:func:`tile_selector.search.pack`) and that packing's positions are read,
    if it holds more. When no area passed at all, a last resort reads up to ``last_reads`` (kept from
-   the budget) moves the pixels read say would pass with no room to spare and only the judge's own
-   margin around soft blocks. When fewer than three areas pass, the reads are judged again with a narrow
-   margin around blurred blocks; an area accepted only so is marked ``near_blur``, chosen last,
-   and named in a QC warning.
+   the budget) moves the pixels read say would pass with no room to spare, first with the judge's own
+   margin around soft blocks, then with the rescue's narrow one. When fewer than three areas pass,
+   the reads are judged again with a narrow margin around blurred blocks; an area accepted only so
+   is marked ``near_blur``, chosen last, and named in a QC warning.
 4. *Selection*: best combined score first (areas clear of every soft block before those within
    ``clear_um`` of one, then areas whose every block lies ``block_room`` inside the coverage range
    before those on a fringe, ``near_blur`` ones last), no overlap, spread over the smear, until the target

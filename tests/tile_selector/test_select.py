@@ -364,9 +364,9 @@ def test_a_particle_or_the_feathered_edge_just_under_the_focus_floor_does_not_re
     (0.33), 20 µm from the area; the truth calls it sharp (0.23 µm). Counted as blur, it rejects the
     area beside it and the slide ends inconclusive; counted only below ``off_range_floor`` (0.30), the
     area is found, in the truth's monolayer and in focus, without the packing. (Both are judged without
-    the packing and the old one without the last resort, so that the floor alone is compared. Generator 2's seed for this test, 9355, lost the
-    scenario with generator 3: the blocks beside its monolayer, at 0.5-0.9 µm of truth blur, now look as
-    soft as the truth says.)"""
+    the packing and the old one without the last resort, so that the floor alone is compared.
+    Generator 2's seed for this test, 9355, lost the scenario with generator 3: the blocks beside its
+    monolayer, at 0.5-0.9 µm of truth blur, now look as soft as the truth says.)"""
     from wsi_apl.synth.cohort import synth_cohort
 
     synth_cohort(tmp_path, ["healthy"], seed=9560, mpp=0.25, size=(6000, 4500))

@@ -35,7 +35,8 @@ from .stains import PRESET_NAMES, Stain, make_stain
 from .writer import write_pyramid_tiff
 
 DIAGNOSES = ("apl", "aml", "healthy", "reactive")
-GENERATOR = "wsi-apl synth 3"  # 2: real-marrow colours, fine chromatin and granules, irregular nuclei; 3: each pixel blurred by its truth sigma
+# 2: real-marrow colours, fine chromatin and granules, irregular nuclei; 3: each pixel blurred by its truth sigma
+GENERATOR = "wsi-apl synth 3"
 MAP_MPP = 4.0
 
 _HEALTHY_BASE = {

@@ -53,6 +53,16 @@ def draw_blur(rng: np.random.Generator, g: SmearGeometry, patches: tuple[int, in
     return blur, base_blur
 
 
+def blur_sigma(patches: list[BlurPatch], base_blur: float, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """Blur sigma (µm) at µm positions: the largest of the slide's softness and every patch's
+    ``sigma * weight``. The truth maps (:meth:`Scene.blur_at`) and the pixels (:func:`apply_blur`) both
+    use it, so that they agree."""
+    out = np.full(np.shape(X), base_blur, np.float32)
+    for p in patches:
+        out = np.maximum(out, p.sigma * p.weight(X, Y))
+    return out
+
+
 #: Extra blur (µm, on top of the whole-slide softness) at which a patch's image is computed; a pixel
 #: between two of them is interpolated in variance between the two neighbouring images.
 BLUR_LEVELS_UM = (0.0, 0.3, 0.6, 0.9, 1.2, 1.6, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
@@ -62,7 +72,7 @@ def apply_blur(trans: np.ndarray, blur: list[BlurPatch], base_blur: float, mpp: 
     """Blur ``trans`` in place where the scene is out of focus (box-filter Gaussians).
 
     ``trans`` is the level-0 pixel region whose top-left corner is ``(ex0, ey0)``. Each pixel ends
-    blurred by the truth's sigma there (:meth:`Scene.blur_at`: the largest of the slide's softness and
+    blurred by the truth's sigma there (:func:`blur_sigma`: the largest of the slide's softness and
     every patch's ``sigma * weight``), as a defocus would: the image at the nearest two of
     :data:`BLUR_LEVELS_UM`, interpolated in variance. (Generator 2 blended the sharp image with the
     patch's full blur by the weight: at the patch's fall-off its pixels kept the edges of a 0.5-0.8-µm
@@ -86,9 +96,7 @@ def apply_blur(trans: np.ndarray, blur: list[BlurPatch], base_blur: float, mpp: 
     cx0, cy0 = min(b[1] for b in boxes), min(b[2] for b in boxes)
     cx1, cy1 = max(b[3] for b in boxes), max(b[4] for b in boxes)
     X, Y = np.meshgrid((np.arange(cx0, cx1) + ex0 + 0.5) * mpp, (np.arange(cy0, cy1) + ey0 + 0.5) * mpp)
-    sigma = np.full(X.shape, base_blur, np.float32)
-    for p, *_ in boxes:
-        np.maximum(sigma, (p.sigma * p.weight(X, Y)).astype(np.float32), out=sigma)
+    sigma = blur_sigma([b[0] for b in boxes], base_blur, X, Y).astype(np.float32)
     # the blur still to add to the slide's softness (variances add), in pixels
     extra = np.sqrt(np.maximum(sigma * sigma - base_blur * base_blur, 0.0)) / mpp
     top = float(extra.max())

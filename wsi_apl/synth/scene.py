@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cells import Cell, NoiseBank, Shape, cell_box_px, render_cell, shape_of
-from .focus import BlurPatch, apply_blur, draw_blur
+from .focus import BlurPatch, apply_blur, blur_sigma, draw_blur
 from .layout import (
     SceneParams,
     block_coverage,
@@ -79,10 +79,7 @@ class Scene:
 
     def blur_at(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
         """Blur sigma (µm) at µm positions."""
-        out = np.full(np.shape(X), self.base_blur, np.float32)
-        for p in self.blur:
-            out = np.maximum(out, p.sigma * p.weight(X, Y))
-        return out
+        return blur_sigma(self.blur, self.base_blur, X, Y)
 
     def maps(self, map_mpp: float) -> tuple[np.ndarray, np.ndarray]:
         """Zone codes (uint8) and blur sigma in µm (float32) on a grid of ``map_mpp`` µm/px."""
